@@ -1,0 +1,53 @@
+"""Where a vLLM engine runs: the one place that knows CPU vs GPU for generation.
+
+Returns plain Ray remote arguments, environment variables and engine defaults; the stage stays device-agnostic.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class EnginePlacement:
+    device: str  # "cpu" or "gpu"
+    remote_args: dict = field(default_factory=dict)  # num_cpus / num_gpus for the actor holding vllm.LLM
+    env: dict = field(default_factory=dict)  # set in the actor before vllm is imported
+    engine_defaults: dict = field(default_factory=dict)  # vllm.LLM kwargs the user's `engine:` may override
+
+
+def resolve_device(accelerator: str, cluster_gpus: float) -> str:
+    if accelerator == "auto":
+        return "gpu" if cluster_gpus > 0 else "cpu"
+    return accelerator
+
+
+def engine_placement(
+    accelerator: str, cluster_cpus: float, cluster_gpus: float, concurrency: int,
+    cpus_per_engine: int | None, gpus_per_engine: int,
+) -> EnginePlacement:
+    device = resolve_device(accelerator, cluster_gpus)
+    if device == "cpu":
+        # vLLM-CPU binds one OpenMP thread per core: give each engine an even share of the cores.
+        cpus = cpus_per_engine or max(1, int(cluster_cpus) // concurrency)
+        return EnginePlacement(
+            device="cpu",
+            remote_args={"num_cpus": cpus},
+            env={
+                "VLLM_CPU_KVCACHE_SPACE": "1",  # GiB of KV cache; the default (4) is too much for small machines
+                "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+                "OMP_NUM_THREADS": str(cpus),
+            },
+            engine_defaults={"enforce_eager": True, "max_model_len": 2048},
+        )
+    if gpus_per_engine == 1:
+        return EnginePlacement(device="gpu", remote_args={"num_cpus": 1, "num_gpus": 1}, engine_defaults={"max_model_len": 4096})
+    # Tensor parallel: vLLM places its own Ray workers on the GPUs, so the actor itself holds none.
+    return EnginePlacement(
+        device="gpu",
+        remote_args={"num_cpus": 1},
+        engine_defaults={
+            "max_model_len": 4096,
+            "tensor_parallel_size": gpus_per_engine,
+            "distributed_executor_backend": "ray",
+        },
+    )

@@ -1,0 +1,1 @@
+"""thinkbroad: teacher."""

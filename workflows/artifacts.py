@@ -1,0 +1,60 @@
+"""Run-directory artifacts: atomic writes and per-stage manifests that decide whether a stage can be skipped."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+MANIFEST = "manifest.json"
+
+
+def write_json_atomic(obj, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def fingerprint(path: str | Path) -> str:
+    """Content hash of a file (or of every file under a folder, by relative name)."""
+    path = Path(path)
+    h = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def read_manifest(stage_dir: str | Path) -> dict | None:
+    p = Path(stage_dir) / MANIFEST
+    if not p.exists():
+        return None
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError:
+        return None
+
+
+def is_fresh(stage_dir: str | Path, config_hash: str, inputs: dict[str, str]) -> bool:
+    """True when the stage finished before with the same config hash and the same input fingerprints."""
+    m = read_manifest(stage_dir)
+    return bool(m) and m.get("config_hash") == config_hash and m.get("inputs") == inputs
+
+
+def write_manifest(stage_dir: str | Path, stage: str, config_hash: str, inputs: dict[str, str], started: float, **info) -> dict:
+    manifest = {
+        "stage": stage,
+        "config_hash": config_hash,
+        "inputs": inputs,
+        "seconds": round(time.time() - started, 2),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **info,
+    }
+    write_json_atomic(manifest, Path(stage_dir) / MANIFEST)
+    return manifest

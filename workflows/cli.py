@@ -1,0 +1,56 @@
+"""The `thinkbroad` command line."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from workflows.config import ConfigError, load_config
+from workflows.data import DataError
+from workflows.models import BUILTIN, ModelNotFound, resolve_model
+
+USER_ERRORS = (ConfigError, DataError, ModelNotFound)
+
+
+def _with_config(sub, name: str, help_text: str):
+    p = sub.add_parser(name, help=help_text)
+    p.add_argument("--config", required=True, help="run config YAML (see configs/)")
+    p.add_argument("--run-dir", default=None, help="output folder (default: run_dir from the config, else runs/<name>)")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="thinkbroad", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _with_config(sub, "prepare", "validate the labelled pairs and split them by query")
+    g = _with_config(sub, "generate", "MPCoT: judge each training pair from every perspective with the teacher LLM")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    m = sub.add_parser("setup-models", help="build/convert the built-in local models into the cache (once)")
+    m.add_argument("names", nargs="*", default=list(BUILTIN), help=f"any of {', '.join(BUILTIN)}")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "setup-models":
+            for name in args.names:
+                print(f"{name}: {resolve_model(name)}")
+            return 0
+        from workflows import stages
+
+        cfg = load_config(args.config)
+        run_dir = stages.run_dir_for(cfg, args.run_dir)
+        if args.command == "prepare":
+            stages.prepare(cfg, run_dir)
+        elif args.command == "generate":
+            out = stages.generate(cfg, run_dir, progress=not args.no_progress)
+            print(stages.summary(Path(out) / "stats.json"))
+        return 0
+    except USER_ERRORS as exc:
+        print(f"thinkbroad: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""The typed run config: one loader for every YAML file under configs/.
+
+Unknown keys and bad values fail at load time with the key path and the file named.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mpcot.generate import GenerationConfig
+from mpcot.labels import DEFAULT_ESCI_LABELS, Label
+from mpcot.perspectives import DEFAULT_PERSPECTIVES, Perspective
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message names the file, the key and the fix."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ColumnMap(_Strict):
+    """Which column of the input file holds each field. Optional fields may be null."""
+
+    query: str = "query"
+    title: str = "product_title"
+    label: str = "label"
+    pair_id: str | None = "pair_id"
+    query_id: str | None = "query_id"
+    product_id: str | None = "product_id"
+    # attribute name (as shown in prompts) -> column; missing columns are simply absent attributes
+    attributes: dict[str, str] = Field(
+        default_factory=lambda: {
+            "brand": "product_brand",
+            "color": "product_color",
+            "description": "product_description",
+            "bullet_points": "product_bullet_point",
+        }
+    )
+
+
+class SplitConfig(_Strict):
+    train: float = 0.8
+    val: float = 0.1
+    test: float = 0.1
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _fractions(self) -> "SplitConfig":
+        total = self.train + self.val + self.test
+        if any(f < 0 for f in (self.train, self.val, self.test)) or abs(total - 1.0) > 1e-6:
+            raise ValueError(f"train + val + test must be non-negative and sum to 1, got {total:g}")
+        return self
+
+
+class DataConfig(_Strict):
+    path: str
+    format: Literal["auto", "jsonl", "csv", "parquet"] = "auto"
+    columns: ColumnMap = Field(default_factory=ColumnMap)
+    split: SplitConfig = Field(default_factory=SplitConfig)
+
+
+class TeacherModel(_Strict):
+    # a local HF folder (config.json + safetensors) or a built-in name: see workflows/models.py
+    model: str
+    chat_template: str | None = None  # override the tokenizer's template (Jinja)
+
+
+class RunConfig(_Strict):
+    name: str
+    run_dir: str | None = None
+    seed: int = 0
+    data: DataConfig
+    labels: list[Label] = Field(default_factory=lambda: [Label(**lab) for lab in DEFAULT_ESCI_LABELS])
+    perspectives: list[Perspective] = Field(default_factory=lambda: [Perspective(**p) for p in DEFAULT_PERSPECTIVES])
+    teacher: TeacherModel
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, labels: list[Label]) -> list[Label]:
+        if len(labels) < 2:
+            raise ValueError("need at least two labels")
+        for attr in ("name", "title"):
+            seen = [getattr(lab, attr).lower() for lab in labels]
+            dup = {s for s in seen if seen.count(s) > 1}
+            if dup:
+                raise ValueError(f"label {attr}s must be unique (case-insensitive), repeated: {sorted(dup)}")
+        return labels
+
+    @field_validator("perspectives")
+    @classmethod
+    def _perspectives(cls, persps: list[Perspective]) -> list[Perspective]:
+        if not persps:
+            raise ValueError("need at least one perspective")
+        names = [p.name for p in persps]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"perspective names must be unique, repeated: {sorted(dup)}")
+        return persps
+
+    def section_hash(self, *sections: str) -> str:
+        """Stable hash of the named top-level sections: what a stage's cache key depends on."""
+        payload = {s: _dump(getattr(self, s)) for s in sections}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _dump(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, list):
+        return [_dump(v) for v in value]
+    return value
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read and validate a run config. Relative data paths resolve against the current directory."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings at the top level")
+    raw = _include_files(raw, path.parent)
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            msg = err["msg"]
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key (check the spelling; see configs/ for the accepted keys)"
+            lines.append(f"  {where}: {msg}")
+        raise ConfigError(f"{path}: invalid config\n" + "\n".join(lines)) from None
+
+
+def _include_files(raw: dict, base: Path) -> dict:
+    """`perspectives` and `labels` may be a path to a YAML list instead of an inline list."""
+    for key in ("perspectives", "labels"):
+        value = raw.get(key)
+        if isinstance(value, str):
+            file = (base / value) if not Path(value).is_absolute() else Path(value)
+            if not file.exists():
+                file = Path(value)
+            try:
+                raw[key] = yaml.safe_load(file.read_text())
+            except FileNotFoundError:
+                raise ConfigError(f"{key}: file {value!r} not found (relative to {base} or the current directory)") from None
+    extra = raw.pop("extra_perspectives", None)
+    if extra:
+        base_list = raw.get("perspectives") or [dict(p) for p in DEFAULT_PERSPECTIVES]
+        raw["perspectives"] = list(base_list) + list(extra)
+    return raw

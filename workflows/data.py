@@ -1,0 +1,177 @@
+"""The one dataset reader: labelled (query, product) pairs from JSONL, CSV or Parquet, validated, then split
+by query.
+
+Canonical pair table (what every stage reads): pair_id, query_id, product_id, query, title,
+attributes (JSON object string of the non-empty attributes), label (a label code).
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import random
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from workflows.config import ColumnMap, SplitConfig
+
+PAIR_SCHEMA = pa.schema(
+    [
+        ("pair_id", pa.string()),
+        ("query_id", pa.string()),
+        ("product_id", pa.string()),
+        ("query", pa.string()),
+        ("title", pa.string()),
+        ("attributes", pa.string()),
+        ("label", pa.string()),
+    ]
+)
+MAX_REPORTED = 20
+
+
+class DataError(ValueError):
+    """Input data that cannot be used. The message lists each bad row with its file, row and fix."""
+
+
+def detect_format(path: Path, fmt: str) -> str:
+    if fmt != "auto":
+        return fmt
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json", ".ndjson"):
+        return "jsonl"
+    if suffix in (".csv", ".tsv"):
+        return "csv"
+    if suffix in (".parquet", ".pq"):
+        return "parquet"
+    raise DataError(f"{path}: cannot tell the format from the extension {suffix!r}; set data.format to jsonl, csv or parquet")
+
+
+def read_records(path: Path, fmt: str) -> tuple[list[dict], str]:
+    """Raw records plus the word for their position ('line' for text files, 'row' for Parquet)."""
+    if not path.exists():
+        raise DataError(f"{path}: file not found; set data.path in the config to your labelled pairs")
+    fmt = detect_format(path, fmt)
+    try:
+        if fmt == "parquet":
+            return pq.read_table(path).to_pylist(), "row"
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); re-encode the file as UTF-8") from None
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise DataError(f"{path}: cannot read as {fmt}: {exc}") from None
+    if fmt == "csv":
+        dialect = csv.excel_tab if path.suffix.lower() == ".tsv" else csv.excel
+        reader = csv.DictReader(text.splitlines(), dialect=dialect)
+        # line numbers: header is line 1
+        return [dict(r, __line__=i + 2) for i, r in enumerate(reader)], "line"
+    records = []
+    errors = []
+    for i, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            errors.append(f"{path} line {i}: invalid JSON ({exc.msg} at column {exc.colno}); fix or remove the line")
+            continue
+        if not isinstance(obj, dict):
+            errors.append(f"{path} line {i}: expected a JSON object per line, got {type(obj).__name__}")
+            continue
+        obj["__line__"] = i
+        records.append(obj)
+    _raise(errors)
+    return records, "line"
+
+
+def _raise(errors: list[str]) -> None:
+    if errors:
+        more = f"\n... and {len(errors) - MAX_REPORTED} more" if len(errors) > MAX_REPORTED else ""
+        raise DataError(f"{len(errors)} problem(s) in the input data:\n" + "\n".join(errors[:MAX_REPORTED]) + more)
+
+
+def _text(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float) and value != value:  # NaN from CSV/pandas-written Parquet
+        return ""
+    if isinstance(value, (list, tuple)):
+        return " ".join(_text(v) for v in value)
+    return str(value).strip()
+
+
+def load_pairs(path: str | Path, fmt: str, columns: ColumnMap, label_codes: list[str]) -> pa.Table:
+    """Read, map columns and validate every row; raise DataError listing every problem (nothing is written)."""
+    path = Path(path)
+    records, unit = read_records(path, fmt)
+    if not records:
+        raise DataError(f"{path}: no rows; the file must hold at least one labelled pair")
+    present = set().union(*(r.keys() for r in records[:1000]))
+    required = {"query": columns.query, "title": columns.title, "label": columns.label}
+    for field in ("pair_id", "query_id"):
+        if getattr(columns, field):
+            required[field] = getattr(columns, field)
+    missing = [f"{field} (column {col!r})" for field, col in required.items() if col not in present]
+    if missing:
+        raise DataError(
+            f"{path}: missing column(s) {', '.join(missing)}; the file has {sorted(k for k in present if k != '__line__')}. "
+            "Fix the file or map the columns under data.columns in the config"
+        )
+    by_lower = {c.lower(): c for c in label_codes}
+    errors, rows, seen = [], [], {}
+    for idx, rec in enumerate(records):
+        where = f"{path} {unit} {rec.get('__line__', idx + 1)}"
+        query, title, label = _text(rec.get(columns.query)), _text(rec.get(columns.title)), _text(rec.get(columns.label))
+        if not query:
+            errors.append(f"{where}: empty query (column {columns.query!r}); fill it in or remove the row")
+        if not title:
+            errors.append(f"{where}: empty product title (column {columns.title!r}); fill it in or remove the row")
+        code = by_lower.get(label.lower())
+        if code is None:
+            errors.append(
+                f"{where}: label {label!r} is not one of {', '.join(label_codes)}; fix the label or add it to `labels` in the config"
+            )
+        pair_id = _text(rec.get(columns.pair_id)) if columns.pair_id else f"row-{idx + 1}"
+        if not pair_id:
+            errors.append(f"{where}: empty pair id (column {columns.pair_id!r}); give every pair a unique id")
+        elif pair_id in seen:
+            errors.append(f"{where}: duplicate pair id {pair_id!r} (first at {unit} {seen[pair_id]}); pair ids must be unique")
+        else:
+            seen[pair_id] = rec.get("__line__", idx + 1)
+        query_id = _text(rec.get(columns.query_id)) if columns.query_id else ""
+        query_id = query_id or "q-" + hashlib.sha1(query.lower().encode()).hexdigest()[:12]
+        attrs = {name: _text(rec.get(col)) for name, col in columns.attributes.items() if _text(rec.get(col))}
+        rows.append(
+            {
+                "pair_id": pair_id,
+                "query_id": query_id,
+                "product_id": _text(rec.get(columns.product_id)) if columns.product_id else "",
+                "query": query,
+                "title": title,
+                "attributes": json.dumps(attrs, ensure_ascii=False),
+                "label": code,
+            }
+        )
+    _raise(errors)
+    return pa.Table.from_pylist(rows, schema=PAIR_SCHEMA)
+
+
+def split_by_query(pairs: pa.Table, split: SplitConfig) -> dict[str, pa.Table]:
+    """Seeded query-disjoint split: queries are shuffled, then cut by the configured fractions."""
+    qids = sorted(set(pairs.column("query_id").to_pylist()))
+    random.Random(split.seed).shuffle(qids)
+    n = len(qids)
+    n_train = round(n * split.train)
+    n_val = round(n * split.val)
+    if split.test > 0 and n_train + n_val >= n and n > 2:
+        n_train -= 1  # keep at least one query for a non-empty test split
+    assign = {q: "train" for q in qids[:n_train]}
+    assign |= {q: "val" for q in qids[n_train : n_train + n_val]}
+    assign |= {q: "test" for q in qids[n_train + n_val :]}
+    names = pairs.column("query_id").to_pylist()
+    out = {}
+    for name in ("train", "val", "test"):
+        idx = [i for i, q in enumerate(names) if assign[q] == name]
+        out[name] = pairs.take(pa.array(idx, pa.int64()))
+    return out
