@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
 from mpcot.labels import Label
-from mpcot.parsing import parse_output
+from mpcot.parsing import ParsedJudgement, normalise_label, parse_output
 from mpcot.perspectives import Perspective
 from mpcot.placement import engine_placement
 from mpcot.prompts import build_messages, format_completion, json_regex, render_prompt
@@ -127,77 +127,77 @@ class VLLMJudge:
 
         self.spec = spec
         self.labels = [Label(**lab) for lab in spec.labels]
-        self.perspectives = {p["name"]: Perspective(**p) for p in spec.perspectives}
+        self.perspectives = [Perspective(**p) for p in spec.perspectives]
         self.gen = GenerationConfig(**spec.gen)
         self.llm = LLM(model=spec.model_path, seed=self.gen.seed, **spec.engine_kwargs)
-        self.tokenizer = self.llm.get_tokenizer()
         if spec.chat_template:
-            self.tokenizer.chat_template = spec.chat_template
-        self.sampling = _sampling_params(self.gen, self.labels, self.tokenizer)
+            self.llm.get_tokenizer().chat_template = spec.chat_template
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        tasks = batch.to_pylist()
-        messages = [
-            build_messages(
-                {"query": t["query"], "title": t["title"], "attributes": json.loads(t["attributes"] or "{}")},
-                self.perspectives[t["perspective"]],
-                self.labels,
-                self.gen.output_mode,
-                self.gen.rationale_max_chars,
-                self.gen.max_attribute_chars,
-            )
-            for t in tasks
-        ]
-        prompts = [render_prompt(self.tokenizer, m) for m in messages]
-        outs = self.llm.generate(prompts, self.sampling["main"], use_tqdm=False)
-        raw = [o.outputs[0].text for o in outs]
-        prompt_tokens = [len(o.prompt_token_ids) for o in outs]
-        completion_tokens = [len(o.outputs[0].token_ids) for o in outs]
-        finish = [str(o.outputs[0].finish_reason) for o in outs]
-        if self.gen.output_mode == "choice":
-            # second step: the label is a guided choice among label titles after the free rationale
-            follow = [p + r.rstrip() + "\nLabel: " for p, r in zip(prompts, raw)]
-            chosen = self.llm.generate(follow, self.sampling["label"], use_tqdm=False)
-            raw = [r.rstrip() + "\nLabel: " + c.outputs[0].text for r, c in zip(raw, chosen)]
-            completion_tokens = [n + len(c.outputs[0].token_ids) for n, c in zip(completion_tokens, chosen)]
-        by_code = {lab.name: lab for lab in self.labels}
-        sampling = json.dumps(
-            {"temperature": self.gen.temperature, "top_p": self.gen.top_p, "max_tokens": self.gen.max_tokens, "seed": self.gen.seed}
+        return judge(self.llm, batch, self.gen, self.labels, self.perspectives, self.spec.model_name)
+
+
+def judge(llm, tasks: pa.Table, gen: GenerationConfig, labels: list[Label], perspectives: list[Perspective],
+          model_name: str) -> pa.Table:
+    """One vLLM pass (two in choice mode) over a batch of tasks -> rows of OUTPUT_SCHEMA. Never raises on bad output."""
+    tokenizer = llm.get_tokenizer()
+    sampling = _sampling_params(gen, labels)
+    by_name = {p.name: p for p in perspectives}
+    rows_in = tasks.to_pylist()
+    messages = [
+        build_messages(
+            {"query": t["query"], "title": t["title"], "attributes": json.loads(t["attributes"] or "{}")},
+            by_name[t["perspective"]], labels, gen.output_mode, gen.rationale_max_chars, gen.max_attribute_chars,
         )
-        rows = []
-        for t, m, text, pt, ct, fr in zip(tasks, messages, raw, prompt_tokens, completion_tokens, finish):
-            parsed = parse_output(text, self.labels, self.gen.output_mode)
-            rows.append(
-                {
-                    "task_id": t["task_id"],
-                    "pair_id": t["pair_id"],
-                    "query_id": t["query_id"],
-                    "split": t["split"],
-                    "perspective": t["perspective"],
-                    "sample_idx": t["sample_idx"],
-                    "rationale": parsed.rationale,
-                    "predicted_label": parsed.label,
-                    "gold_label": t["gold_label"],
-                    "parse_ok": parsed.ok,
-                    "parse_error": parsed.error,
-                    "correct": parsed.ok and parsed.label == t["gold_label"],
-                    "raw_output": text,
-                    "completion": format_completion(parsed.rationale, by_code[parsed.label].title, self.gen.output_mode)
-                    if parsed.ok
-                    else None,
-                    "prompt_messages": json.dumps(m, ensure_ascii=False),
-                    "model": self.spec.model_name,
-                    "output_mode": self.gen.output_mode,
-                    "sampling": sampling,
-                    "prompt_tokens": pt,
-                    "completion_tokens": ct,
-                    "finish_reason": fr,
-                }
-            )
-        return pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA)
+        for t in rows_in
+    ]
+    prompts = [render_prompt(tokenizer, m) for m in messages]
+    outs = llm.generate(prompts, sampling["main"], use_tqdm=False)
+    raw = [o.outputs[0].text for o in outs]
+    completion_tokens = [len(o.outputs[0].token_ids) for o in outs]
+    if gen.output_mode == "choice":
+        # second step: the label is a guided choice among label titles after the free rationale
+        follow = [p + r.rstrip() + "\nLabel: " for p, r in zip(prompts, raw)]
+        chosen = llm.generate(follow, sampling["label"], use_tqdm=False)
+        parsed_all = [_parse_choice(r, c.outputs[0].text, labels) for r, c in zip(raw, chosen)]
+        raw = [r.rstrip() + "\nLabel: " + c.outputs[0].text for r, c in zip(raw, chosen)]
+        completion_tokens = [n + len(c.outputs[0].token_ids) for n, c in zip(completion_tokens, chosen)]
+    else:
+        parsed_all = [parse_output(text, labels, gen.output_mode) for text in raw]
+    by_code = {lab.name: lab for lab in labels}
+    params = json.dumps({"temperature": gen.temperature, "top_p": gen.top_p, "max_tokens": gen.max_tokens, "seed": gen.seed})
+    rows = []
+    for t, m, o, text, ct, parsed in zip(rows_in, messages, outs, raw, completion_tokens, parsed_all):
+        rows.append(
+            {
+                **{k: t[k] for k in ("task_id", "pair_id", "query_id", "split", "perspective", "sample_idx", "gold_label")},
+                "rationale": parsed.rationale,
+                "predicted_label": parsed.label,
+                "parse_ok": parsed.ok,
+                "parse_error": parsed.error,
+                "correct": parsed.ok and parsed.label == t["gold_label"],
+                "raw_output": text,
+                "completion": format_completion(parsed.rationale, by_code[parsed.label].title, gen.output_mode)
+                if parsed.ok
+                else None,
+                "prompt_messages": json.dumps(m, ensure_ascii=False),
+                "model": model_name,
+                "output_mode": gen.output_mode,
+                "sampling": params,
+                "prompt_tokens": len(o.prompt_token_ids),
+                "completion_tokens": ct,
+                "finish_reason": str(o.outputs[0].finish_reason),
+            }
+        )
+    return pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA)
 
 
-def _sampling_params(gen: GenerationConfig, labels: list[Label], tokenizer) -> dict:
+def _parse_choice(rationale: str, choice: str, labels: list[Label]) -> ParsedJudgement:
+    code = normalise_label(choice, labels)
+    return ParsedJudgement(rationale.strip(), code, "" if code else f"label step returned {choice!r}")
+
+
+def _sampling_params(gen: GenerationConfig, labels: list[Label]) -> dict:
     from vllm import SamplingParams
     from vllm.sampling_params import StructuredOutputsParams
 
@@ -209,9 +209,10 @@ def _sampling_params(gen: GenerationConfig, labels: list[Label], tokenizer) -> d
         out["main"] = SamplingParams(**base)
     if gen.output_mode == "choice":
         titles = [lab.title for lab in labels]
-        longest = max(len(tokenizer.encode(t, add_special_tokens=False)) for t in titles)
+        # a guided choice may spell the title in any tokenization, down to one byte per token
+        longest = max(len(t.encode()) for t in titles)
         out["label"] = SamplingParams(
-            temperature=0.0, max_tokens=longest + 2, structured_outputs=StructuredOutputsParams(choice=titles)
+            temperature=0.0, max_tokens=longest + 1, structured_outputs=StructuredOutputsParams(choice=titles)
         )
     return out
 

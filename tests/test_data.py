@@ -1,0 +1,126 @@
+import csv
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import ROOT, pair, write_jsonl
+from workflows.config import ColumnMap, SplitConfig, load_config
+from workflows.data import DataError, load_pairs, split_by_query
+
+CODES = ["E", "S", "C", "I"]
+
+
+def test_bundled_esci_sample_loads_with_defaults():
+    table = load_pairs(ROOT / "data" / "esci_us_subset.jsonl", "auto", ColumnMap(), CODES)
+    assert table.num_rows == 1034
+    assert len(set(table.column("query_id").to_pylist())) == 403
+    assert sorted(set(table.column("label").to_pylist())) == ["C", "E", "I", "S"]
+
+
+def test_attributes_are_kept_when_present():
+    table = load_pairs(ROOT / "data" / "esci_attributes_sample.jsonl", "auto", ColumnMap(), CODES)
+    attrs = [json.loads(a) for a in table.column("attributes").to_pylist()]
+    assert table.num_rows == 16
+    assert any("brand" in a and "description" in a for a in attrs)
+
+
+@pytest.mark.parametrize(
+    "row,expected",
+    [
+        ({"label": "X"}, r"line 2: label 'X' is not one of E, S, C, I; fix the label or add it to `labels`"),
+        ({"query": "  "}, r"line 2: empty query \(column 'query'\)"),
+        ({"product_title": ""}, r"line 2: empty product title"),
+        ({"pair_id": "p0"}, r"line 2: duplicate pair id 'p0' \(first at line 1\)"),
+    ],
+)
+def test_bad_row_is_named(tmp_path, row, expected):
+    f = write_jsonl(tmp_path / "pairs.jsonl", [pair(0), pair(1, **row), pair(2)])
+    with pytest.raises(DataError, match=expected) as err:
+        load_pairs(f, "auto", ColumnMap(), CODES)
+    assert str(f) in str(err.value)
+
+
+def test_every_bad_row_is_reported_at_once(tmp_path):
+    f = write_jsonl(tmp_path / "pairs.jsonl", [pair(0, label="X"), pair(1), pair(2, label="Y")])
+    with pytest.raises(DataError) as err:
+        load_pairs(f, "auto", ColumnMap(), CODES)
+    assert "2 problem(s)" in str(err.value) and "line 1" in str(err.value) and "line 3" in str(err.value)
+
+
+def test_invalid_json_line_is_named(tmp_path):
+    f = tmp_path / "pairs.jsonl"
+    f.write_text(json.dumps(pair(0)) + "\n{broken\n")
+    with pytest.raises(DataError, match=r"line 2: invalid JSON"):
+        load_pairs(f, "auto", ColumnMap(), CODES)
+
+
+def test_missing_column_lists_what_the_file_has(tmp_path):
+    rows = [{k: v for k, v in pair(i).items() if k != "label"} for i in range(3)]
+    f = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    with pytest.raises(DataError, match=r"missing column\(s\) label \(column 'label'\).*data.columns"):
+        load_pairs(f, "auto", ColumnMap(), CODES)
+
+
+def test_unreadable_and_unknown_files(tmp_path):
+    with pytest.raises(DataError, match="file not found"):
+        load_pairs(tmp_path / "nope.jsonl", "auto", ColumnMap(), CODES)
+    odd = tmp_path / "pairs.xlsx"
+    odd.write_text("x")
+    with pytest.raises(DataError, match="set data.format"):
+        load_pairs(odd, "auto", ColumnMap(), CODES)
+    binary = tmp_path / "pairs.jsonl"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(DataError, match="not UTF-8"):
+        load_pairs(binary, "auto", ColumnMap(), CODES)
+
+
+def test_csv_and_parquet_with_column_mapping_and_three_grades(tmp_path):
+    rows = [{"q": f"query {i // 2}", "name": f"thing {i}", "grade": g, "id": f"x{i}"}
+            for i, g in enumerate(["good", "ok", "bad", "good"])]
+    columns = ColumnMap(query="q", title="name", label="grade", pair_id="id", query_id=None, product_id=None, attributes={})
+    with open(tmp_path / "pairs.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "pairs.parquet")
+    for name in ("pairs.csv", "pairs.parquet"):
+        table = load_pairs(tmp_path / name, "auto", columns, ["good", "ok", "bad"])
+        assert table.column("label").to_pylist() == ["good", "ok", "bad", "good"]
+        # no query_id column: pairs with the same query text share a derived id
+        qids = table.column("query_id").to_pylist()
+        assert qids[0] == qids[1] != qids[2]
+    bad = rows + [{"q": "x", "name": "y", "grade": "meh", "id": "x9"}]
+    with open(tmp_path / "bad.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(bad)
+    with pytest.raises(DataError, match=r"bad.csv line 6: label 'meh'"):
+        load_pairs(tmp_path / "bad.csv", "auto", columns, ["good", "ok", "bad"])
+
+
+def test_split_is_query_disjoint_seeded_and_complete():
+    table = load_pairs(ROOT / "data" / "esci_us_subset.jsonl", "auto", ColumnMap(), CODES)
+    a = split_by_query(table, SplitConfig(seed=3))
+    b = split_by_query(table, SplitConfig(seed=3))
+    c = split_by_query(table, SplitConfig(seed=4))
+    queries = {k: set(v.column("query_id").to_pylist()) for k, v in a.items()}
+    assert not (queries["train"] & queries["val"] or queries["train"] & queries["test"] or queries["val"] & queries["test"])
+    assert sum(t.num_rows for t in a.values()) == table.num_rows
+    assert all(a[k].equals(b[k]) for k in a)
+    assert not a["test"].equals(c["test"])
+    assert 0.7 < len(queries["train"]) / 403 < 0.9
+
+
+def test_three_grade_label_set_by_config_alone(tmp_path):
+    cfg_file = tmp_path / "three.yaml"
+    data = write_jsonl(tmp_path / "pairs.jsonl", [pair(i, label=["2", "1", "0"][i % 3]) for i in range(9)])
+    cfg_file.write_text(
+        f"name: three\ndata: {{path: {data}}}\nteacher: {{model: tiny-random-qwen2}}\n"
+        "labels:\n  - {name: '2', title: Relevant}\n  - {name: '1', title: Partial}\n  - {name: '0', title: Irrelevant}\n"
+    )
+    cfg = load_config(cfg_file)
+    table = load_pairs(data, "auto", cfg.data.columns, [lab.name for lab in cfg.labels])
+    assert table.column("label").to_pylist()[:3] == ["2", "1", "0"]

