@@ -40,7 +40,8 @@ class GenerationConfig(BaseModel):
     samples_per_prompt: int = Field(1, ge=1)
     temperature: float = Field(0.0, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    max_tokens: int = Field(256, ge=1)
+    max_tokens: int = Field(256, ge=1, description="json mode: leave room for rationale_max_chars, or long answers are cut and fail to parse")
+    repetition_penalty: float = Field(1.0, gt=0.0, description=">1 discourages the loops small greedy models fall into")
     rationale_max_chars: int = Field(400, ge=1, description="json mode: longest rationale allowed")
     max_attribute_chars: int = Field(300, ge=0, description="attribute text is cut to this length in prompts")
     batch_size: int = Field(32, ge=1, description="prompts per vLLM call; one Parquet part per batch")
@@ -63,6 +64,7 @@ class JudgeSpec:
     gen: dict
     engine_kwargs: dict
     chat_template: str | None = None
+    chat_template_kwargs: dict | None = None
 
 
 OUTPUT_SCHEMA = pa.schema(
@@ -134,11 +136,12 @@ class VLLMJudge:
             self.llm.get_tokenizer().chat_template = spec.chat_template
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return judge(self.llm, batch, self.gen, self.labels, self.perspectives, self.spec.model_name)
+        return judge(self.llm, batch, self.gen, self.labels, self.perspectives, self.spec.model_name,
+                     self.spec.chat_template_kwargs or {})
 
 
 def judge(llm, tasks: pa.Table, gen: GenerationConfig, labels: list[Label], perspectives: list[Perspective],
-          model_name: str) -> pa.Table:
+          model_name: str, template_kwargs: dict | None = None) -> pa.Table:
     """One vLLM pass (two in choice mode) over a batch of tasks -> rows of OUTPUT_SCHEMA. Never raises on bad output."""
     tokenizer = llm.get_tokenizer()
     sampling = _sampling_params(gen, labels)
@@ -151,7 +154,7 @@ def judge(llm, tasks: pa.Table, gen: GenerationConfig, labels: list[Label], pers
         )
         for t in rows_in
     ]
-    prompts = [render_prompt(tokenizer, m) for m in messages]
+    prompts = [render_prompt(tokenizer, m, **(template_kwargs or {})) for m in messages]
     outs = llm.generate(prompts, sampling["main"], use_tqdm=False)
     raw = [o.outputs[0].text for o in outs]
     completion_tokens = [len(o.outputs[0].token_ids) for o in outs]
@@ -165,7 +168,8 @@ def judge(llm, tasks: pa.Table, gen: GenerationConfig, labels: list[Label], pers
     else:
         parsed_all = [parse_output(text, labels, gen.output_mode) for text in raw]
     by_code = {lab.name: lab for lab in labels}
-    params = json.dumps({"temperature": gen.temperature, "top_p": gen.top_p, "max_tokens": gen.max_tokens, "seed": gen.seed})
+    params = json.dumps({"temperature": gen.temperature, "top_p": gen.top_p, "max_tokens": gen.max_tokens,
+                         "repetition_penalty": gen.repetition_penalty, "seed": gen.seed})
     rows = []
     for t, m, o, text, ct, parsed in zip(rows_in, messages, outs, raw, completion_tokens, parsed_all):
         rows.append(
@@ -201,7 +205,8 @@ def _sampling_params(gen: GenerationConfig, labels: list[Label]) -> dict:
     from vllm import SamplingParams
     from vllm.sampling_params import StructuredOutputsParams
 
-    base = {"temperature": gen.temperature, "top_p": gen.top_p, "max_tokens": gen.max_tokens}
+    base = {"temperature": gen.temperature, "top_p": gen.top_p, "max_tokens": gen.max_tokens,
+            "repetition_penalty": gen.repetition_penalty}
     out = {}
     if gen.output_mode == "json":
         out["main"] = SamplingParams(**base, structured_outputs=StructuredOutputsParams(regex=json_regex(labels, gen.rationale_max_chars)))
@@ -265,7 +270,7 @@ def run_generation(
             fn_constructor_kwargs={"spec": spec},
             batch_size=gen.batch_size,
             batch_format="pyarrow",
-            concurrency=gen.concurrency,
+            compute=ray.data.ActorPoolStrategy(size=gen.concurrency),
             runtime_env={"env_vars": place.env} if place.env else None,
             **place.remote_args,
         )

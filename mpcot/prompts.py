@@ -91,9 +91,9 @@ def build_messages(
     return messages
 
 
-def render_prompt(tokenizer, messages: list[dict[str, str]]) -> str:
+def render_prompt(tokenizer, messages: list[dict[str, str]], **template_kwargs) -> str:
     """Render through the model's chat template, ending where the assistant's answer starts."""
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **template_kwargs)
 
 
 def json_regex(labels: list[Label], rationale_max_chars: int) -> str:

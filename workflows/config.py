@@ -70,6 +70,7 @@ class TeacherModel(_Strict):
     # a local HF folder (config.json + safetensors) or a built-in name: see workflows/models.py
     model: str
     chat_template: str | None = None  # override the tokenizer's template (Jinja)
+    chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)  # e.g. {enable_thinking: false} for Qwen3
 
 
 class RunConfig(_Strict):

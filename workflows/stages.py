@@ -87,6 +87,7 @@ def generate(cfg: RunConfig, run_dir: Path, progress: bool = True) -> Path:
         gen=cfg.generation.model_dump(),
         engine_kwargs=dict(cfg.generation.engine),
         chat_template=cfg.teacher.chat_template,
+        chat_template_kwargs=dict(cfg.teacher.chat_template_kwargs),
     )
     log(f"generate: {tasks.num_rows} judgements ({len(cfg.perspectives)} perspectives) with {cfg.teacher.model}")
     ensure_ray()
