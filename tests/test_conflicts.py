@@ -1,0 +1,64 @@
+import pytest
+
+from mpcot.conflicts import PreferenceDataError, add_resampled, mine_conflict_pairs, validate_preferences
+
+
+def row(pair, persp, label, gold, sample=0, parse_ok=True):
+    return {
+        "pair_id": pair, "perspective": persp, "sample_idx": sample, "parse_ok": parse_ok,
+        "correct": parse_ok and label == gold, "predicted_label": label if parse_ok else None,
+        "completion": f"{persp}/{sample} says {label}" if parse_ok else None,
+    }
+
+
+def test_cross_perspective_pairs_from_a_conflict_sample():
+    rows = [row("a", "user_intent", "E", "E"), row("a", "structured_analysis", "S", "E"), row("a", "business_rules", "I", "E")]
+    m = mine_conflict_pairs(rows)
+    assert m.counts["conflict_pairs"] == 1 and not m.need_resample
+    assert [(r["chosen_perspective"], r["rejected_perspective"]) for r in m.rows] == [
+        ("user_intent", "business_rules"), ("user_intent", "structured_analysis")]
+    assert all(r["chosen"] == "user_intent/0 says E" for r in m.rows)
+
+
+def test_all_correct_pair_gives_nothing_and_parse_failures_do_not_count_as_wrong():
+    rows = [row("a", p, "E", "E") for p in ("u", "s")] + [row("a", "b", None, "E", parse_ok=False)]
+    m = mine_conflict_pairs(rows)
+    assert m.rows == [] and m.counts["all_correct"] == 1 and m.counts["conflict_pairs"] == 0
+
+
+def test_chosen_cycles_through_correct_rationales():
+    rows = [row("a", "u", "E", "E"), row("a", "s", "E", "E"), row("a", "b", "I", "E"), row("a", "x", "S", "E")]
+    chosen = [r["chosen_perspective"] for r in mine_conflict_pairs(rows).rows]
+    assert sorted(chosen) == ["s", "u"]
+
+
+def test_pass_at_k_keeps_first_correct_resample():
+    rows = [row("a", "u", "S", "E"), row("a", "s", "I", "E")]
+    m = mine_conflict_pairs(rows)
+    assert list(m.need_resample) == ["a"] and m.rows == []
+    resampled = [row("a", "neutral", "S", "E", sample=0), row("a", "neutral", "E", "E", sample=2),
+                 row("a", "neutral", "E", "E", sample=1)]
+    done = add_resampled(m, resampled, k=5)
+    assert done.counts["rescued_by_resampling"] == 1 and done.counts["skipped_no_correct"] == 0
+    assert {r["chosen"] for r in done.rows} == {"neutral/1 says E"}
+    assert {r["source"] for r in done.rows} == {"pass@5"} and len(done.rows) == 2
+
+
+def test_pass_at_k_skips_and_counts_when_no_sample_is_correct():
+    m = mine_conflict_pairs([row("a", "u", "S", "E"), row("b", "u", "E", "E"), row("b", "s", "I", "E")])
+    late_only = [row("a", "neutral", "S", "E", sample=i) for i in range(3)] + [row("a", "neutral", "E", "E", sample=3)]
+    done = add_resampled(m, late_only, k=3)  # the correct one is the 4th sample: beyond k
+    assert done.counts["skipped_no_correct"] == 1 and done.counts["rescued_by_resampling"] == 0
+    assert {r["pair_id"] for r in done.rows} == {"b"}
+    assert done.counts["preference_rows"] == 1 and done.counts["cross_perspective_rows"] == 1
+
+
+def test_validate_preferences_names_the_row():
+    ok = {"pair_id": "a", "prompt": [{"role": "user", "content": "q"}], "chosen": "x", "rejected": "y"}
+    validate_preferences([ok])
+    with pytest.raises(PreferenceDataError, match=r"row 1 \(pair 'b'\): chosen and rejected are identical"):
+        validate_preferences([ok, dict(ok, pair_id="b", rejected="x")])
+    with pytest.raises(PreferenceDataError, match=r"row 0 \(pair 'a'\): empty prompt"):
+        validate_preferences([dict(ok, prompt=[{"role": "user", "content": " "}])])
+    with pytest.raises(PreferenceDataError, match="no preference pairs"):
+        validate_preferences([])
