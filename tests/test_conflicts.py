@@ -62,3 +62,19 @@ def test_validate_preferences_names_the_row():
         validate_preferences([dict(ok, prompt=[{"role": "user", "content": " "}])])
     with pytest.raises(PreferenceDataError, match="no preference pairs"):
         validate_preferences([])
+
+
+def test_teacher_scores_count_unparsed_as_wrong():
+    from teacher.evaluate import score_judgements
+
+    rows = [
+        {"perspective": "u", "gold_label": "E", "predicted_label": "E"},
+        {"perspective": "u", "gold_label": "I", "predicted_label": None},
+        {"perspective": "s", "gold_label": "E", "predicted_label": "S"},
+        {"perspective": "s", "gold_label": "I", "predicted_label": "I"},
+    ]
+    s = score_judgements(rows, ["E", "S", "C", "I"])
+    assert s["u"]["accuracy"] == 0.5 and s["u"]["parse_rate"] == 0.5
+    assert s["all"]["accuracy"] == 0.5 and s["all"]["n"] == 4
+    # per-class F1 over the label set: E 2/3, S 0, C 0 (no support, no predictions), I 2/3
+    assert s["all"]["macro_f1"] == pytest.approx((2 / 3 + 0 + 0 + 2 / 3) / 4)
