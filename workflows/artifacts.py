@@ -47,6 +47,11 @@ def is_fresh(stage_dir: str | Path, config_hash: str, inputs: dict[str, str]) ->
     return bool(m) and m.get("config_hash") == config_hash and m.get("inputs") == inputs
 
 
+def invalidate(stage_dir: str | Path) -> None:
+    """A stage about to (re)run drops its old manifest first, so a half-rewritten stage never looks finished."""
+    (Path(stage_dir) / MANIFEST).unlink(missing_ok=True)
+
+
 def write_manifest(stage_dir: str | Path, stage: str, config_hash: str, inputs: dict[str, str], started: float, **info) -> dict:
     manifest = {
         "stage": stage,
@@ -58,3 +63,17 @@ def write_manifest(stage_dir: str | Path, stage: str, config_hash: str, inputs: 
     }
     write_json_atomic(manifest, Path(stage_dir) / MANIFEST)
     return manifest
+
+
+def start_attempt(work_dir: str | Path, key: str, what: str) -> None:
+    """Partial work in `work_dir` (parts, checkpoints) is resumed only if it was made with the same config key;
+    otherwise it is discarded, with a message. Call before a stage starts (or resumes) its work."""
+    import shutil
+
+    work_dir = Path(work_dir)
+    marker = work_dir / ".config_hash"
+    if work_dir.exists() and any(work_dir.iterdir()) and (not marker.exists() or marker.read_text().strip() != key):
+        print(f"[thinkbroad] {what}: the config changed since the interrupted attempt; discarding {work_dir}", flush=True)
+        shutil.rmtree(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    marker.write_text(key)

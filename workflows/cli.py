@@ -25,6 +25,10 @@ def build_parser() -> argparse.ArgumentParser:
     _with_config(sub, "prepare", "validate the labelled pairs and split them by query")
     g = _with_config(sub, "generate", "MPCoT: judge each training pair from every perspective with the teacher LLM")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    for name, text in (("sft", "teacher SFT on the consistency-filtered rationales (runs generate first if needed)"),
+                       ("dpo", "teacher DPO on conflict samples, from the SFT model"),
+                       ("teacher-eval", "base vs SFT vs SFT+DPO teacher on the test split")):
+        _with_config(sub, name, text)
     m = sub.add_parser("setup-models", help="build/convert the built-in local models into the cache (once)")
     m.add_argument("names", nargs="*", default=list(BUILTIN), help=f"any of {', '.join(BUILTIN)}")
     return parser
@@ -46,6 +50,11 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "generate":
             out = stages.generate(cfg, run_dir, progress=not args.no_progress)
             print(stages.summary(Path(out) / "stats.json"))
+        elif args.command in ("sft", "dpo", "teacher-eval"):
+            from workflows import teacher_stages
+
+            step = {"sft": teacher_stages.sft, "dpo": teacher_stages.dpo, "teacher-eval": teacher_stages.teacher_eval}
+            print(step[args.command](cfg, run_dir))
         return 0
     except USER_ERRORS as exc:
         print(f"thinkbroad: error: {exc}", file=sys.stderr)

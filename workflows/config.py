@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from mpcot.generate import GenerationConfig
 from mpcot.labels import DEFAULT_ESCI_LABELS, Label
 from mpcot.perspectives import DEFAULT_PERSPECTIVES, Perspective
+from teacher.config import DPOConfig, SFTConfig, TeacherEvalConfig
 
 
 class ConfigError(ValueError):
@@ -82,6 +83,9 @@ class RunConfig(_Strict):
     perspectives: list[Perspective] = Field(default_factory=lambda: [Perspective(**p) for p in DEFAULT_PERSPECTIVES])
     teacher: TeacherModel
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    sft: SFTConfig = Field(default_factory=SFTConfig)
+    dpo: DPOConfig = Field(default_factory=DPOConfig)
+    teacher_eval: TeacherEvalConfig = Field(default_factory=TeacherEvalConfig)
 
     @field_validator("labels")
     @classmethod

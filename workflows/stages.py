@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mpcot.generate import (
+    GenerationConfig,
     JudgeSpec,
     consistency_filter,
     expand_tasks,
@@ -17,7 +18,7 @@ from mpcot.generate import (
     run_generation,
     write_parquet_atomic,
 )
-from workflows.artifacts import fingerprint, is_fresh, read_manifest, write_json_atomic, write_manifest
+from workflows.artifacts import fingerprint, invalidate, is_fresh, start_attempt, write_json_atomic, write_manifest
 from workflows.config import RunConfig
 from workflows.data import load_pairs, split_by_query
 from workflows.models import resolve_model
@@ -66,6 +67,19 @@ def generation_tasks(cfg: RunConfig, split_paths: dict[str, Path]) -> pa.Table:
     return pa.concat_tables(tables)
 
 
+def judge_spec(cfg: RunConfig, model_path: str, model_name: str, perspectives, gen: GenerationConfig) -> JudgeSpec:
+    return JudgeSpec(
+        model_path=model_path,
+        model_name=model_name,
+        labels=[lab.model_dump() for lab in cfg.labels],
+        perspectives=[p.model_dump() for p in perspectives],
+        gen=gen.model_dump(),
+        engine_kwargs=dict(gen.engine),
+        chat_template=cfg.teacher.chat_template,
+        chat_template_kwargs=dict(cfg.teacher.chat_template_kwargs),
+    )
+
+
 def generate(cfg: RunConfig, run_dir: Path, progress: bool = True) -> Path:
     """MPCoT generation + consistency filter + stats -> RUN_DIR/mpcot/{rationales,sft}.parquet, stats.json."""
     split_paths = prepare(cfg, run_dir)
@@ -75,20 +89,12 @@ def generate(cfg: RunConfig, run_dir: Path, progress: bool = True) -> Path:
     if is_fresh(out, key, inputs):
         log(f"generate: up to date ({out})")
         return out
-    _discard_stale_parts(out, key)
+    invalidate(out)
+    start_attempt(out / "parts", key, "generate")
     t0 = time.time()
     tasks = generation_tasks(cfg, split_paths)
     model_path = resolve_model(cfg.teacher.model)
-    spec = JudgeSpec(
-        model_path=model_path,
-        model_name=cfg.teacher.model,
-        labels=[lab.model_dump() for lab in cfg.labels],
-        perspectives=[p.model_dump() for p in cfg.perspectives],
-        gen=cfg.generation.model_dump(),
-        engine_kwargs=dict(cfg.generation.engine),
-        chat_template=cfg.teacher.chat_template,
-        chat_template_kwargs=dict(cfg.teacher.chat_template_kwargs),
-    )
+    spec = judge_spec(cfg, model_path, cfg.teacher.model, cfg.perspectives, cfg.generation)
     log(f"generate: {tasks.num_rows} judgements ({len(cfg.perspectives)} perspectives) with {cfg.teacher.model}")
     ensure_ray()
     result = run_generation(tasks, out, spec, cfg.generation, progress=progress)
@@ -110,20 +116,6 @@ def generate(cfg: RunConfig, run_dir: Path, progress: bool = True) -> Path:
     log(f"generate: {result.rows} rows ({result.generated_now} new, {result.reused} resumed), parse rate "
         f"{o['parse_rate']:.1%}, accuracy {o['accuracy']:.1%}, {sft.num_rows} SFT rows -> {out}")
     return out
-
-
-def _discard_stale_parts(out: Path, key: str) -> None:
-    """Parts of an interrupted attempt are reused only if they were made with the same config."""
-    parts, marker = out / "parts", out / "parts" / "_config_hash"
-    if parts.exists() and (not marker.exists() or marker.read_text().strip() != key):
-        n = len(list(parts.glob("part-*.parquet")))
-        log(f"generate: the config changed since the interrupted attempt; discarding its {n} part file(s)")
-        shutil.rmtree(parts)
-    manifest = read_manifest(out)
-    if manifest is not None:
-        (out / "manifest.json").unlink()
-    parts.mkdir(parents=True, exist_ok=True)
-    marker.write_text(key)
 
 
 def summary(stats_path: Path) -> str:

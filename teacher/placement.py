@@ -1,0 +1,85 @@
+"""The one place teacher training knows about devices: CPU (gloo) vs GPU (NCCL), DeepSpeed config, precision.
+
+Everything here returns plain values; the train loop calls these and stays device-agnostic.
+"""
+from __future__ import annotations
+
+from teacher.config import DistributedSettings
+
+
+def resolve_device(accelerator: str, cluster_gpus: float) -> str:
+    if accelerator == "auto":
+        return "gpu" if cluster_gpus > 0 else "cpu"
+    return accelerator
+
+
+def scaling_config(dist: DistributedSettings, device: str):
+    from ray.train import ScalingConfig
+
+    resources = {"CPU": dist.cpus_per_worker}
+    if device == "gpu":
+        resources["GPU"] = 1
+    return ScalingConfig(num_workers=dist.num_workers, use_gpu=device == "gpu", resources_per_worker=resources)
+
+
+def torch_config(device: str):
+    from ray.train.torch import TorchConfig
+
+    return TorchConfig(backend="nccl" if device == "gpu" else "gloo")
+
+
+def init_worker(device: str) -> None:
+    """Inside a Ray Train worker, before the TRL config is built.
+
+    On CPU, accelerate treats the run as a single process unless DeepSpeed's process group is set up first
+    (symptom: `train_batch_size ... 2 != 2*1*2`); initialising it over gloo fixes that without patching.
+    """
+    if device == "cpu":
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo")
+
+
+def use_bf16(dist: DistributedSettings, device: str) -> bool:
+    if dist.bf16 == "on":
+        return True
+    if dist.bf16 == "off" or device == "cpu":
+        return False
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def trainer_kwargs(dist: DistributedSettings, device: str) -> dict:
+    """Keyword arguments for TRL's SFTConfig/DPOConfig that depend on the device."""
+    bf16 = use_bf16(dist, device)
+    kwargs = {"use_cpu": device == "cpu", "bf16": bf16, "fp16": False}
+    if dist.zero_stage:
+        kwargs["deepspeed"] = deepspeed_config(dist, bf16)
+    return kwargs
+
+
+def deepspeed_config(dist: DistributedSettings, bf16: bool) -> dict:
+    zero: dict = {"stage": dist.zero_stage}
+    if dist.zero_stage == 3:
+        # consolidated weights on save, so the export is a plain model folder rather than ZeRO shards
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    if dist.offload:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+        if dist.zero_stage == 3:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    return {
+        "zero_optimization": zero,
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "train_batch_size": "auto",
+        "gradient_clipping": "auto",
+        "bf16": {"enabled": bf16},
+        "fp16": {"enabled": False},
+    }
+
+
+def model_dtype(dist: DistributedSettings, device: str):
+    import torch
+
+    return torch.bfloat16 if use_bf16(dist, device) else torch.float32
