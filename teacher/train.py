@@ -34,6 +34,7 @@ class TrainResult:
     model_dir: str
     log_history: list[dict]
     steps: int
+    resumed_from_step: int | None  # set when this call continued an interrupted run
 
 
 def _settings(job: dict):
@@ -118,7 +119,12 @@ def _train_loop(job: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
-            trainer.train(resume_from_checkpoint=os.path.join(d, RayTrainReportCallback.CHECKPOINT_NAME))
+            hf_checkpoint = os.path.join(d, RayTrainReportCallback.CHECKPOINT_NAME)
+            step = json.loads(Path(hf_checkpoint, "trainer_state.json").read_text())["global_step"]
+            if rank == 0:
+                print(f"[thinkbroad] {job['kind']}: resuming from the checkpoint at step {step}", flush=True)
+                Path(job["out_dir"], "resumed_from_step").write_text(str(step))
+            trainer.train(resume_from_checkpoint=hf_checkpoint)
     else:
         trainer.train()
     final = os.path.join(job["out_dir"], "final")
@@ -163,6 +169,7 @@ def train_teacher(job: TrainJob) -> TrainResult:
     dist: DistributedSettings = settings.distributed
     device = placement.resolve_device(dist.accelerator, ray.cluster_resources().get("GPU", 0))
     out = Path(job.out_dir).resolve()
+    (out / "resumed_from_step").unlink(missing_ok=True)
     loop_config = {**asdict(job), "out_dir": str(out), "device": device, "hf_dir": str(out / "hf" / uuid.uuid4().hex[:8])}
     trainer = TorchTrainer(
         _train_loop,
@@ -179,4 +186,6 @@ def train_teacher(job: TrainJob) -> TrainResult:
     shutil.rmtree(out / "hf", ignore_errors=True)
     history = json.loads((out / "log_history.json").read_text())
     steps = max((h.get("step", 0) for h in history), default=0)
-    return TrainResult(model_dir=str(out / "model"), log_history=history, steps=steps)
+    resumed = out / "resumed_from_step"
+    return TrainResult(model_dir=str(out / "model"), log_history=history, steps=steps,
+                       resumed_from_step=int(resumed.read_text()) if resumed.exists() else None)

@@ -41,3 +41,15 @@ def pair(i: int, query_id: str | None = None, label: str = "E", **extra) -> dict
     }
     row.update(extra)
     return row
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """One local Ray instance for a test module, shut down at its end (Ray-heavy modules run one at a time)."""
+    import ray
+
+    from workflows.runtime import ensure_ray
+
+    ensure_ray()
+    yield ray
+    ray.shutdown()
