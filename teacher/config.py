@@ -38,6 +38,7 @@ class _TrainCommon(_Strict):
     max_length: int = Field(1024, ge=16, description="prompt + completion tokens; longer rows are truncated")
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
+    gradient_checkpointing: bool = Field(False, description="recompute activations: less memory, ~30% slower")
     logging_steps: int = Field(1, ge=1)
     save_steps: int = Field(50, ge=1, description="checkpoint every N steps (and at the end)")
     save_total_limit: int = Field(2, ge=1)

@@ -83,3 +83,15 @@ def model_dtype(dist: DistributedSettings, device: str):
     import torch
 
     return torch.bfloat16 if use_bf16(dist, device) else torch.float32
+
+
+def peak_memory_mb(device: str) -> dict:
+    """This process's peak host memory (RSS) and, on GPU, peak allocated device memory, in MiB."""
+    import resource
+
+    out = {"host_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if device == "gpu":
+        import torch
+
+        out["gpu_peak_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out

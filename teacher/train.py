@@ -35,6 +35,7 @@ class TrainResult:
     log_history: list[dict]
     steps: int
     resumed_from_step: int | None  # set when this call continued an interrupted run
+    peak_memory: dict  # rank -> {"host_peak_rss_mb": ..., ("gpu_peak_allocated_mb": ...)}
 
 
 def _settings(job: dict):
@@ -63,6 +64,7 @@ def _trl_args(job: dict, settings, device: str, hf_dir: str):
         report_to="none",
         dataloader_num_workers=0,
         disable_tqdm=True,
+        gradient_checkpointing=settings.gradient_checkpointing,
         **placement.trainer_kwargs(settings.distributed, device),
     )
     if job["kind"] == "sft":
@@ -127,10 +129,16 @@ def _train_loop(job: dict) -> None:
             trainer.train(resume_from_checkpoint=hf_checkpoint)
     else:
         trainer.train()
+    Path(job["out_dir"], f"memory_rank{rank}.json").write_text(json.dumps(placement.peak_memory_mb(device)))
     final = os.path.join(job["out_dir"], "final")
     trainer.save_model(final)  # collective under ZeRO-3: every rank takes part
     torch.distributed.barrier()
     if rank == 0:
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        # Under ZeRO-3 the trainer registers a global DeepSpeed config that makes from_pretrained build models
+        # inside the collective zero.Init: a rank-0-only export would wait forever. Training is over; drop it.
+        unset_hf_deepspeed_config()
         tok.save_pretrained(final)
         history = trainer.state.log_history
         Path(job["out_dir"], "log_history.json").write_text(json.dumps(history, indent=1))
@@ -169,8 +177,12 @@ def train_teacher(job: TrainJob) -> TrainResult:
     dist: DistributedSettings = settings.distributed
     device = placement.resolve_device(dist.accelerator, ray.cluster_resources().get("GPU", 0))
     out = Path(job.out_dir).resolve()
-    (out / "resumed_from_step").unlink(missing_ok=True)
-    loop_config = {**asdict(job), "out_dir": str(out), "device": device, "hf_dir": str(out / "hf" / uuid.uuid4().hex[:8])}
+    for stale in [out / "resumed_from_step", *out.glob("memory_rank*.json")]:
+        stale.unlink(missing_ok=True)
+    # absolute paths: Ray Train workers run in their own working directory
+    loop_config = {**asdict(job), "dataset_path": str(Path(job.dataset_path).resolve()),
+                   "base_model": str(Path(job.base_model).resolve()), "out_dir": str(out), "device": device,
+                   "hf_dir": str(out / "hf" / uuid.uuid4().hex[:8])}
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config=loop_config,
@@ -188,4 +200,6 @@ def train_teacher(job: TrainJob) -> TrainResult:
     steps = max((h.get("step", 0) for h in history), default=0)
     resumed = out / "resumed_from_step"
     return TrainResult(model_dir=str(out / "model"), log_history=history, steps=steps,
-                       resumed_from_step=int(resumed.read_text()) if resumed.exists() else None)
+                       resumed_from_step=int(resumed.read_text()) if resumed.exists() else None,
+                       peak_memory={p.stem.removeprefix("memory_rank"): json.loads(p.read_text())
+                                    for p in sorted(out.glob("memory_rank*.json"))})
