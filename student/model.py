@@ -151,22 +151,27 @@ class LRKDStudent(nn.Module):
         h = self.encoder(**kwargs).last_hidden_state
         cls = h[:, 0]
         if self.extractor is None:
-            return {"logits": self.classifier(cls), "slots": None, "z": None}
+            return {"logits": self.classifier(cls), "slots": None, "z": None, "projected": None}
         slots = self.extractor(h, attention_mask)
         z = slots.mean(1)
-        return {"logits": self.classifier(torch.cat([cls, z], -1)), "slots": slots, "z": z}
+        # projections run inside forward so that DDP sees every parameter used in one pass
+        return {"logits": self.classifier(torch.cat([cls, z], -1)), "slots": slots, "z": z,
+                "projected": self._project(slots, z)}
 
-    def projected(self, out: dict) -> torch.Tensor:
+    def _project(self, slots: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """(B, P, target_dim): P(z) in average mode, P_k(z) for multi_teacher, P_k(slot_k) for unified."""
         if self.cfg.mode == "average":
-            return self.projections[0](out["z"]).unsqueeze(1)
+            return self.projections[0](z).unsqueeze(1)
         if self.cfg.mode == "multi_teacher":
-            return torch.stack([p(out["z"]) for p in self.projections], 1)
-        return torch.stack([p(out["slots"][:, i]) for i, p in enumerate(self.projections)], 1)
+            return torch.stack([p(z) for p in self.projections], 1)
+        return torch.stack([p(slots[:, i]) for i, p in enumerate(self.projections)], 1)
+
+    def projected(self, out: dict) -> torch.Tensor:
+        return out["projected"]
 
     def perspective_scores(self, out: dict) -> torch.Tensor:
         """(B, K) cosine similarity of the projected latent to each perspective's centroid."""
-        proj = F.normalize(self.projected(out), dim=-1)
+        proj = F.normalize(out["projected"], dim=-1)
         cents = F.normalize(self.centroids, dim=-1)
         if proj.shape[1] == 1:
             return proj[:, 0] @ cents.T
@@ -215,19 +220,22 @@ class LRKDStudent(nn.Module):
 
 
 def lrkd_loss(model: LRKDStudent, out: dict, labels: torch.Tensor, targets: torch.Tensor | None, lam: float,
-              class_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+              class_weights: torch.Tensor | None = None, target_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """CE(logits, y) + lambda * MSE(P(z), e). targets: (B, K, target_dim) L2-normalised rationale embeddings.
 
     average: e = mean_k e_k; multi_teacher: sum_k MSE(P_k(z), e_k); unified: sum_k MSE(P_k(slot_k), e_k).
+    target_mask (B,): 1 where the pair has teacher targets; the latent term averages over those pairs only.
     """
     ce = F.cross_entropy(out["logits"], labels, weight=class_weights)
     if lam == 0 or targets is None or out["z"] is None:
         return ce, {"ce": ce.item(), "latent": 0.0}
     proj = model.projected(out)
     if model.cfg.mode == "average":
-        mse = F.mse_loss(proj[:, 0], targets.mean(1))
+        per_pair = (proj[:, 0] - targets.mean(1)).pow(2).mean(-1)
     else:
-        mse = F.mse_loss(proj, targets, reduction="none").mean((0, 2)).sum()
+        per_pair = (proj - targets).pow(2).mean(-1).sum(1)
+    mask = torch.ones_like(per_pair) if target_mask is None else target_mask.to(per_pair.dtype)
+    mse = (per_pair * mask).sum() / mask.sum().clamp(min=1.0)
     return ce + lam * mse, {"ce": ce.item(), "latent": mse.item()}
 
 

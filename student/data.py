@@ -1,0 +1,77 @@
+"""Student inputs: cross-encoder text pairs, rationale-embedding targets and the teacher's label distribution."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+
+from mpcot.prompts import clean_text
+
+
+def product_text(title: str, attributes_json: str | None, max_attribute_chars: int = 200) -> str:
+    """Title, then `name: value` for each attribute present, one cleaned line."""
+    parts = [clean_text(title)]
+    for name, value in json.loads(attributes_json or "{}").items():
+        value = clean_text(value, max_attribute_chars)
+        if value:
+            parts.append(f"{name.replace('_', ' ')}: {value}")
+    return " | ".join(parts)
+
+
+def encode_pairs(tokenizer, queries: list[str], products: list[str], max_length: int) -> dict:
+    """`[CLS] query [SEP] product [SEP]`, the product side truncated first."""
+    return tokenizer(queries, products, truncation="longest_first", max_length=max_length, padding=True, return_tensors="pt")
+
+
+def build_examples(pairs: list[dict], label_codes: list[str], perspectives: list[str],
+                   targets: dict[tuple[str, str], np.ndarray] | None = None,
+                   teacher_labels: dict[tuple[str, str], str | None] | None = None,
+                   target_dim: int = 0, smoothing: float = 0.1) -> dict:
+    """Column arrays for training: labels, targets (N, K, D) with a per-pair mask, teacher label distributions.
+
+    A perspective whose rationale is missing gets the mean of the pair's other targets; a pair with no target at
+    all is trained on cross-entropy only (has_target = 0).
+    """
+    index = {c: i for i, c in enumerate(label_codes)}
+    n, k, c = len(pairs), len(perspectives), len(label_codes)
+    y = np.array([index[p["label"]] for p in pairs], dtype=np.int64)
+    tgt = np.zeros((n, k, max(target_dim, 1)), dtype=np.float32)
+    has = np.zeros(n, dtype=np.float32)
+    probs = np.full((n, c), smoothing / c, dtype=np.float32)
+    has_probs = np.zeros(n, dtype=np.float32)
+    for i, p in enumerate(pairs):
+        if targets is not None:
+            vecs = [targets.get((p["pair_id"], name)) for name in perspectives]
+            present = [v for v in vecs if v is not None]
+            if present:
+                fill = np.mean(present, axis=0)
+                tgt[i] = np.stack([v if v is not None else fill for v in vecs])
+                has[i] = 1.0
+        if teacher_labels is not None:
+            votes = [teacher_labels.get((p["pair_id"], name)) for name in perspectives]
+            votes = [v for v in votes if v in index]
+            if votes:
+                for v in votes:
+                    probs[i, index[v]] += (1 - smoothing) / len(votes)
+                has_probs[i] = 1.0
+    probs[has_probs == 0] = 1.0 / c
+    return {
+        "query": [p["query"] for p in pairs],
+        "product": [product_text(p["title"], p.get("attributes")) for p in pairs],
+        "label": torch.from_numpy(y),
+        "targets": torch.from_numpy(tgt),
+        "has_target": torch.from_numpy(has),
+        "teacher_probs": torch.from_numpy(probs),
+    }
+
+
+def class_weights(labels: torch.Tensor, num_classes: int, scheme: str) -> torch.Tensor | None:
+    """none, or inverse frequency (normalised to mean 1; absent classes get weight 0)."""
+    if scheme == "none":
+        return None
+    if scheme != "inverse_frequency":
+        raise ValueError(f"class_weighting must be none or inverse_frequency, not {scheme!r}")
+    counts = torch.bincount(labels, minlength=num_classes).float()
+    w = torch.where(counts > 0, counts.sum() / (num_classes * counts.clamp(min=1)), torch.zeros_like(counts))
+    return w / w[counts > 0].mean()
