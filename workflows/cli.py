@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -27,8 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     for name, text in (("sft", "teacher SFT on the consistency-filtered rationales (runs generate first if needed)"),
                        ("dpo", "teacher DPO on conflict samples, from the SFT model"),
-                       ("teacher-eval", "base vs SFT vs SFT+DPO teacher on the test split")):
+                       ("teacher-eval", "base vs SFT vs SFT+DPO teacher on the test split"),
+                       ("distill", "LRKD: teacher rationale targets, then every student variant side by side"),
+                       ("ablate", "student ablation: extractor x mode x lambda -> ablation.csv/.md/.png")):
         _with_config(sub, name, text)
+    e = _with_config(sub, "eval", "evaluate a trained student folder on the test split")
+    e.add_argument("--student", required=True, help="a student folder (student_config.json + model.safetensors)")
     m = sub.add_parser("setup-models", help="build/convert the built-in local models into the cache (once)")
     m.add_argument("names", nargs="*", default=list(BUILTIN), help=f"any of {', '.join(BUILTIN)}")
     return parser
@@ -55,6 +60,14 @@ def main(argv: list[str] | None = None) -> int:
 
             step = {"sft": teacher_stages.sft, "dpo": teacher_stages.dpo, "teacher-eval": teacher_stages.teacher_eval}
             print(step[args.command](cfg, run_dir))
+        elif args.command in ("distill", "ablate"):
+            from workflows import student_stages
+
+            print((student_stages.distill if args.command == "distill" else student_stages.ablate)(cfg, run_dir))
+        elif args.command == "eval":
+            from workflows import student_stages
+
+            print(json.dumps(student_stages.evaluate_folder(cfg, run_dir, args.student), indent=2))
         return 0
     except USER_ERRORS as exc:
         print(f"thinkbroad: error: {exc}", file=sys.stderr)

@@ -1,0 +1,35 @@
+"""Frozen sentence encoder for rationale targets: mean-pooled token states, L2-normalised (as sentence-transformers
+does for all-MiniLM-L6-v2). A Ray Data `map_batches` actor; also usable directly."""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+
+
+class RationaleEmbedder:
+    def __init__(self, encoder_path: str, max_length: int = 256, device: str | None = None):
+        from transformers import AutoModel, AutoTokenizer
+
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.tok = AutoTokenizer.from_pretrained(encoder_path)
+        self.model = AutoModel.from_pretrained(encoder_path, use_safetensors=True).to(self.device).eval()
+        self.max_length = max_length
+
+    @property
+    def dim(self) -> int:
+        return self.model.config.hidden_size
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        enc = self.tok(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt").to(self.device)
+        with torch.no_grad():
+            h = self.model(**enc).last_hidden_state
+        m = enc["attention_mask"].unsqueeze(-1).to(h.dtype)
+        return F.normalize((h * m).sum(1) / m.sum(1).clamp(min=1), dim=-1).float().cpu().numpy()
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        texts = [t or "" for t in batch.column("rationale").to_pylist()]
+        vecs = self.embed(texts)
+        emb = pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1), pa.float32()), vecs.shape[1])
+        return pa.table({"pair_id": batch.column("pair_id"), "perspective": batch.column("perspective"), "embedding": emb})

@@ -1,0 +1,209 @@
+"""Student stages: distillation targets (teacher rationales -> frozen embeddings), LRKD training of every variant
+side by side, evaluation on the test split, and the ablation sweep."""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from mpcot.generate import expand_tasks, run_generation, write_parquet_atomic
+from student.config import DistillConfig
+from student.data import build_examples
+from student.evaluate import aggregate, evaluate
+from student.train import Variant, train_student
+from workflows.artifacts import fingerprint, invalidate, is_fresh, start_attempt, write_json_atomic, write_manifest
+from workflows.config import RunConfig
+from workflows.models import resolve_model
+from workflows.runtime import ensure_ray
+from workflows.stages import judge_spec, log, prepare
+
+
+def _teacher_model(cfg: RunConfig, run_dir: Path) -> tuple[str, str]:
+    choice = cfg.distill.teacher
+    if choice in ("dpo", "sft"):
+        from workflows import teacher_stages
+
+        path = teacher_stages.dpo(cfg, run_dir) if choice == "dpo" else teacher_stages.sft(cfg, run_dir)
+        return str(path), choice
+    if choice == "base":
+        return resolve_model(cfg.teacher.model), "base"
+    return resolve_model(choice), choice
+
+
+def targets(cfg: RunConfig, run_dir: Path) -> Path:
+    """RUN_DIR/student/targets/targets.parquet: (pair_id, perspective, embedding) for the student's train pairs."""
+    d: DistillConfig = cfg.distill
+    teacher_path, teacher_name = _teacher_model(cfg, run_dir)
+    out = run_dir / "student" / "targets"
+    split = prepare(cfg, run_dir)["train"]
+    key = cfg.section_hash("teacher", "generation", "labels", "perspectives", "distill")
+    inputs = {"teacher": fingerprint(teacher_path), "train": fingerprint(split)}
+    if is_fresh(out, key, inputs):
+        log(f"targets: up to date ({out})")
+        return out / "targets.parquet"
+    invalidate(out)
+    t0 = time.time()
+    pairs = pq.read_table(split)
+    if d.max_target_pairs:
+        pairs = pairs.slice(0, d.max_target_pairs)
+    tasks = expand_tasks(pairs, cfg.perspectives, 1, "train")
+    gen = cfg.generation.model_copy(update={"temperature": 0.0, "samples_per_prompt": 1})
+    log(f"targets: {teacher_name} teacher writes {tasks.num_rows} rationales ({pairs.num_rows} pairs x {len(cfg.perspectives)} perspectives)")
+    ensure_ray()
+    start_attempt(out / "parts", key, "targets")
+    res = run_generation(tasks, out, judge_spec(cfg, teacher_path, teacher_name, cfg.perspectives, gen), gen)
+    rationales = pq.read_table(res.rationales_path, columns=["pair_id", "perspective", "rationale", "predicted_label"])
+    import ray
+
+    from student.embed import RationaleEmbedder  # noqa: E402
+
+    embedder_path = resolve_model(d.embedder)
+    blocks = [rationales.slice(i, d.embed_batch_size) for i in range(0, rationales.num_rows, d.embed_batch_size)]
+    embedded = ray.data.from_arrow(blocks).map_batches(
+        RationaleEmbedder, fn_constructor_kwargs={"encoder_path": embedder_path}, batch_size=d.embed_batch_size,
+        batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=1), num_cpus=1,
+    )
+    table = pa.concat_tables(list(embedded.iter_batches(batch_size=None, batch_format="pyarrow")))
+    labels = {(r["pair_id"], r["perspective"]): r["predicted_label"] for r in rationales.to_pylist()}
+    table = table.append_column("predicted_label", pa.array([labels[(p, k)] for p, k in zip(
+        table.column("pair_id").to_pylist(), table.column("perspective").to_pylist())], pa.string()))
+    path = out / "targets.parquet"
+    write_parquet_atomic(table, path)
+    write_manifest(out, "targets", key, inputs, t0, rows=table.num_rows, teacher=teacher_name, embedder=d.embedder)
+    log(f"targets: {table.num_rows} rationale embeddings ({d.embedder}) -> {path}")
+    return path
+
+
+def _examples(cfg: RunConfig, run_dir: Path, target_path: Path) -> tuple[dict, dict, dict, list]:
+    paths = prepare(cfg, run_dir)
+    rows = pq.read_table(target_path).to_pylist()
+    vecs = {(r["pair_id"], r["perspective"]): np.asarray(r["embedding"], dtype=np.float32) for r in rows}
+    votes = {(r["pair_id"], r["perspective"]): r["predicted_label"] for r in rows}
+    dim = len(rows[0]["embedding"])
+    codes, persp = [lab.name for lab in cfg.labels], [p.name for p in cfg.perspectives]
+    splits = {s: build_examples(pq.read_table(paths[s]).to_pylist(), codes, persp, vecs, votes, dim) for s in ("train", "val", "test")}
+    # per-perspective centroid of the teacher's rationale embeddings: the attribution reference at inference
+    centroids = [np.mean([v for (_, k), v in vecs.items() if k == name], axis=0).tolist() for name in persp]
+    return splits["train"], splits["val"], splits["test"], centroids
+
+
+def train_variants(cfg: RunConfig, run_dir: Path, variants: list[Variant]) -> list[dict]:
+    """Train + evaluate each variant/seed (each cached in its own folder); returns [{variant, seed, metrics}]."""
+    from transformers import AutoTokenizer
+
+    from student.model import LRKDStudent
+
+    target_path = targets(cfg, run_dir)
+    train, val, test, centroids = _examples(cfg, run_dir, target_path)
+    encoder = resolve_model(cfg.distill.backbone)
+    codes, persp = [lab.name for lab in cfg.labels], [p.name for p in cfg.perspectives]
+    base_key = cfg.section_hash("labels", "perspectives", "data")
+    settings = cfg.distill.train
+    runs = []
+    ensure_ray()
+    for i, v in enumerate(variants, 1):
+        out = run_dir / "student" / "variants" / f"{v.name}-seed{v.seed}"
+        key = hashlib.sha256(json.dumps([base_key, v.__dict__, settings.model_dump(), cfg.distill.backbone],
+                                        sort_keys=True).encode()).hexdigest()[:16]
+        inputs = {"targets": fingerprint(target_path)}
+        if not is_fresh(out, key, inputs):
+            invalidate(out)
+            start_attempt(out / "ray", key, f"student {v.name}")
+            t0 = time.time()
+            log(f"student [{i}/{len(variants)}] {v.name} seed {v.seed}")
+            history = train_student(v, settings, train, val, encoder, codes, persp, centroids, out)
+            model = LRKDStudent.from_pretrained(out / "best")
+            metrics = evaluate(model, test, AutoTokenizer.from_pretrained(out / "best"), codes, persp, settings.max_length)
+            metrics["extractor_params"] = model.extractor_parameters()
+            write_json_atomic(metrics, out / "eval.json")
+            write_manifest(out, "student", key, inputs, t0, epochs=len(history),
+                           best_val_macro_f1=max(h["val_macro_f1"] for h in history))
+        runs.append({"variant": v.name, "seed": v.seed, "metrics": json.loads((out / "eval.json").read_text())})
+    return runs
+
+
+def distill(cfg: RunConfig, run_dir: Path) -> Path:
+    """Targets + every main variant side by side -> RUN_DIR/student/metrics.json."""
+    runs = train_variants(cfg, run_dir, cfg.distill.main_variants())
+    codes = [lab.name for lab in cfg.labels]
+    report = {"split": "test", "variants": aggregate(runs, codes), "runs": runs}
+    path = run_dir / "student" / "metrics.json"
+    write_json_atomic(report, path)
+    log("student (test, mean +- std over seeds):\n" + metrics_table(report["variants"]))
+    return path
+
+
+def ablate(cfg: RunConfig, run_dir: Path) -> Path:
+    """extractor x mode x lambda -> RUN_DIR/student/ablation.{csv,md,png}."""
+    runs = train_variants(cfg, run_dir, cfg.distill.main_variants()[:2] + cfg.distill.ablation_variants())
+    agg = aggregate(runs, [lab.name for lab in cfg.labels])
+    out = run_dir / "student"
+    rows = []
+    for name, s in agg.items():
+        v = next(r for r in runs if r["variant"] == name)
+        parts = name.split("-")
+        lam = next((float(p[3:]) for p in parts if p.startswith("lam")), cfg.distill.lam if parts[0] == "lrkd" else 0.0)
+        rows.append({"variant": name, "extractor": parts[1] if parts[0] == "lrkd" else parts[0], "mode": parts[2] if parts[0] == "lrkd" else "",
+                     "lambda": lam, "seeds": len(s["seeds"]), "accuracy_mean": s["accuracy"]["mean"], "accuracy_std": s["accuracy"]["std"],
+                     "macro_f1_mean": s["macro_f1"]["mean"], "macro_f1_std": s["macro_f1"]["std"],
+                     "extractor_params": v["metrics"].get("extractor_params", 0)})
+    with open(out / "ablation.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    (out / "ablation.md").write_text(metrics_table(agg) + "\n")
+    _plot(rows, out / "ablation.png")
+    log(f"ablation: {len(rows)} variants -> {out / 'ablation.csv'}, ablation.md, ablation.png")
+    return out / "ablation.csv"
+
+
+def _plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for (ext, mode) in sorted({(r["extractor"], r["mode"]) for r in rows if r["mode"]}):
+        pts = sorted((r["lambda"], r["macro_f1_mean"], r["macro_f1_std"]) for r in rows if r["extractor"] == ext and r["mode"] == mode)
+        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=2, label=f"{ext}/{mode}")
+    for r in rows:
+        if not r["mode"]:
+            ax.axhline(r["macro_f1_mean"], ls="--", lw=1, color="gray")
+            ax.text(0, r["macro_f1_mean"], r["variant"], fontsize=7, va="bottom")
+    ax.set_xlabel("lambda (latent loss weight)")
+    ax.set_ylabel("test macro-F1 (mean +- std over seeds)")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def metrics_table(agg: dict) -> str:
+    labels = list(next(iter(agg.values()))["per_class_f1"])
+    head = "| variant | accuracy | macro-F1 | " + " | ".join(f"F1 {lab}" for lab in labels) + " |"
+    lines = [head, "|" + "---|" * (3 + len(labels))]
+    for name, s in agg.items():
+        cells = " | ".join(f"{s['per_class_f1'][lab]['mean']:.3f}" for lab in labels)
+        lines.append(f"| {name} | {s['accuracy']['mean']:.3f} ± {s['accuracy']['std']:.3f} | "
+                     f"{s['macro_f1']['mean']:.3f} ± {s['macro_f1']['std']:.3f} | {cells} |")
+    return "\n".join(lines)
+
+
+def evaluate_folder(cfg: RunConfig, run_dir: Path, student_dir: str) -> dict:
+    """Metrics of any student folder on the run's test split."""
+    from transformers import AutoTokenizer
+
+    from student.model import LRKDStudent
+
+    paths = prepare(cfg, run_dir)
+    codes, persp = [lab.name for lab in cfg.labels], [p.name for p in cfg.perspectives]
+    test = build_examples(pq.read_table(paths["test"]).to_pylist(), codes, persp)
+    model = LRKDStudent.from_pretrained(student_dir)
+    return evaluate(model, test, AutoTokenizer.from_pretrained(student_dir), codes, persp, model.cfg.max_length)
