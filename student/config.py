@@ -20,6 +20,7 @@ class DistillConfig(_Strict):
     teacher: str = Field("dpo", description="dpo | sft | base | a local model folder")
     max_target_pairs: int | None = Field(None, ge=1, description="train pairs given teacher targets (the rest: CE only)")
     embedder: str = Field("all-minilm-l6-v2", description="frozen sentence encoder for the rationale targets")
+    embed_pooling: Literal["mean", "cls"] = Field("mean", description="mean for MiniLM, cls for BGE-M3")
     embed_batch_size: int = Field(64, ge=1)
     backbone: str = Field("all-minilm-l6-v2", description="student encoder: a built-in name or a local BERT-class folder")
     train: StudentTrainConfig = Field(default_factory=StudentTrainConfig)
@@ -30,15 +31,19 @@ class DistillConfig(_Strict):
     kd_alpha: float = Field(0.5, ge=0, description="logit-KD baseline: weight of KL(teacher || student)")
     ablation_lambdas: list[float] = Field(default_factory=lambda: [0.0, 0.05, 0.1, 0.3, 1.0])
 
+    default_extractor: Literal["mlp", "poly", "gat"] = "poly"
+    default_mode: Literal["average", "multi_teacher", "unified"] = "unified"
+
     def main_variants(self) -> list[Variant]:
-        """vanilla, logit-KD, and LRKD for every extractor x mode at lambda = `lam`, each for every seed."""
+        """vanilla, logit-KD, LRKD with each extractor (in the default mode) and in each mode (with the default
+        extractor), at lambda = `lam`, each for every seed. The full extractor x mode x lambda grid is `ablate`."""
         out = []
         for seed in self.seeds:
             out.append(Variant("vanilla", "vanilla", seed=seed))
             out.append(Variant("logit_kd", "logit_kd", kd_alpha=self.kd_alpha, seed=seed))
-            for ext in self.extractors:
-                for mode in self.modes:
-                    out.append(Variant(f"lrkd-{ext}-{mode}", "lrkd", ext, mode, lam=self.lam, seed=seed))
+            combos = [(e, self.default_mode) for e in self.extractors] + [(self.default_extractor, m) for m in self.modes]
+            for ext, mode in dict.fromkeys(combos):
+                out.append(Variant(f"lrkd-{ext}-{mode}", "lrkd", ext, mode, lam=self.lam, seed=seed))
         return out
 
     def ablation_variants(self) -> list[Variant]:

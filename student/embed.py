@@ -1,5 +1,5 @@
-"""Frozen sentence encoder for rationale targets: mean-pooled token states, L2-normalised (as sentence-transformers
-does for all-MiniLM-L6-v2). A Ray Data `map_batches` actor; also usable directly."""
+"""Frozen sentence encoder for rationale targets: mean- (all-MiniLM-L6-v2) or CLS-pooled (BGE-M3) token states,
+L2-normalised. A Ray Data `map_batches` actor; also usable directly."""
 from __future__ import annotations
 
 import numpy as np
@@ -9,13 +9,16 @@ import torch.nn.functional as F
 
 
 class RationaleEmbedder:
-    def __init__(self, encoder_path: str, max_length: int = 256, device: str | None = None):
+    def __init__(self, encoder_path: str, max_length: int = 256, pooling: str = "mean", device: str | None = None):
         from transformers import AutoModel, AutoTokenizer
 
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.tok = AutoTokenizer.from_pretrained(encoder_path)
         self.model = AutoModel.from_pretrained(encoder_path, use_safetensors=True).to(self.device).eval()
         self.max_length = max_length
+        if pooling not in ("mean", "cls"):
+            raise ValueError(f"pooling must be mean or cls, not {pooling!r}")
+        self.pooling = pooling
 
     @property
     def dim(self) -> int:
@@ -25,8 +28,12 @@ class RationaleEmbedder:
         enc = self.tok(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt").to(self.device)
         with torch.no_grad():
             h = self.model(**enc).last_hidden_state
-        m = enc["attention_mask"].unsqueeze(-1).to(h.dtype)
-        return F.normalize((h * m).sum(1) / m.sum(1).clamp(min=1), dim=-1).float().cpu().numpy()
+        if self.pooling == "cls":  # e.g. BGE-M3
+            pooled = h[:, 0]
+        else:  # e.g. all-MiniLM-L6-v2
+            m = enc["attention_mask"].unsqueeze(-1).to(h.dtype)
+            pooled = (h * m).sum(1) / m.sum(1).clamp(min=1)
+        return F.normalize(pooled, dim=-1).float().cpu().numpy()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         texts = [t or "" for t in batch.column("rationale").to_pylist()]

@@ -66,7 +66,7 @@ def targets(cfg: RunConfig, run_dir: Path) -> Path:
     embedder_path = resolve_model(d.embedder)
     blocks = [rationales.slice(i, d.embed_batch_size) for i in range(0, rationales.num_rows, d.embed_batch_size)]
     embedded = ray.data.from_arrow(blocks).map_batches(
-        RationaleEmbedder, fn_constructor_kwargs={"encoder_path": embedder_path}, batch_size=d.embed_batch_size,
+        RationaleEmbedder, fn_constructor_kwargs={"encoder_path": embedder_path, "pooling": d.embed_pooling}, batch_size=d.embed_batch_size,
         batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=1), num_cpus=1,
     )
     table = pa.concat_tables(list(embedded.iter_batches(batch_size=None, batch_format="pyarrow")))
