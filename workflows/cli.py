@@ -34,6 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
         _with_config(sub, name, text)
     e = _with_config(sub, "eval", "evaluate a trained student folder on the test split")
     e.add_argument("--student", required=True, help="a student folder (student_config.json + model.safetensors)")
+    sv = sub.add_parser("serve", help="serve a trained student over HTTP on Ray Serve")
+    sv.add_argument("target", help="a student folder, or a run dir (the best LRKD variant is served)")
+    sv.add_argument("--config", default=None, help="run config whose `serve:` section to use (default: built-in defaults)")
+    sv.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
+    sv.add_argument("--port", type=int, default=None)
+    sv.add_argument("--print-config", action="store_true", help="print a `serve deploy` config YAML and exit")
     m = sub.add_parser("setup-models", help="build/convert the built-in local models into the cache (once)")
     m.add_argument("names", nargs="*", default=list(BUILTIN), help=f"any of {', '.join(BUILTIN)}")
     return parser
@@ -46,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
             for name in args.names:
                 print(f"{name}: {resolve_model(name)}")
             return 0
+        if args.command == "serve":
+            return _serve(args)
         from workflows import stages
 
         cfg = load_config(args.config)
@@ -72,6 +80,24 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as exc:
         print(f"thinkbroad: error: {exc}", file=sys.stderr)
         return 2
+
+
+def _serve(args) -> int:
+    from serve.config import ServeConfig
+    from serve.launch import find_student, run_local, serve_deploy_config
+
+    settings = load_config(args.config).serve if args.config else ServeConfig()
+    settings = settings.model_copy(update={k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None})
+    try:
+        student = find_student(args.target)
+    except FileNotFoundError as exc:
+        print(f"thinkbroad: error: {exc}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(serve_deploy_config(student, settings))
+        return 0
+    run_local(student, settings)
+    return 0
 
 
 if __name__ == "__main__":

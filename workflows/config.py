@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from mpcot.generate import GenerationConfig
 from mpcot.labels import DEFAULT_ESCI_LABELS, Label
 from mpcot.perspectives import DEFAULT_PERSPECTIVES, Perspective
+from serve.config import ServeConfig
 from student.config import DistillConfig
 from teacher.config import DPOConfig, SFTConfig, TeacherEvalConfig
 
@@ -88,6 +89,7 @@ class RunConfig(_Strict):
     dpo: DPOConfig = Field(default_factory=DPOConfig)
     teacher_eval: TeacherEvalConfig = Field(default_factory=TeacherEvalConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
 
     @field_validator("labels")
     @classmethod

@@ -1,0 +1,21 @@
+"""Settings of the Serve application (the `serve:` section of a run config); no Ray import."""
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ServeConfig(BaseModel):
+    """The `serve:` section of a run config."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = "127.0.0.1"  # bind to loopback unless told otherwise
+    port: int = Field(8000, ge=1, le=65535)
+    replicas: int = Field(1, ge=1)
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    max_batch_size: int = Field(64, ge=1, description="items scored together across concurrent requests")
+    batch_wait_timeout_s: float = Field(0.005, ge=0)
+    max_items: int = Field(100, ge=1, description="items per request; more -> 413")
+    max_field_chars: int = Field(4000, ge=1, description="characters per text field; more -> 422")
+    device: str = Field("auto", pattern="^(auto|cpu|cuda)$")
