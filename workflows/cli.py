@@ -23,6 +23,9 @@ def _with_config(sub, name: str, help_text: str):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="thinkbroad", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    r = _with_config(sub, "run", "the whole pipeline: prepare -> generate -> sft -> dpo -> teacher_eval -> distill -> report")
+    r.add_argument("--from", dest="from_stage", default=None, metavar="STAGE", help="rerun from this stage on")
+    r.add_argument("--only", default=None, metavar="STAGE", help="run this stage only (and any stale dependency)")
     _with_config(sub, "prepare", "validate the labelled pairs and split them by query")
     g = _with_config(sub, "generate", "MPCoT: judge each training pair from every perspective with the teacher LLM")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -58,7 +61,15 @@ def main(argv: list[str] | None = None) -> int:
 
         cfg = load_config(args.config)
         run_dir = stages.run_dir_for(cfg, args.run_dir)
-        if args.command == "prepare":
+        if args.command == "run":
+            from workflows.pipeline import STAGES, run
+
+            for given in (args.from_stage, args.only):
+                if given and given not in STAGES:
+                    print(f"thinkbroad: error: unknown stage {given!r}; stages: {', '.join(STAGES)}", file=sys.stderr)
+                    return 2
+            print(run(cfg, run_dir, args.from_stage, args.only))
+        elif args.command == "prepare":
             stages.prepare(cfg, run_dir)
         elif args.command == "generate":
             out = stages.generate(cfg, run_dir, progress=not args.no_progress)

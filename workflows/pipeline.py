@@ -1,0 +1,119 @@
+"""The whole pipeline as one job: prepare -> generate -> sft -> dpo -> teacher_eval -> distill -> report.
+
+Every stage skips itself when its manifest matches, so a rerun after a kill resumes where it stopped.
+`--from STAGE` forces that stage and the ones after it to rerun; `--only STAGE` runs one stage (and whatever it
+depends on that is not up to date).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from workflows.artifacts import MANIFEST, write_json_atomic
+from workflows.config import RunConfig
+from workflows.stages import generate, log, prepare
+
+STAGES = ("prepare", "generate", "sft", "dpo", "teacher_eval", "distill", "report")
+# the folders whose manifests mark each stage done
+STAGE_DIRS = {
+    "prepare": ["data"], "generate": ["mpcot"], "sft": ["teacher/sft"], "dpo": ["teacher/dpo"],
+    "teacher_eval": ["teacher/eval"], "distill": ["student/targets", "student/variants/*"], "report": [],
+}
+
+
+def _stage_fn(name: str):
+    from workflows import student_stages, teacher_stages
+
+    return {
+        "prepare": prepare, "generate": generate, "sft": teacher_stages.sft, "dpo": teacher_stages.dpo,
+        "teacher_eval": teacher_stages.teacher_eval, "distill": student_stages.distill, "report": write_report,
+    }[name]
+
+
+def force_from(run_dir: Path, stage: str) -> None:
+    """Drop the manifests of `stage` and every later stage, so they rerun (their partial work is kept)."""
+    for name in STAGES[STAGES.index(stage):]:
+        for pattern in STAGE_DIRS[name]:
+            for d in run_dir.glob(pattern):
+                (d / MANIFEST).unlink(missing_ok=True)
+
+
+def run(cfg: RunConfig, run_dir: Path, from_stage: str | None = None, only: str | None = None) -> Path:
+    if from_stage:
+        force_from(run_dir, from_stage)
+    stages = [only] if only else list(STAGES)
+    if not cfg.teacher_eval.enabled and "teacher_eval" in stages and not only:
+        stages.remove("teacher_eval")
+    for i, name in enumerate(stages, 1):
+        log(f"=== stage {i}/{len(stages)}: {name} ===")
+        _stage_fn(name)(cfg, run_dir)
+    return run_dir / "report.md"
+
+
+def _read(path: Path):
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def write_report(cfg: RunConfig, run_dir: Path) -> Path:
+    """RUN_DIR/report.md + metrics.json + PNG plots from whatever stages have results."""
+    gen = _read(run_dir / "mpcot" / "stats.json")
+    teacher = _read(run_dir / "teacher" / "eval.json")
+    student = _read(run_dir / "student" / "metrics.json")
+    bench = {p.stem: _read(p) for p in sorted((Path(__file__).resolve().parent.parent / "bench" / "results").glob("*.json"))}
+    write_json_atomic({"config": cfg.name, "generation": gen, "teacher_eval": teacher,
+                       "student": student and student["variants"], "benchmarks": bench}, run_dir / "metrics.json")
+    lines = [f"# thinkbroad run `{cfg.name}`", ""]
+    plots = run_dir / "plots"
+    plots.mkdir(exist_ok=True)
+    if gen:
+        lines += ["## MPCoT generation (teacher base model, training pairs)", "",
+                  "| perspective | parse rate | accuracy |", "|---|---|---|"]
+        lines += [f"| {k} | {v['parse_rate']:.1%} | {v['accuracy']:.1%} |" for k, v in gen["per_perspective"].items()]
+        a = gen["agreement"]
+        lines += ["", f"All perspectives agree on {a['all_perspectives_agree']:.0%} of pairs; "
+                  f"{a['pairs_with_conflict']:.0%} are conflict samples.", ""]
+    if teacher:
+        models = teacher["models"]
+        lines += [f"## Teacher: base vs SFT vs SFT+DPO ({teacher['split']}, {teacher['pairs']} pairs; accuracy / macro-F1)", "",
+                  "| prompt | " + " | ".join(models) + " |", "|---|" + "---|" * len(models)]
+        for prompt in next(iter(models.values())):
+            lines.append(f"| {prompt} | " + " | ".join(f"{m[prompt]['accuracy']:.1%} / {m[prompt]['macro_f1']:.2f}" for m in models.values()) + " |")
+        lines += ["", "![teacher](plots/teacher.png)", ""]
+        _bar(plots / "teacher.png", {tag: {p: v["accuracy"] for p, v in m.items()} for tag, m in models.items()}, "accuracy")
+    if student:
+        from workflows.student_stages import metrics_table
+
+        lines += ["## Student variants (test, mean ± std over seeds)", "", metrics_table(student["variants"]), "",
+                  "![student](plots/student.png)", ""]
+        _bar(plots / "student.png", {"macro-F1": {k: v["macro_f1"]["mean"] for k, v in student["variants"].items()}}, "macro-F1")
+    lat = bench.get("student_latency")
+    if lat:
+        lines += ["## Latency (bench/student_latency.py)", "",
+                  f"Student (vanilla) {lat['students']['none']['batch1_ms_per_pair']:.1f} ms per pair alone, "
+                  f"{lat['students']['none']['batch16_ms_per_pair']:.2f} ms at batch 16; the three-perspective teacher is "
+                  f"{lat['teacher_vs_student_batch1']:.0f}x slower alone and {lat['teacher_vs_student_batch16']:.0f}x at batch 16.", ""]
+    path = run_dir / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    log(f"report: {path}")
+    return path
+
+
+def _bar(path: Path, series: dict[str, dict[str, float]], ylabel: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cats = list(next(iter(series.values())))
+    fig, ax = plt.subplots(figsize=(max(5, len(cats) * 1.1), 3.5))
+    width = 0.8 / len(series)
+    for i, (name, vals) in enumerate(series.items()):
+        ax.bar([j + i * width for j in range(len(cats))], [vals[c] for c in cats], width, label=name)
+    ax.set_xticks([j + width * (len(series) - 1) / 2 for j in range(len(cats))], cats, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel(ylabel)
+    if len(series) > 1:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
