@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -36,13 +37,22 @@ def _teacher_model(cfg: RunConfig, run_dir: Path) -> tuple[str, str]:
     return resolve_model(choice), choice
 
 
+def targets_key(cfg: RunConfig) -> str:
+    """What the targets depend on: the teacher's prompts and sampling, and the distill settings that shape them
+    (not the student's training settings or the variants, which reuse the same targets)."""
+    d = cfg.distill
+    parts = [cfg.section_hash("teacher", "generation", "labels", "perspectives"), d.teacher, d.max_target_pairs,
+             d.embedder, d.embed_pooling]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+
+
 def targets(cfg: RunConfig, run_dir: Path) -> Path:
     """RUN_DIR/student/targets/targets.parquet: (pair_id, perspective, embedding) for the student's train pairs."""
     d: DistillConfig = cfg.distill
     teacher_path, teacher_name = _teacher_model(cfg, run_dir)
     out = run_dir / "student" / "targets"
     split = prepare(cfg, run_dir)["train"]
-    key = cfg.section_hash("teacher", "generation", "labels", "perspectives", "distill")
+    key = targets_key(cfg)
     inputs = {"teacher": fingerprint(teacher_path), "train": fingerprint(split)}
     if is_fresh(out, key, inputs):
         log(f"targets: up to date ({out})")
@@ -76,6 +86,7 @@ def targets(cfg: RunConfig, run_dir: Path) -> Path:
     path = out / "targets.parquet"
     write_parquet_atomic(table, path)
     write_manifest(out, "targets", key, inputs, t0, rows=table.num_rows, teacher=teacher_name, embedder=d.embedder)
+    shutil.rmtree(out / "parts", ignore_errors=True)
     log(f"targets: {table.num_rows} rationale embeddings ({d.embedder}) -> {path}")
     return path
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -137,6 +138,7 @@ def dpo(cfg: RunConfig, run_dir: Path) -> Path:
     margins = _losses(result.log_history, "rewards/margins")
     write_manifest(out, "dpo", key, inputs, t0, counts=counts, steps=result.steps,
                    first_margin=margins[0] if margins else None, last_margin=margins[-1] if margins else None)
+    shutil.rmtree(out / "resample" / "parts", ignore_errors=True)
     log(f"dpo: {result.steps} steps, reward margin {margins[0]:.3f} -> {margins[-1]:.3f}; model -> {result.model_dir}")
     return Path(result.model_dir)
 
@@ -172,6 +174,8 @@ def teacher_eval(cfg: RunConfig, run_dir: Path) -> Path:
         report["models"][tag] = score_judgements(pq.read_table(res.rationales_path).to_pylist(), codes)
     write_json_atomic(report, result_path)
     write_manifest(out, "teacher_eval", key, inputs, t0, pairs=pairs.num_rows)
+    for tag in models:
+        shutil.rmtree(out / tag / "parts", ignore_errors=True)
     log("teacher eval:\n" + eval_table(report))
     return result_path
 
