@@ -48,24 +48,31 @@ def time_call(fn, repeats: int, device: str) -> float:
     return statistics.median(times)
 
 
-def student_latency(backbone: str, extractor: str, pairs: list[dict], batch_sizes, device: str, repeats: int) -> dict:
+def student_latencies(backbone: str, extractors: list[str], pairs: list[dict], batch_sizes, device: str, repeats: int) -> dict:
+    """Per-pair latency of each variant; variants are timed in interleaved rounds so drift hits all of them alike."""
     from transformers import AutoTokenizer
 
-    torch.manual_seed(0)
-    cfg = StudentConfig(labels=["E", "S", "C", "I"], perspectives=[p["name"] for p in DEFAULT_PERSPECTIVES],
-                        extractor=extractor, mode="unified")
-    model = LRKDStudent.from_encoder(backbone, cfg).to(device).eval()
     tok = AutoTokenizer.from_pretrained(backbone)
-    out = {"extractor_params": model.extractor_parameters()}
+    models = {}
+    for name in extractors:
+        torch.manual_seed(0)
+        cfg = StudentConfig(labels=["E", "S", "C", "I"], perspectives=[p["name"] for p in DEFAULT_PERSPECTIVES],
+                            extractor=name, mode="unified")
+        models[name] = LRKDStudent.from_encoder(backbone, cfg).to(device).eval()
+    out = {name: {"extractor_params": m.extractor_parameters()} for name, m in models.items()}
     for b in batch_sizes:
         batch = pairs[:b]
         enc = encode_pairs(tok, [p["query"] for p in batch], [product_text(p["product_title"], "{}") for p in batch], 128).to(device)
+        times = {name: [] for name in models}
+        for _ in range(repeats):
+            for name, model in models.items():
+                def run(model=model):
+                    with torch.inference_mode():
+                        model(enc["input_ids"], enc["attention_mask"], enc.get("token_type_ids"))
 
-        def run():
-            with torch.inference_mode():
-                model(enc["input_ids"], enc["attention_mask"], enc.get("token_type_ids"))
-
-        out[f"batch{b}_ms_per_pair"] = 1000 * time_call(run, repeats, device) / b
+                times[name].append(time_call(run, 1, device))
+        for name in models:
+            out[name][f"batch{b}_ms_per_pair"] = 1000 * statistics.median(times[name]) / b
     return out
 
 
@@ -112,8 +119,7 @@ def main() -> int:
         args.teacher = args.teacher or resolve_model(SMOLLM2)
     batches = [int(x) for x in args.batches.split(",")]
     pairs = load_pairs(max(batches))
-    students = {name: student_latency(args.backbone, name, pairs, batches, args.device, args.repeats)
-                for name in ("none", "mlp", "poly", "gat")}
+    students = student_latencies(args.backbone, ["none", "mlp", "poly", "gat"], pairs, batches, args.device, args.repeats)
     teacher = teacher_latency(args.teacher, pairs, [int(x) for x in args.teacher_batches.split(",")], args.device, args.teacher_tokens)
     van = students["none"]
     summary = {
