@@ -54,7 +54,7 @@ def main() -> int:
 
     import requests
 
-    from serve.app import RelevanceService
+    from serve.app import StudentScorer
     from serve.config import ServeConfig
     from serve.launch import find_student, run_local
     from student.data import product_text
@@ -70,8 +70,8 @@ def main() -> int:
     body = {"query": pairs[0]["query"], "items": [{"id": r["product_id"], "title": r["product_title"]} for r in pairs]}
 
     settings = ServeConfig(port=_free_port(), max_batch_size=64, batch_wait_timeout_s=0.005)
-    # in-process forward of the same batch, same class the replica runs
-    local = RelevanceService.func_or_class(str(student), settings.model_dump())
+    # in-process forward of the same batch, with the scorer the replica runs
+    local = StudentScorer(str(student))
     texts = [(body["query"], product_text(i["title"], "{}")) for i in body["items"]]
     local.score(texts)
     fwd = []

@@ -92,17 +92,16 @@ async def _http_error(request: Request, exc: HTTPError):
     return JSONResponse(status_code=exc.status, content={"error": exc.message})
 
 
-@serve.deployment
-@serve.ingress(app)
-class RelevanceService:
-    def __init__(self, student_dir: str, settings: dict):
+class StudentScorer:
+    """A loaded student that scores (query, product text) pairs in one forward pass. The deployment wraps it; the
+    load benchmark uses it in-process for the forward-time reference."""
+
+    def __init__(self, student_dir: str, device: str = "auto"):
         import torch
         from transformers import AutoTokenizer
 
         from student.model import LRKDStudent
 
-        self.settings = ServeConfig(**settings)
-        device = self.settings.device
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         self.model = LRKDStudent.from_pretrained(student_dir, device=self.device)
         self.tok = AutoTokenizer.from_pretrained(student_dir)
@@ -112,12 +111,6 @@ class RelevanceService:
         n = len(self.labels)
         # ordered label set, best first: E=1, S=2/3, C=1/3, I=0 for ESCI
         self.grades = torch.tensor([1 - i / (n - 1) for i in range(n)], device=self.device)
-        self._score_batch.set_max_batch_size(self.settings.max_batch_size)
-        self._score_batch.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
-
-    @serve.batch
-    async def _score_batch(self, pairs: list[tuple[str, str]]) -> list[dict]:
-        return self.score(pairs)
 
     def score(self, pairs: list[tuple[str, str]]) -> list[dict]:
         """Score (query, product text) pairs in one forward pass; also used in-process by the benchmark."""
@@ -145,6 +138,20 @@ class RelevanceService:
             for i, p in enumerate(probs_l)
         ]
 
+
+@serve.deployment
+@serve.ingress(app)
+class RelevanceService:
+    def __init__(self, student_dir: str, settings: dict):
+        self.settings = ServeConfig(**settings)
+        self.scorer = StudentScorer(student_dir, self.settings.device)
+        self._score_batch.set_max_batch_size(self.settings.max_batch_size)
+        self._score_batch.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
+
+    @serve.batch
+    async def _score_batch(self, pairs: list[tuple[str, str]]) -> list[dict]:
+        return self.scorer.score(pairs)
+
     @app.post("/v1/relevance", response_model=RelevanceResponse)
     async def relevance(self, req: RelevanceRequest) -> RelevanceResponse:
         from student.data import product_text
@@ -164,7 +171,7 @@ class RelevanceService:
                                          f"{s.max_field_chars} (serve.max_field_chars)")
             texts.append(product_text(item.title, json.dumps(attrs)))
         scored = await asyncio.gather(*(self._score_batch((req.query, t)) for t in texts))
-        return RelevanceResponse(model=self.name, results=[ItemResult(id=i.id, **r) for i, r in zip(req.items, scored)])
+        return RelevanceResponse(model=self.scorer.name, results=[ItemResult(id=i.id, **r) for i, r in zip(req.items, scored)])
 
     @app.get("/healthz")
     async def healthz(self) -> dict:
@@ -172,10 +179,11 @@ class RelevanceService:
 
     @app.get("/v1/model")
     async def model_info(self) -> dict:
-        cfg = self.model.cfg
+        sc = self.scorer
+        cfg = sc.model.cfg
         return {
-            "model": self.name, "labels": self.labels, "perspectives": self.perspectives, "extractor": cfg.extractor,
-            "mode": cfg.mode, "max_length": cfg.max_length, "device": self.device,
+            "model": sc.name, "labels": sc.labels, "perspectives": sc.perspectives, "extractor": cfg.extractor,
+            "mode": cfg.mode, "max_length": cfg.max_length, "device": sc.device,
             "encoder": cfg.encoder_config.get("_name_or_path") or cfg.encoder_config.get("model_type"),
             "max_items": self.settings.max_items, "max_batch_size": self.settings.max_batch_size,
         }
