@@ -10,8 +10,12 @@ demo: setup
 test: setup
 	.venv/bin/python -m pytest -q -p no:cacheprovider
 
+# each benchmark writes bench/results/<name>.json and prints one summary line; run them on a quiet machine
 bench: setup
 	.venv/bin/python bench/generation.py
+	.venv/bin/python bench/teacher_train.py
+	.venv/bin/python bench/student_latency.py
+	.venv/bin/python bench/serve_load.py --clients 32 --seconds 30
 
 clean:
 	rm -rf runs bench/results
