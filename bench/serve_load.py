@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import statistics
 import sys
@@ -48,6 +49,7 @@ def main() -> int:
     p.add_argument("--clients", type=int, default=32)
     p.add_argument("--seconds", type=float, default=30.0)
     p.add_argument("--items", type=int, default=16)
+    p.add_argument("--replica-cpus", type=float, default=float(os.cpu_count() or 1))
     p.add_argument("--max-requests", type=int, default=100_000, help="hard cap on requests, whatever the time")
     p.add_argument("--output", default=str(ROOT / "bench" / "results" / "serve_load.json"))
     args = p.parse_args()
@@ -69,7 +71,8 @@ def main() -> int:
     pairs = [json.loads(x) for x in (ROOT / "data" / "esci_us_subset.jsonl").read_text().splitlines()[: args.items]]
     body = {"query": pairs[0]["query"], "items": [{"id": r["product_id"], "title": r["product_title"]} for r in pairs]}
 
-    settings = ServeConfig(port=_free_port(), max_batch_size=64, batch_wait_timeout_s=0.005)
+    # the replica gets the machine's cores, like the in-process reference (Ray gives an actor one thread per CPU)
+    settings = ServeConfig(port=_free_port(), max_batch_size=64, batch_wait_timeout_s=0.005, num_cpus=args.replica_cpus)
     # in-process forward of the same batch, with the scorer the replica runs
     local = StudentScorer(str(student))
     texts = [(body["query"], product_text(i["title"], "{}")) for i in body["items"]]
@@ -116,7 +119,7 @@ def main() -> int:
     p50 = lat[len(lat) // 2] if lat else float("nan")
     p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))] if lat else float("nan")
     summary = {
-        "student": str(student), "clients": args.clients, "seconds": args.seconds, "items_per_request": args.items,
+        "student": str(student), "replica_cpus": args.replica_cpus, "clients": args.clients, "seconds": args.seconds, "items_per_request": args.items,
         "requests_ok": len(lat), "errors": len(errors), "requests_per_s": len(lat) / wall,
         "items_per_s": len(lat) * args.items / wall, "p50_ms": p50, "p99_ms": p99,
         "in_process_forward_ms": forward_ms, "goal_p50_ms": 1.5 * forward_ms + 10,
