@@ -84,7 +84,6 @@ def _peft_config(settings):
 
 def build_trainer(job: dict, device: str, hf_dir: str, callbacks=()):
     """The TRL trainer for a job, on this process. Used by the Ray worker loop (and by tests, to inspect data)."""
-    import torch  # noqa: F401
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

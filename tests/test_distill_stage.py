@@ -43,3 +43,18 @@ def test_distill_on_smoke_config_writes_every_variant(tmp_path):
     assert again.returncode == 0, again.stderr[-2000:]
     assert json.loads(again.stdout[again.stdout.index("{"):])["macro_f1"] == pytest.approx(
         next(r for r in metrics["runs"] if r["variant"] == "lrkd-poly-unified")["metrics"]["macro_f1"])
+
+    # the ablation reuses the variants distill trained and adds the lambda = 0 ones
+    abl = subprocess.run([sys.executable, "-m", "workflows.cli", "ablate", "--config", str(cfg_file), "--run-dir", str(run_dir)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert abl.returncode == 0, abl.stderr[-3000:]
+    import csv
+
+    rows = list(csv.DictReader(open(run_dir / "student" / "ablation.csv")))
+    assert {(r["extractor"], r["mode"], float(r["lambda"])) for r in rows} >= {
+        ("poly", m, lam) for m in ("average", "unified") for lam in (0.0, 0.1)}
+    assert {r["variant"] for r in rows} >= {"vanilla", "logit_kd"}
+    assert abl.stdout.count("student [") == 2, "only the two lambda = 0 variants are new"
+    png = (run_dir / "student" / "ablation.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    assert "| lrkd-poly-unified-lam0 |" in (run_dir / "student" / "ablation.md").read_text()
