@@ -258,7 +258,7 @@ def run_generation(
         resources = ray.cluster_resources()
         place = engine_placement(
             gen.accelerator, resources.get("CPU", 1), resources.get("GPU", 0), gen.concurrency,
-            gen.cpus_per_engine, gen.gpus_per_engine,
+            gen.cpus_per_engine, gen.gpus_per_engine, largest_node_cpus(),
         )
         spec = JudgeSpec(**{**asdict(spec), "engine_kwargs": {**place.engine_defaults, **spec.engine_kwargs}})
         ctx = ray.data.DataContext.get_current()
@@ -289,6 +289,13 @@ def run_generation(
     path = out_dir / "rationales.parquet"
     write_parquet_atomic(table, path)
     return GenerationResult(str(path), table.num_rows, generated, reused, time.time() - t0, new_tokens)
+
+
+def largest_node_cpus() -> float:
+    """The CPUs of the biggest alive node of the connected Ray cluster."""
+    import ray
+
+    return max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=1)
 
 
 def _progress(total: int, done: int, enabled: bool):

@@ -23,12 +23,14 @@ def resolve_device(accelerator: str, cluster_gpus: float) -> str:
 
 def engine_placement(
     accelerator: str, cluster_cpus: float, cluster_gpus: float, concurrency: int,
-    cpus_per_engine: int | None, gpus_per_engine: int,
+    cpus_per_engine: int | None, gpus_per_engine: int, node_cpus: float | None = None,
 ) -> EnginePlacement:
+    """`node_cpus`: the most CPUs any one node has (an engine cannot span nodes); None = the cluster is one node."""
     device = resolve_device(accelerator, cluster_gpus)
     if device == "cpu":
-        # vLLM-CPU binds one OpenMP thread per core: give each engine an even share of the cores.
-        cpus = cpus_per_engine or max(1, int(cluster_cpus) // concurrency)
+        # vLLM-CPU binds one OpenMP thread per core: give each engine an even share of the cores, but no more than
+        # one node holds (on a two-node cluster of 1 CPU each, an engine asking for 2 would never be scheduled).
+        cpus = cpus_per_engine or max(1, min(int(cluster_cpus) // concurrency, int(node_cpus or cluster_cpus)))
         return EnginePlacement(
             device="cpu",
             remote_args={"num_cpus": cpus},

@@ -75,3 +75,24 @@ def class_weights(labels: torch.Tensor, num_classes: int, scheme: str) -> torch.
     counts = torch.bincount(labels, minlength=num_classes).float()
     w = torch.where(counts > 0, counts.sum() / (num_classes * counts.clamp(min=1)), torch.zeros_like(counts))
     return w / w[counts > 0].mean()
+
+
+def length_grouped_batches(lengths: list[int], batch_size: int, world: int, seed: int, chunk: int = 32) -> list[list[list[int]]]:
+    """One epoch's batches for each of `world` ranks, with little padding.
+
+    Shuffle, sort by token length inside windows of `chunk` batches (so a batch holds pairs of similar length and
+    pads less), shuffle the batches, then deal them to the ranks. Every rank gets the same number of batches, so
+    DDP's all-reduces stay in lockstep; the few left over (fewer than `world`) wait for the next epoch's shuffle.
+    """
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(lengths))
+    window = batch_size * chunk
+    batches = []
+    for start in range(0, len(order), window):
+        part = sorted(order[start : start + window].tolist(), key=lambda i: lengths[i])
+        batches += [part[i : i + batch_size] for i in range(0, len(part), batch_size)]
+    batches = [batches[i] for i in rng.permutation(len(batches))]
+    per_rank = len(batches) // world
+    if per_rank == 0:  # fewer pairs than ranks x batch size: one small batch each
+        return [[order[r::world].tolist()] for r in range(world)]
+    return [batches[r * per_rank : (r + 1) * per_rank] for r in range(world)]

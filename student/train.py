@@ -71,16 +71,26 @@ def _batches(data: dict, idx: list[int], tok, max_length: int, device) -> dict:
 def predict(model, data: dict, tok, max_length: int, batch_size: int = 64, device="cpu") -> dict:
     """Logits, probabilities and perspective scores for every row of `data` (eval mode, no grad)."""
     model.eval()
+    # batches of similar length pad less; the outputs go back to the input order
+    order = sorted(range(len(data["query"])), key=pair_lengths(tok, data, max_length).__getitem__)
     logits, scores = [], []
     with torch.no_grad():
-        for start in range(0, len(data["query"]), batch_size):
-            b = _batches(data, list(range(start, min(start + batch_size, len(data["query"])))), tok, max_length, device)
+        for start in range(0, len(order), batch_size):
+            b = _batches(data, order[start : start + batch_size], tok, max_length, device)
             out = model(b["input_ids"], b["attention_mask"], b.get("token_type_ids"))
             logits.append(out["logits"].float().cpu())
             if out["z"] is not None:
                 scores.append(model.perspective_scores(out).float().cpu())
-    logits = torch.cat(logits)
-    return {"logits": logits, "probs": logits.softmax(-1), "perspective_scores": torch.cat(scores) if scores else None}
+    inverse = torch.empty(len(order), dtype=torch.long)
+    inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
+    logits = torch.cat(logits)[inverse]
+    return {"logits": logits, "probs": logits.softmax(-1), "perspective_scores": torch.cat(scores)[inverse] if scores else None}
+
+
+def pair_lengths(tok, data: dict, max_length: int) -> list[int]:
+    """Token length of each (query, product) pair as the model sees it."""
+    enc = tok(data["query"], data["product"], truncation="longest_first", max_length=max_length)
+    return [len(ids) for ids in enc["input_ids"]]
 
 
 def _train_loop(cfg: dict) -> None:
@@ -89,7 +99,7 @@ def _train_loop(cfg: dict) -> None:
     from sklearn.metrics import f1_score
     from transformers import AutoTokenizer
 
-    from student.data import class_weights
+    from student.data import class_weights, length_grouped_batches
     from student.model import LRKDStudent, StudentConfig, logit_kd_loss, lrkd_loss
 
     settings = StudentTrainConfig(**cfg["settings"])
@@ -119,17 +129,16 @@ def _train_loop(cfg: dict) -> None:
     weights = class_weights(train["label"], len(cfg["labels"]), settings.class_weighting)
     weights = weights.to(device) if weights is not None else None
     opt = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
-    n = len(train["query"])
     # epochs since the best one (history comes back with a resumed checkpoint)
     stale = len(history) - 1 - max(range(len(history)), key=lambda i: (history[i]["val_macro_f1"], -i)) if history else 0
+    lengths = pair_lengths(tok, train, settings.max_length)
     for epoch in range(start_epoch, settings.epochs):
         model.train()
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(variant.seed * 1000 + epoch)).tolist()
-        mine = order[rank::world]
+        mine = length_grouped_batches(lengths, settings.batch_size, world, variant.seed * 1000 + epoch)[rank]
         sums: dict[str, float] = {}
         steps = 0
-        for start in range(0, len(mine), settings.batch_size):
-            b = _batches(train, mine[start : start + settings.batch_size], tok, settings.max_length, device)
+        for idx in mine:
+            b = _batches(train, idx, tok, settings.max_length, device)
             out = model(b["input_ids"], b["attention_mask"], b.get("token_type_ids"))
             if variant.kind == "logit_kd":
                 loss, parts = logit_kd_loss(out, b["label"], b["teacher_probs"], variant.kd_alpha,

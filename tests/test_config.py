@@ -32,6 +32,18 @@ def test_bad_value_is_named(tmp_path):
         load_config(f)
 
 
+def test_set_overrides_values_and_names_bad_ones():
+    cfg = load_config(ROOT / "configs" / "local.yaml", ["distill.seeds=[0, 1, 2]", "generation.max_pairs=20", "serve.port=9000"])
+    assert cfg.distill.seeds == [0, 1, 2] and cfg.generation.max_pairs == 20 and cfg.serve.port == 9000
+    assert load_config(ROOT / "configs" / "local.yaml").distill.seeds != [0, 1, 2]
+    with pytest.raises(ConfigError, match=r"expected KEY=VALUE"):
+        load_config(ROOT / "configs" / "local.yaml", ["distill.seeds"])
+    with pytest.raises(ConfigError, match=r"distill.train.epochs: Input should be"):
+        load_config(ROOT / "configs" / "local.yaml", ["distill.train.epochs=many"])
+    with pytest.raises(ConfigError, match=r"distill.sedes: unknown key"):
+        load_config(ROOT / "configs" / "local.yaml", ["distill.sedes=[1]"])
+
+
 def test_fourth_perspective_added_in_yaml(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text(

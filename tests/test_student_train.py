@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import ROOT
-from student.data import build_examples, class_weights, product_text
+from student.data import build_examples, class_weights, length_grouped_batches, product_text
 from student.train import StudentTrainConfig, Variant, predict, train_student
 
 LABELS, PERSP = ["E", "S", "C", "I"], ["user_intent", "structured_analysis", "business_rules"]
@@ -40,6 +40,21 @@ def test_build_examples_targets_mask_and_teacher_distribution():
     torch.testing.assert_close(filled, (ex["targets"][0, 0] + ex["targets"][0, 1]) / 2)
     assert ex["teacher_probs"][0].tolist() == pytest.approx([0.5, 0, 0, 0.5])
     assert ex["teacher_probs"][1].tolist() == pytest.approx([0.25] * 4)  # no votes: uniform
+
+
+def test_length_grouped_batches_pad_less_and_keep_ranks_in_step():
+    rng = np.random.default_rng(1)
+    lengths = rng.integers(8, 64, size=203).tolist()
+    ranks = length_grouped_batches(lengths, batch_size=16, world=2, seed=3)
+    assert len(ranks[0]) == len(ranks[1]) == 203 // 16 // 2  # same number of steps on every rank
+    seen = [i for r in ranks for b in r for i in b]
+    assert len(seen) == len(set(seen)) >= 203 - 16 * 2  # no pair twice; at most `world` batches wait for next epoch
+    padded = sum(len(b) * max(lengths[i] for i in b) for r in ranks for b in r)
+    order = rng.permutation(203)[: len(seen)]
+    random_padded = sum(16 * max(lengths[i] for i in order[j : j + 16]) for j in range(0, len(order), 16))
+    assert padded < 0.8 * random_padded
+    assert length_grouped_batches(lengths, 16, 2, seed=4) != ranks  # reshuffled every epoch
+    assert [len(r) for r in length_grouped_batches(lengths[:10], 16, 2, seed=0)] == [1, 1]  # tiny data: a batch each
 
 
 def test_product_text_adds_attributes_and_inverse_frequency_weights():

@@ -17,6 +17,8 @@ def _with_config(sub, name: str, help_text: str):
     p = sub.add_parser(name, help=help_text)
     p.add_argument("--config", required=True, help="run config YAML (see configs/)")
     p.add_argument("--run-dir", default=None, help="output folder (default: run_dir from the config, else runs/<name>)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value (YAML), e.g. --set distill.seeds=[0,1,2]; repeatable")
     return p
 
 
@@ -59,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             return _serve(args)
         from workflows import stages
 
-        cfg = load_config(args.config)
+        cfg = load_config(args.config, args.overrides)
         run_dir = stages.run_dir_for(cfg, args.run_dir)
         if args.command == "run":
             from workflows.pipeline import STAGES, run

@@ -128,8 +128,12 @@ def _dump(value: Any) -> Any:
     return value
 
 
-def load_config(path: str | Path) -> RunConfig:
-    """Read and validate a run config. Relative data paths resolve against the current directory."""
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read and validate a run config. Relative data paths resolve against the current directory.
+
+    `overrides`: `dotted.key=value` strings (the value is YAML), applied on top of the file, e.g.
+    `distill.seeds=[0,1,2]` or `generation.max_pairs=20`.
+    """
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text())
@@ -139,6 +143,8 @@ def load_config(path: str | Path) -> RunConfig:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of settings at the top level")
+    for item in overrides or []:
+        _apply_override(raw, item)
     raw = _include_files(raw, path.parent)
     try:
         return RunConfig.model_validate(raw)
@@ -151,6 +157,24 @@ def load_config(path: str | Path) -> RunConfig:
                 msg = "unknown key (check the spelling; see configs/ for the accepted keys)"
             lines.append(f"  {where}: {msg}")
         raise ConfigError(f"{path}: invalid config\n" + "\n".join(lines)) from None
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE with a dotted key, e.g. distill.seeds=[0,1,2]")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {item!r}: the value is not valid YAML: {exc}") from None
+    *parents, last = key.strip().split(".")
+    node = raw
+    for name in parents:
+        child = node.setdefault(name, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {item!r}: {name!r} is not a section")
+        node = child
+    node[last] = value
 
 
 def _include_files(raw: dict, base: Path) -> dict:

@@ -1,0 +1,202 @@
+"""The whole pipeline as users run it: the cluster-launcher config, `ray job submit` to a `ray start --head` on
+127.0.0.1, and the smoke pipeline on a simulated two-node cluster, killed mid-stage and resumed."""
+import csv
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from conftest import ROOT
+
+BIN = Path(sys.executable).parent
+SMOKE_VARIANTS = {"vanilla", "logit_kd", "lrkd-poly-average", "lrkd-poly-unified"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _manifests(run_dir: Path) -> dict[str, str]:
+    """stage folder -> finished_at of its manifest: a stage that reran gets a new timestamp."""
+    return {str(p.parent.relative_to(run_dir)): json.loads(p.read_text())["finished_at"]
+            for p in run_dir.rglob("manifest.json") if "ray" not in p.parts}
+
+
+def _check_report(run_dir: Path, variants: set[str], teacher_eval: bool) -> dict:
+    report = (run_dir / "report.md").read_text()
+    assert "## MPCoT generation" in report and "## Student variants" in report
+    assert ("## Teacher: base vs SFT vs SFT+DPO" in report) == teacher_eval
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert set(metrics["student"]) == variants
+    assert (run_dir / "plots" / "student.png").read_bytes()[:4] == b"\x89PNG"
+    # exactly one rationale per (pair, perspective): nothing lost or duplicated
+    cfg_pairs = 8
+    rationales = pq.read_table(run_dir / "mpcot" / "rationales.parquet")
+    ids = rationales.column("task_id").to_pylist()
+    assert len(ids) == len(set(ids)) == cfg_pairs * 3
+    return metrics
+
+
+def test_cluster_yaml_is_valid_for_the_ray_cluster_launcher():
+    import jsonschema
+    import ray.autoscaler
+
+    schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+    cluster = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    jsonschema.validate(cluster, schema)
+    types = cluster["available_node_types"]
+    head = types[cluster["head_node_type"]]
+    assert head["resources"].get("GPU", 0) == 0, "the head is a CPU node"
+    assert any(t["resources"].get("GPU", 0) > 0 for t in types.values()), "a GPU worker type"
+    assert any('.[gpu]' in c for c in cluster["setup_commands"]), "setup installs thinkbroad[gpu]"
+    # the paper config's outputs and model paths live on the storage every node mounts
+    paper = yaml.safe_load((ROOT / "configs" / "paper.yaml").read_text())
+    shared = "/mnt/shared"
+    assert paper["run_dir"].startswith(shared) and paper["teacher"]["model"].startswith(shared)
+    assert any(shared in c for c in cluster["setup_commands"]), "setup mounts the shared storage"
+
+
+@pytest.mark.ray
+@pytest.mark.vllm
+def test_ray_job_submit_runs_the_smoke_pipeline(tmp_path):
+    """`ray start --head` on 127.0.0.1, `ray job submit --working-dir . -- thinkbroad run`, as the README says."""
+    port, dash = _free_port(), _free_port()
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("RAY_ADDRESS", None)
+    head = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
+         "--disable-usage-stats", f"--temp-dir={tmp_path / 'ray'}"],
+        env=env, cwd=tmp_path, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run_dir = tmp_path / "run"
+    address = f"http://127.0.0.1:{dash}"
+    submit = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
+              "thinkbroad", "run", "--config", "configs/smoke.yaml", "--run-dir", str(run_dir)]
+    try:
+        _wait_for_dashboard(address, env)
+        job = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=1500)
+        out = job.stdout + job.stderr
+        assert job.returncode == 0 and "succeeded" in out, out[-4000:]
+        assert "=== stage 7/7: report ===" in out
+        metrics = _check_report(run_dir, SMOKE_VARIANTS, teacher_eval=True)
+        assert set(metrics["teacher_eval"]["models"]) == {"base", "sft", "dpo"}
+        done = _manifests(run_dir)
+
+        # the same job again: every stage is up to date, nothing reruns
+        again = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=600)
+        out = again.stdout + again.stderr
+        assert again.returncode == 0, out[-4000:]
+        assert _manifests(run_dir) == done
+        assert "student [" not in out and "teacher eval: base" not in out
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+
+    # a finished run's students evaluate again through the CLI, and the ablation adds only the missing lambda = 0 runs
+    cfg = str(ROOT / "configs" / "smoke.yaml")
+    student = run_dir / "student" / "variants" / "lrkd-poly-unified-seed0" / "best"
+    ev = subprocess.run([sys.executable, "-m", "workflows.cli", "eval", "--config", cfg, "--run-dir", str(run_dir),
+                         "--student", str(student)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert ev.returncode == 0, ev.stderr[-2000:]
+    runs = json.loads((run_dir / "student" / "metrics.json").read_text())["runs"]
+    assert json.loads(ev.stdout[ev.stdout.index("{"):])["macro_f1"] == pytest.approx(
+        next(r for r in runs if r["variant"] == "lrkd-poly-unified")["metrics"]["macro_f1"])
+    abl = subprocess.run([sys.executable, "-m", "workflows.cli", "ablate", "--config", cfg, "--run-dir", str(run_dir)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert abl.returncode == 0, abl.stderr[-3000:]
+    assert abl.stdout.count("student [") == 2, "only the two lambda = 0 variants are new"
+    rows = list(csv.DictReader(open(run_dir / "student" / "ablation.csv")))
+    assert {(r["extractor"], r["mode"], float(r["lambda"])) for r in rows} >= {
+        ("poly", m, lam) for m in ("average", "unified") for lam in (0.0, 0.1)}
+    assert {r["variant"] for r in rows} >= {"vanilla", "logit_kd"}
+    png = (run_dir / "student" / "ablation.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    assert "| lrkd-poly-unified-lam0 |" in (run_dir / "student" / "ablation.md").read_text()
+
+
+def _wait_for_dashboard(address: str, env: dict, timeout: float = 180) -> None:
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"{address}/api/version", timeout=5) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.time() > deadline:
+            raise AssertionError(f"the Ray dashboard at {address} did not come up in {timeout:.0f} s")
+        time.sleep(1)
+
+
+@pytest.mark.ray
+@pytest.mark.vllm
+def test_smoke_pipeline_on_two_nodes_killed_mid_stage_resumes(tmp_path):
+    """Two simulated nodes of one CPU each (so the two training workers must span both), the pipeline SIGKILLed in
+    the middle of the student stage, then started again: no finished stage or student reruns, nothing is lost."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cfg = yaml.safe_load((ROOT / "configs" / "smoke.yaml").read_text())
+    # the job-submit test covers teacher eval and pass@k resampling; here they would only add engine starts
+    cfg["teacher_eval"] = {"enabled": False}
+    cfg["dpo"]["pass_k"] = 0
+    cfg_file = tmp_path / "smoke.yaml"
+    cfg_file.write_text(yaml.safe_dump(cfg))
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "workflows.cli", "run", "--config", str(cfg_file), "--run-dir", str(run_dir)]
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    env = {**os.environ, "RAY_ADDRESS": cluster.address}
+    try:
+        first = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True, text=True,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        seen = []
+        for line in first.stdout:
+            seen.append(line)
+            if "student [3/" in line:  # two students finished, the third is training
+                break
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+        log = "".join(seen)
+        assert "student [3/" in log, log[-4000:]
+        before = _manifests(run_dir)
+        assert {"data", "mpcot", "teacher/sft", "teacher/dpo", "student/targets",
+                "student/variants/vanilla-seed0", "student/variants/logit_kd-seed0"} <= set(before)
+        assert not (run_dir / "report.md").exists()
+
+        second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+        out = second.stdout + second.stderr
+        assert second.returncode == 0, out[-4000:]
+        after = _manifests(run_dir)
+        assert {k: after[k] for k in before} == before, "a finished stage or student ran again"
+        for stage in ("prepare", "generate", "sft", "dpo", "targets"):
+            assert f"{stage}: up to date" in out
+        assert "student [1/" not in out and "student [2/" not in out and "student [3/" in out
+        _check_report(run_dir, SMOKE_VARIANTS, teacher_eval=False)
+
+        # the two training workers of each stage ran on different nodes
+        ray.init(address=cluster.address)
+        from ray.util.state import list_actors
+
+        workers = list_actors(filters=[("class_name", "=", "RayTrainWorker")], limit=10_000, raise_on_missing_output=False)
+        assert len({w.node_id for w in workers}) == 2
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
