@@ -5,7 +5,7 @@ setup:
 	bash scripts/setup.sh
 
 demo: setup
-	.venv/bin/thinkbroad generate --config configs/local.yaml
+	.venv/bin/thinkbroad run --config configs/local.yaml
 
 test: setup
 	.venv/bin/python -m pytest -q -p no:cacheprovider

@@ -3,10 +3,13 @@
 import csv
 import json
 import os
+import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -70,21 +73,30 @@ def test_cluster_yaml_is_valid_for_the_ray_cluster_launcher():
 @pytest.mark.vllm
 def test_ray_job_submit_runs_the_smoke_pipeline(tmp_path):
     """`ray start --head` on 127.0.0.1, `ray job submit --working-dir . -- thinkbroad run`, as the README says."""
-    port, dash = _free_port(), _free_port()
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    dash = _free_port()
+    # Ray >= 2.59 turns on token authentication for local clusters: the head and `ray job submit` share the token
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN": secrets.token_hex(16)}
     env.pop("RAY_ADDRESS", None)
+    # every port free, so another Ray instance on this machine cannot collide with this head
+    ports = [f"--{flag}={_free_port()}" for flag in (
+        "port", "ray-client-server-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+        "runtime-env-agent-port", "metrics-export-port", "node-manager-port", "object-manager-port")]
+    # a short temp dir: Ray's Unix socket paths under it must stay within 107 characters
+    ray_tmp = tempfile.mkdtemp(prefix="tb-ray-", dir="/tmp")
+    head_log = tmp_path / "ray-head.log"
     head = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+        [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", *ports,
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
-         "--disable-usage-stats", f"--temp-dir={tmp_path / 'ray'}"],
-        env=env, cwd=tmp_path, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+         "--disable-usage-stats", f"--temp-dir={ray_tmp}"],
+        env=env, cwd=tmp_path, start_new_session=True, stdout=open(head_log, "w"), stderr=subprocess.STDOUT)
     run_dir = tmp_path / "run"
     address = f"http://127.0.0.1:{dash}"
     submit = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
               "thinkbroad", "run", "--config", "configs/smoke.yaml", "--run-dir", str(run_dir)]
     try:
-        _wait_for_dashboard(address, env)
-        job = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=1500)
+        _wait_for_dashboard(address, head, head_log)
+        job = _submit(submit, env)
         out = job.stdout + job.stderr
         assert job.returncode == 0 and "succeeded" in out, out[-4000:]
         assert "=== stage 7/7: report ===" in out
@@ -93,17 +105,15 @@ def test_ray_job_submit_runs_the_smoke_pipeline(tmp_path):
         done = _manifests(run_dir)
 
         # the same job again: every stage is up to date, nothing reruns
-        again = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=600)
+        again = _submit(submit, env)
         out = again.stdout + again.stderr
         assert again.returncode == 0, out[-4000:]
         assert _manifests(run_dir) == done
         assert "student [" not in out and "teacher eval: base" not in out
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
+        os.killpg(head.pid, signal.SIGKILL)  # the head's processes share its session; SIGTERM drains for 30 s
+        head.wait()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
     # a finished run's students evaluate again through the CLI, and the ablation adds only the missing lambda = 0 runs
     cfg = str(ROOT / "configs" / "smoke.yaml")
@@ -127,19 +137,33 @@ def test_ray_job_submit_runs_the_smoke_pipeline(tmp_path):
     assert "| lrkd-poly-unified-lam0 |" in (run_dir / "student" / "ablation.md").read_text()
 
 
-def _wait_for_dashboard(address: str, env: dict, timeout: float = 180) -> None:
+def _submit(cmd: list[str], env: dict) -> subprocess.CompletedProcess:
+    """`ray job submit`, retried while the head's dashboard agent is still starting."""
+    for _ in range(12):
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1500)
+        if "No available agent" not in proc.stdout + proc.stderr:
+            return proc
+        time.sleep(5)
+    return proc
+
+
+def _wait_for_dashboard(address: str, head: subprocess.Popen, head_log: Path, timeout: float = 180) -> None:
+    import urllib.error
     import urllib.request
 
     deadline = time.time() + timeout
     while True:
         try:
-            with urllib.request.urlopen(f"{address}/api/version", timeout=5) as r:
-                if r.status == 200:
-                    return
+            with urllib.request.urlopen(f"{address}/api/version", timeout=5):
+                return
+        except urllib.error.HTTPError:
+            return  # it answers (401 without the token): it is up
         except OSError:
             pass
+        if head.poll() is not None:
+            raise AssertionError(f"`ray start --head` exited with {head.returncode}:\n{head_log.read_text()[-3000:]}")
         if time.time() > deadline:
-            raise AssertionError(f"the Ray dashboard at {address} did not come up in {timeout:.0f} s")
+            raise AssertionError(f"the Ray dashboard at {address} did not come up in {timeout:.0f} s:\n{head_log.read_text()[-3000:]}")
         time.sleep(1)
 
 
