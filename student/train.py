@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -133,6 +134,7 @@ def _train_loop(cfg: dict) -> None:
     stale = len(history) - 1 - max(range(len(history)), key=lambda i: (history[i]["val_macro_f1"], -i)) if history else 0
     lengths = pair_lengths(tok, train, settings.max_length)
     for epoch in range(start_epoch, settings.epochs):
+        t0 = time.time()
         model.train()
         mine = length_grouped_batches(lengths, settings.batch_size, world, variant.seed * 1000 + epoch)[rank]
         sums: dict[str, float] = {}
@@ -153,7 +155,8 @@ def _train_loop(cfg: dict) -> None:
                 sums[k] = sums.get(k, 0.0) + v
         pred = predict(core, val, tok, settings.max_length, device=device)["probs"].argmax(-1)
         f1 = float(f1_score(val["label"].numpy(), pred.numpy(), average="macro", labels=list(range(len(cfg["labels"]))), zero_division=0))
-        history.append({"epoch": epoch, "val_macro_f1": f1, **{f"train_{k}": v / max(steps, 1) for k, v in sums.items()}})
+        history.append({"epoch": epoch, "val_macro_f1": f1, **{f"train_{k}": v / max(steps, 1) for k, v in sums.items()},
+                        "seconds": round(time.time() - t0, 1)})
         improved = f1 > best
         if improved:
             best, stale = f1, 0

@@ -109,18 +109,22 @@ def _convert_smollm2(out: Path) -> None:
         plain.generation_config.save_pretrained(str(out))
 
 
+def _esci_texts() -> list[str]:
+    """Queries and titles of the bundled ESCI sample, the corpus the tiny tokenizers learn from."""
+    import json
+
+    data = Path(__file__).resolve().parent.parent / "data" / "esci_us_subset.jsonl"
+    if not data.exists():
+        return []
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    return [text for row in rows for text in (row["query"], row["product_title"])]
+
+
 def _train_bpe_tokenizer(vocab_size: int, special_tokens: list[str]):
     """A byte-level BPE trained on the bundled ESCI titles: real-looking tokens, built in a second."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    data = Path(__file__).resolve().parent.parent / "data" / "esci_us_subset.jsonl"
-    import json
-
-    texts = []
-    if data.exists():
-        for line in data.read_text().splitlines():
-            row = json.loads(line)
-            texts += [row["query"], row["product_title"]]
+    texts = _esci_texts()
     texts += ["Query: Product title: Label: Exact Substitute Complement Irrelevant rationale label"] * 50
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -175,11 +179,7 @@ def build_tiny_bert(out: Path) -> None:
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    data = Path(__file__).resolve().parent.parent / "data" / "esci_us_subset.jsonl"
-    import json
-
-    texts = [t for line in data.read_text().splitlines() for t in (json.loads(line)["query"], json.loads(line)["product_title"])]
-    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=2000, special_tokens=specials))
+    tok.train_from_iterator(_esci_texts(), trainers.WordPieceTrainer(vocab_size=2000, special_tokens=specials))
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
