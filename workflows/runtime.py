@@ -16,5 +16,9 @@ def ensure_ray() -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], runtime_env={"env_vars": env}, log_to_driver=True)
     else:
-        ray.init(include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=True,
-                 configure_logging=True, logging_level="warning")
+        # With the dashboard (bound to 127.0.0.1) the State API works: Ray Train's placement-group cleaner polls it
+        # and, without it, logs a warning every second for the rest of the run.
+        ctx = ray.init(include_dashboard=True, dashboard_host="127.0.0.1", runtime_env={"env_vars": env},
+                       log_to_driver=True, configure_logging=True, logging_level="warning")
+        if ctx.dashboard_url:
+            print(f"[thinkbroad] Ray dashboard (progress of every stage): http://{ctx.dashboard_url}", flush=True)
