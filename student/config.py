@@ -30,6 +30,8 @@ class DistillConfig(_Strict):
     lam: float = Field(0.1, ge=0, description="weight of the latent MSE term")
     kd_alpha: float = Field(0.5, ge=0, description="logit-KD baseline: weight of KL(teacher || student)")
     ablation_lambdas: list[float] = Field(default_factory=lambda: [0.0, 0.05, 0.1, 0.3, 1.0])
+    ablate_teacher: bool = Field(True, description="the ablation also trains the default LRKD variant on the other "
+                                 "trained teacher's rationales (SFT when `teacher` is dpo), when that model exists")
 
     default_extractor: Literal["mlp", "poly", "gat"] = "poly"
     default_mode: Literal["average", "multi_teacher", "unified"] = "unified"

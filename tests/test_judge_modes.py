@@ -68,3 +68,15 @@ def test_free_text_failures_are_kept_and_flagged(llm, tasks, labels):
     for r in failed:
         assert r["predicted_label"] is None and r["correct"] is False and r["parse_error"]
         assert r["completion"] is None
+
+
+def test_cpu_engine_never_asks_for_more_cpus_than_one_node_has():
+    from mpcot.placement import engine_placement
+
+    # two nodes of one CPU each: an engine asking for both would never be scheduled
+    assert engine_placement("cpu", 2, 0, 1, None, 1, node_cpus=1).remote_args == {"num_cpus": 1}
+    assert engine_placement("auto", 16, 0, 2, None, 1, node_cpus=16).remote_args == {"num_cpus": 8}
+    place = engine_placement("cpu", 4, 0, 1, None, 1, node_cpus=4)
+    assert place.remote_args == {"num_cpus": 4} and place.env["OMP_NUM_THREADS"] == "4"
+    assert engine_placement("cpu", 8, 0, 1, 3, 1, node_cpus=2).remote_args == {"num_cpus": 3}  # explicit wins
+    assert engine_placement("auto", 96, 8, 8, None, 1).remote_args == {"num_cpus": 1, "num_gpus": 1}

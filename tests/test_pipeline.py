@@ -20,7 +20,7 @@ import yaml
 from conftest import ROOT
 
 BIN = Path(sys.executable).parent
-SMOKE_VARIANTS = {"vanilla", "logit_kd", "lrkd-poly-average", "lrkd-poly-unified"}
+SMOKE_VARIANTS = {"vanilla", "logit_kd", "lrkd-poly-unified"}
 
 
 def _free_port() -> int:
@@ -127,14 +127,20 @@ def test_ray_job_submit_runs_the_smoke_pipeline(tmp_path):
     abl = subprocess.run([sys.executable, "-m", "workflows.cli", "ablate", "--config", cfg, "--run-dir", str(run_dir)],
                          cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert abl.returncode == 0, abl.stderr[-3000:]
-    assert abl.stdout.count("student [") == 2, "only the two lambda = 0 variants are new"
+    # new: lambda = 0, and the default variant learning from the SFT teacher's rationales (targets written for it)
+    assert abl.stdout.count("student [") == 2, abl.stdout[-3000:]
+    assert "targets: sft teacher writes 48 rationales" in abl.stdout
     rows = list(csv.DictReader(open(run_dir / "student" / "ablation.csv")))
-    assert {(r["extractor"], r["mode"], float(r["lambda"])) for r in rows} >= {
-        ("poly", m, lam) for m in ("average", "unified") for lam in (0.0, 0.1)}
-    assert {r["variant"] for r in rows} >= {"vanilla", "logit_kd"}
+    assert {(r["extractor"], r["mode"], float(r["lambda"]), r["teacher"]) for r in rows} == {
+        ("vanilla", "", 0.0, ""), ("logit_kd", "", 0.0, "dpo"), ("poly", "unified", 0.0, ""),
+        ("poly", "unified", 0.1, "dpo"), ("poly", "unified", 0.1, "sft")}
     png = (run_dir / "student" / "ablation.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     assert "| lrkd-poly-unified-lam0 |" in (run_dir / "student" / "ablation.md").read_text()
+    report = subprocess.run([sys.executable, "-m", "workflows.cli", "run", "--config", cfg, "--run-dir", str(run_dir),
+                             "--only", "report"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert report.returncode == 0, report.stderr[-2000:]
+    assert "## Student ablation" in (run_dir / "report.md").read_text()
 
 
 def _submit(cmd: list[str], env: dict) -> subprocess.CompletedProcess:

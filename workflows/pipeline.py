@@ -86,6 +86,10 @@ def write_report(cfg: RunConfig, run_dir: Path) -> Path:
         lines += ["## Student variants (test, mean ± std over seeds)", "", metrics_table(student["variants"]), "",
                   "![student](plots/student.png)", ""]
         _bar(plots / "student.png", {"macro-F1": {k: v["macro_f1"]["mean"] for k, v in student["variants"].items()}}, "macro-F1")
+    ablation = run_dir / "student" / "ablation.md"
+    if ablation.exists():  # written by `thinkbroad ablate`, which is not part of the run
+        lines += ["## Student ablation (extractor x mode x lambda)", "", ablation.read_text().strip(), "",
+                  "![ablation](student/ablation.png)", ""]
     lat = bench.get("student_latency")
     if lat:
         lines += ["## Latency (bench/student_latency.py)", "",

@@ -25,8 +25,7 @@ from workflows.runtime import ensure_ray
 from workflows.stages import judge_spec, log, prepare
 
 
-def _teacher_model(cfg: RunConfig, run_dir: Path) -> tuple[str, str]:
-    choice = cfg.distill.teacher
+def _teacher_model(cfg: RunConfig, run_dir: Path, choice: str) -> tuple[str, str]:
     if choice in ("dpo", "sft"):
         from workflows import teacher_stages
 
@@ -37,22 +36,31 @@ def _teacher_model(cfg: RunConfig, run_dir: Path) -> tuple[str, str]:
     return resolve_model(choice), choice
 
 
-def targets_key(cfg: RunConfig) -> str:
+def targets_key(cfg: RunConfig, teacher: str) -> str:
     """What the targets depend on: the teacher's prompts and sampling, and the distill settings that shape them
     (not the student's training settings or the variants, which reuse the same targets)."""
     d = cfg.distill
-    parts = [cfg.section_hash("teacher", "generation", "labels", "perspectives"), d.teacher, d.max_target_pairs,
+    parts = [cfg.section_hash("teacher", "generation", "labels", "perspectives"), teacher, d.max_target_pairs,
              d.embedder, d.embed_pooling]
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
 
-def targets(cfg: RunConfig, run_dir: Path) -> Path:
-    """RUN_DIR/student/targets/targets.parquet: (pair_id, perspective, embedding) for the student's train pairs."""
+def _teacher_tag(cfg: RunConfig, teacher: str | None) -> str:
+    """'' for the configured teacher; '-<teacher>teacher' for another one (ablation), in folder and variant names."""
+    return "" if teacher in (None, cfg.distill.teacher) else f"-{teacher}teacher"
+
+
+def targets(cfg: RunConfig, run_dir: Path, teacher: str | None = None) -> Path:
+    """RUN_DIR/student/targets/targets.parquet: (pair_id, perspective, embedding) for the student's train pairs.
+
+    `teacher`: another teacher than `distill.teacher` (the ablation's SFT vs DPO), written to targets-<teacher>teacher/.
+    """
     d: DistillConfig = cfg.distill
-    teacher_path, teacher_name = _teacher_model(cfg, run_dir)
-    out = run_dir / "student" / "targets"
+    teacher = teacher or d.teacher
+    teacher_path, teacher_name = _teacher_model(cfg, run_dir, teacher)
+    out = run_dir / "student" / ("targets" + _teacher_tag(cfg, teacher))
     split = prepare(cfg, run_dir)["train"]
-    key = targets_key(cfg)
+    key = targets_key(cfg, teacher)
     inputs = {"teacher": fingerprint(teacher_path), "train": fingerprint(split)}
     if is_fresh(out, key, inputs):
         log(f"targets: up to date ({out})")
@@ -104,13 +112,16 @@ def _examples(cfg: RunConfig, run_dir: Path, target_path: Path) -> tuple[dict, d
     return splits["train"], splits["val"], splits["test"], centroids
 
 
-def train_variants(cfg: RunConfig, run_dir: Path, variants: list[Variant]) -> list[dict]:
-    """Train + evaluate each variant/seed (each cached in its own folder); returns [{variant, seed, metrics}]."""
+def train_variants(cfg: RunConfig, run_dir: Path, variants: list[Variant], teacher: str | None = None) -> list[dict]:
+    """Train + evaluate each variant/seed (each cached in its own folder); returns [{variant, seed, metrics}].
+
+    `teacher`: learn from another teacher's targets than `distill.teacher`; the variant names get a suffix."""
     from transformers import AutoTokenizer
 
     from student.model import LRKDStudent
 
-    target_path = targets(cfg, run_dir)
+    tag = _teacher_tag(cfg, teacher)
+    target_path = targets(cfg, run_dir, teacher)
     train, val, test, centroids = _examples(cfg, run_dir, target_path)
     encoder = resolve_model(cfg.distill.backbone)
     codes, persp = [lab.name for lab in cfg.labels], [p.name for p in cfg.perspectives]
@@ -119,7 +130,8 @@ def train_variants(cfg: RunConfig, run_dir: Path, variants: list[Variant]) -> li
     runs = []
     ensure_ray()
     for i, v in enumerate(variants, 1):
-        out = run_dir / "student" / "variants" / f"{v.name}-seed{v.seed}"
+        name = v.name + tag
+        out = run_dir / "student" / "variants" / f"{name}-seed{v.seed}"
         key = hashlib.sha256(json.dumps([base_key, v.__dict__, settings.model_dump(), cfg.distill.backbone],
                                         sort_keys=True).encode()).hexdigest()[:16]
         inputs = {"targets": fingerprint(target_path)}
@@ -127,7 +139,7 @@ def train_variants(cfg: RunConfig, run_dir: Path, variants: list[Variant]) -> li
             invalidate(out)
             start_attempt(out / "ray", key, f"student {v.name}")
             t0 = time.time()
-            log(f"student [{i}/{len(variants)}] {v.name} seed {v.seed}")
+            log(f"student [{i}/{len(variants)}] {name} seed {v.seed}")
             history = train_student(v, settings, train, val, encoder, codes, persp, centroids, out)
             model = LRKDStudent.from_pretrained(out / "best")
             metrics = evaluate(model, test, AutoTokenizer.from_pretrained(out / "best"), codes, persp, settings.max_length)
@@ -135,7 +147,7 @@ def train_variants(cfg: RunConfig, run_dir: Path, variants: list[Variant]) -> li
             write_json_atomic(metrics, out / "eval.json")
             write_manifest(out, "student", key, inputs, t0, epochs=len(history),
                            best_val_macro_f1=max(h["val_macro_f1"] for h in history))
-        runs.append({"variant": v.name, "seed": v.seed, "metrics": json.loads((out / "eval.json").read_text())})
+        runs.append({"variant": name, "seed": v.seed, "metrics": json.loads((out / "eval.json").read_text())})
     return runs
 
 
@@ -150,18 +162,31 @@ def distill(cfg: RunConfig, run_dir: Path) -> Path:
     return path
 
 
+def _other_teacher(cfg: RunConfig, run_dir: Path) -> str | None:
+    """The SFT teacher when the student learns from DPO (or the reverse, when a DPO model exists): the ablation's
+    teacher comparison. None for a base or folder teacher."""
+    other = {"dpo": "sft", "sft": "dpo"}.get(cfg.distill.teacher)
+    return other if other and (run_dir / "teacher" / other / "manifest.json").exists() else None
+
+
 def ablate(cfg: RunConfig, run_dir: Path) -> Path:
-    """extractor x mode x lambda -> RUN_DIR/student/ablation.{csv,md,png}."""
-    runs = train_variants(cfg, run_dir, cfg.distill.main_variants()[:2] + cfg.distill.ablation_variants())
+    """extractor x mode x lambda (and SFT vs DPO teacher) -> RUN_DIR/student/ablation.{csv,md,png}."""
+    d = cfg.distill
+    runs = train_variants(cfg, run_dir, d.main_variants()[:2] + d.ablation_variants())
+    other = _other_teacher(cfg, run_dir) if d.ablate_teacher else None
+    if other:  # the default LRKD variant, learning from the other teacher's rationales
+        default = [v for v in d.main_variants() if v.kind == "lrkd" and v.extractor == d.default_extractor and v.mode == d.default_mode]
+        runs += train_variants(cfg, run_dir, default, teacher=other)
     agg = aggregate(runs, [lab.name for lab in cfg.labels])
     out = run_dir / "student"
     rows = []
     for name, s in agg.items():
         v = next(r for r in runs if r["variant"] == name)
         parts = name.split("-")
-        lam = next((float(p[3:]) for p in parts if p.startswith("lam")), cfg.distill.lam if parts[0] == "lrkd" else 0.0)
+        lam = next((float(p[3:]) for p in parts if p.startswith("lam")), d.lam if parts[0] == "lrkd" else 0.0)
+        teacher = "" if name == "vanilla" or (parts[0] == "lrkd" and lam == 0) else other if other and name.endswith(_teacher_tag(cfg, other)) else d.teacher
         rows.append({"variant": name, "extractor": parts[1] if parts[0] == "lrkd" else parts[0], "mode": parts[2] if parts[0] == "lrkd" else "",
-                     "lambda": lam, "seeds": len(s["seeds"]), "accuracy_mean": s["accuracy"]["mean"], "accuracy_std": s["accuracy"]["std"],
+                     "lambda": lam, "teacher": teacher, "seeds": len(s["seeds"]), "accuracy_mean": s["accuracy"]["mean"], "accuracy_std": s["accuracy"]["std"],
                      "macro_f1_mean": s["macro_f1"]["mean"], "macro_f1_std": s["macro_f1"]["std"],
                      "extractor_params": v["metrics"].get("extractor_params", 0)})
     with open(out / "ablation.csv", "w", newline="") as fh:
@@ -181,9 +206,15 @@ def _plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
+    main_teacher = next(r["teacher"] for r in rows if r["mode"] and r["lambda"] > 0)
     for (ext, mode) in sorted({(r["extractor"], r["mode"]) for r in rows if r["mode"]}):
-        pts = sorted((r["lambda"], r["macro_f1_mean"], r["macro_f1_std"]) for r in rows if r["extractor"] == ext and r["mode"] == mode)
+        pts = sorted((r["lambda"], r["macro_f1_mean"], r["macro_f1_std"]) for r in rows
+                     if r["extractor"] == ext and r["mode"] == mode and r["teacher"] in (main_teacher, ""))
         ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=2, label=f"{ext}/{mode}")
+    for r in rows:
+        if r["mode"] and r["teacher"] not in (main_teacher, ""):
+            ax.errorbar([r["lambda"]], [r["macro_f1_mean"]], yerr=[r["macro_f1_std"]], marker="*", ms=10, capsize=2, ls="none",
+                        label=f"{r['extractor']}/{r['mode']}, {r['teacher']} teacher")
     for r in rows:
         if not r["mode"]:
             ax.axhline(r["macro_f1_mean"], ls="--", lw=1, color="gray")
