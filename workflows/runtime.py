@@ -2,6 +2,13 @@
 from __future__ import annotations
 
 import os
+import socket
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def ensure_ray() -> None:
@@ -13,12 +20,17 @@ def ensure_ray() -> None:
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     # Actors inherit this; vLLM's per-request INFO lines would drown the progress bar.
     env = {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "ERROR"), "TOKENIZERS_PARALLELISM": "false"}
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env={"env_vars": env}, log_to_driver=True)
-    else:
-        # With the dashboard (bound to 127.0.0.1) the State API works: Ray Train's placement-group cleaner polls it
-        # and, without it, logs a warning every second for the rest of the run.
-        ctx = ray.init(include_dashboard=True, dashboard_host="127.0.0.1", runtime_env={"env_vars": env},
-                       log_to_driver=True, configure_logging=True, logging_level="warning")
-        if ctx.dashboard_url:
-            print(f"[thinkbroad] Ray dashboard (progress of every stage): http://{ctx.dashboard_url}", flush=True)
+    # Ray Train's placement-group cleaner (an actor) asks the State API whether its training controller still
+    # lives and removes the training's placement group when the answer is no. Left to find "the" cluster by itself,
+    # it can ask another Ray instance on the same machine, get "no such actor" and kill a healthy training run; so
+    # every actor of this job is told which cluster (and which dashboard) is ours.
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, runtime_env={"env_vars": {**env, "RAY_ADDRESS": address}}, log_to_driver=True)
+        return
+    port = _free_port()
+    env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    ctx = ray.init(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port, runtime_env={"env_vars": env},
+                   log_to_driver=True, configure_logging=True, logging_level="warning")
+    if ctx.dashboard_url:
+        print(f"[thinkbroad] Ray dashboard (progress of every stage): http://{ctx.dashboard_url}", flush=True)
