@@ -6,7 +6,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,15 +17,10 @@ import pytest
 import yaml
 
 from conftest import ROOT
+from workflows.runtime import free_port
 
 BIN = Path(sys.executable).parent
 SMOKE_VARIANTS = {"vanilla", "logit_kd", "lrkd-poly-unified"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _manifests(run_dir: Path) -> dict[str, str]:
@@ -73,13 +67,13 @@ def test_cluster_yaml_is_valid_for_the_ray_cluster_launcher():
 @pytest.mark.vllm
 def test_ray_job_submit_runs_the_smoke_pipeline(tmp_path):
     """`ray start --head` on 127.0.0.1, `ray job submit --working-dir . -- thinkbroad run`, as the README says."""
-    dash = _free_port()
+    dash = free_port()
     # Ray >= 2.59 turns on token authentication for local clusters: the head and `ray job submit` share the token
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
            "RAY_AUTH_TOKEN": secrets.token_hex(16)}
     env.pop("RAY_ADDRESS", None)
     # every port free, so another Ray instance on this machine cannot collide with this head
-    ports = [f"--{flag}={_free_port()}" for flag in (
+    ports = [f"--{flag}={free_port()}" for flag in (
         "port", "ray-client-server-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
         "runtime-env-agent-port", "metrics-export-port", "node-manager-port", "object-manager-port")]
     # a short temp dir: Ray's Unix socket paths under it must stay within 107 characters

@@ -5,7 +5,8 @@ import os
 import socket
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -28,7 +29,7 @@ def ensure_ray() -> None:
     if address:
         ray.init(address=address, runtime_env={"env_vars": {**env, "RAY_ADDRESS": address}}, log_to_driver=True)
         return
-    port = _free_port()
+    port = free_port()
     env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     ctx = ray.init(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port, runtime_env={"env_vars": env},
                    log_to_driver=True, configure_logging=True, logging_level="warning")
