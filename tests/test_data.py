@@ -8,7 +8,7 @@ import pytest
 
 from conftest import ROOT, pair, write_jsonl
 from workflows.config import ColumnMap, SplitConfig, load_config
-from workflows.data import DataError, load_pairs, split_by_query
+from workflows.data import DataError, label_support, load_pairs, split_by_query
 
 CODES = ["E", "S", "C", "I"]
 
@@ -112,6 +112,12 @@ def test_split_is_query_disjoint_seeded_and_complete():
     assert all(a[k].equals(b[k]) for k in a)
     assert not a["test"].equals(c["test"])
     assert 0.7 < len(queries["train"]) / 403 < 0.9
+    # stratified by label: every class (C is 20 of 1,034 pairs) reaches val and test, near its share
+    support = label_support(a, CODES)
+    for name, frac in (("train", 0.8), ("val", 0.1), ("test", 0.1)):
+        assert all(support[name][c] >= 2 for c in CODES), support
+        for c, total in (("E", 318), ("S", 306), ("I", 390)):
+            assert abs(support[name][c] - frac * total) <= 0.03 * total, (name, c, support)
 
 
 def test_three_grade_label_set_by_config_alone(tmp_path):

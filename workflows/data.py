@@ -12,6 +12,7 @@ import json
 import random
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -158,20 +159,55 @@ def load_pairs(path: str | Path, fmt: str, columns: ColumnMap, label_codes: list
 
 
 def split_by_query(pairs: pa.Table, split: SplitConfig) -> dict[str, pa.Table]:
-    """Seeded query-disjoint split: queries are shuffled, then cut by the configured fractions."""
-    qids = sorted(set(pairs.column("query_id").to_pylist()))
-    random.Random(split.seed).shuffle(qids)
-    n = len(qids)
-    n_train = round(n * split.train)
-    n_val = round(n * split.val)
-    if split.test > 0 and n_train + n_val >= n and n > 2:
-        n_train -= 1  # keep at least one query for a non-empty test split
-    assign = {q: "train" for q in qids[:n_train]}
-    assign |= {q: "val" for q in qids[n_train : n_train + n_val]}
-    assign |= {q: "test" for q in qids[n_train + n_val :]}
+    """Seeded query-disjoint split, stratified by label: every query's pairs land in one split, and each split's
+    label counts follow the configured fractions as closely as whole queries allow.
+
+    Iterative stratification (Sechidis et al., 2011) over query groups: queries holding the rarest labels are
+    placed first (then the larger queries), each in the split that still needs the largest share of its labels (ties: the split that needs
+    the most pairs, then a seeded coin). A rare class therefore reaches val and test whenever it spans enough
+    queries; `label_support` tells whether it did.
+    """
     names = pairs.column("query_id").to_pylist()
+    labels = pairs.column("label").to_pylist()
+    classes = sorted(set(labels))
+    cidx = {c: i for i, c in enumerate(classes)}
+    counts: dict[str, np.ndarray] = {}
+    for q, lab in zip(names, labels):
+        counts.setdefault(q, np.zeros(len(classes)))[cidx[lab]] += 1
+    qids = sorted(counts)
+    rng = random.Random(split.seed)
+    rng.shuffle(qids)
+    total = np.sum(list(counts.values()), axis=0)
+    rarity = {q: min(total[i] for i in np.flatnonzero(counts[q])) for q in qids}
+    # rarest labels first, then larger queries first (they are the hard ones to fit); the seeded order breaks ties
+    qids.sort(key=lambda q: (rarity[q], -counts[q].sum()))
+    fractions = {"train": split.train, "val": split.val, "test": split.test}
+    target = {s: f * total for s, f in fractions.items() if f > 0}
+    need = {s: t.copy() for s, t in target.items()}
+    need_pairs = {s: f * len(names) for s, f in fractions.items() if f > 0}
+    assign = {}
+    for q in qids:
+        c = counts[q]
+
+        def score(s):
+            share = np.divide(need[s], target[s], out=np.zeros_like(need[s]), where=target[s] > 0)
+            return (float((c * share).sum()), need_pairs[s] / max(len(names), 1), rng.random())
+
+        best = max(need, key=score)
+        assign[q] = best
+        need[best] -= c
+        need_pairs[best] -= c.sum()
     out = {}
     for name in ("train", "val", "test"):
         idx = [i for i, q in enumerate(names) if assign[q] == name]
         out[name] = pairs.take(pa.array(idx, pa.int64()))
+    return out
+
+
+def label_support(splits: dict[str, pa.Table], label_codes: list[str]) -> dict[str, dict[str, int]]:
+    """Pairs per label in each split (labels in config order)."""
+    out = {}
+    for name, table in splits.items():
+        found = table.column("label").to_pylist()
+        out[name] = {c: found.count(c) for c in label_codes}
     return out

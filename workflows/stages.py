@@ -20,7 +20,7 @@ from mpcot.generate import (
 )
 from workflows.artifacts import fingerprint, invalidate, is_fresh, start_attempt, write_json_atomic, write_manifest
 from workflows.config import RunConfig
-from workflows.data import load_pairs, split_by_query
+from workflows.data import label_support, load_pairs, split_by_query
 from workflows.models import resolve_model
 from workflows.runtime import ensure_ray
 
@@ -52,8 +52,17 @@ def prepare(cfg: RunConfig, run_dir: Path) -> dict[str, Path]:
         write_parquet_atomic(table, paths[name])
     counts = {name: t.num_rows for name, t in splits.items()}
     queries = {name: len(set(t.column("query_id").to_pylist())) for name, t in splits.items()}
-    write_manifest(out, "prepare", key, inputs, t0, rows=counts, queries=queries)
+    support = label_support(splits, [lab.name for lab in cfg.labels])
+    present = {c for s in support.values() for c, n in s.items() if n}
+    warnings = [f"label {c} has no pair in the {name} split ({sum(s[c] for s in support.values())} in the data); "
+                f"{'early stopping and model selection' if name == 'val' else 'test metrics'} cannot see it"
+                for name in ("val", "test") if counts[name] for c in sorted(present) if not support[name][c]]
+    write_manifest(out, "prepare", key, inputs, t0, rows=counts, queries=queries, label_support=support, warnings=warnings)
     log(f"prepare: {pairs.num_rows} pairs -> " + ", ".join(f"{k} {v} ({queries[k]} queries)" for k, v in counts.items()))
+    for name, s in support.items():
+        log(f"prepare: {name} labels " + " ".join(f"{c}={n}" for c, n in s.items()))
+    for w in warnings:
+        log(f"prepare: WARNING: {w}")
     return paths
 
 
