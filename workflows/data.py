@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import random
 from pathlib import Path
@@ -30,6 +31,7 @@ PAIR_SCHEMA = pa.schema(
     ]
 )
 MAX_REPORTED = 20
+TEXT_FIELDS = ("query", "title")  # the text every model reads: strings only, never a repr of bytes or objects
 
 
 class DataError(ValueError):
@@ -50,26 +52,57 @@ def detect_format(path: Path, fmt: str) -> str:
 
 
 def read_records(path: Path, fmt: str) -> tuple[list[dict], str]:
-    """Raw records plus the word for their position ('line' for text files, 'row' for Parquet)."""
+    """Raw records, each with `__line__` (the line an editor shows a text record starting on, or the Parquet row),
+    plus the word for that position ('line' or 'row')."""
     if not path.exists():
         raise DataError(f"{path}: file not found; set data.path in the config to your labelled pairs")
     fmt = detect_format(path, fmt)
     try:
         if fmt == "parquet":
-            return pq.read_table(path).to_pylist(), "row"
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); re-encode the file as UTF-8") from None
+            return [dict(r, __line__=i) for i, r in enumerate(pq.read_table(path).to_pylist(), start=1)], "row"
+        raw = path.read_bytes()
     except (OSError, pa.ArrowInvalid) as exc:
         raise DataError(f"{path}: cannot read as {fmt}: {exc}") from None
-    if fmt == "csv":
-        dialect = csv.excel_tab if path.suffix.lower() == ".tsv" else csv.excel
-        reader = csv.DictReader(text.splitlines(), dialect=dialect)
-        # line numbers: header is line 1
-        return [dict(r, __line__=i + 2) for i, r in enumerate(reader)], "line"
-    records = []
-    errors = []
-    for i, line in enumerate(text.splitlines(), start=1):
+    text = _decode(path, raw)
+    return (_csv_records(path, text) if fmt == "csv" else _jsonl_records(path, text)), "line"
+
+
+def _decode(path: Path, raw: bytes) -> str:
+    """UTF-8 text, with or without the byte-order mark Excel's "CSV UTF-8" writes; a bad byte is named by its line."""
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = exc.object.count(b"\n", 0, exc.start) + 1
+        raise DataError(
+            f"{path} line {line}: not UTF-8 text (byte {exc.object[exc.start]:#04x}: {exc.reason}); re-encode the file "
+            "as UTF-8 (a spreadsheet's \"CSV UTF-8\" export, or `iconv -f cp1252 -t utf-8`)"
+        ) from None
+
+
+def _csv_records(path: Path, text: str) -> list[dict]:
+    """CSV/TSV as spreadsheets write it: quoted fields may hold the delimiter, quotes and line breaks."""
+    dialect = csv.excel_tab if path.suffix.lower() == ".tsv" else csv.excel
+    reader = csv.reader(io.StringIO(text, newline=""), dialect=dialect)
+    header = next(reader, [])
+    records, errors, end = [], [], reader.line_num
+    for fields in reader:
+        # a record spanning lines (a quoted line break) is reported at its first line
+        start, end = end + 1, reader.line_num
+        if not fields:
+            continue
+        if len(fields) > len(header):
+            errors.append(f"{path} line {start}: {len(fields)} fields but the header has {len(header)}; quote fields "
+                          f"that contain {dialect.delimiter!r} or remove the extra ones")
+            continue
+        records.append(dict(zip(header, fields), __line__=start))
+    _raise(errors)
+    return records
+
+
+def _jsonl_records(path: Path, text: str) -> list[dict]:
+    records, errors = [], []
+    # split on "\n" only: str.splitlines would also break at U+2028 and other characters JSON strings may hold
+    for i, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -83,7 +116,7 @@ def read_records(path: Path, fmt: str) -> tuple[list[dict], str]:
         obj["__line__"] = i
         records.append(obj)
     _raise(errors)
-    return records, "line"
+    return records
 
 
 def _raise(errors: list[str]) -> None:
@@ -100,6 +133,34 @@ def _text(value) -> str:
     if isinstance(value, (list, tuple)):
         return " ".join(_text(v) for v in value)
     return str(value).strip()
+
+
+def _mapped_fields(columns: ColumnMap) -> dict[str, str]:
+    """field -> the column the config maps it to (attributes as `attributes.<name>`)."""
+    fields = {f: getattr(columns, f) for f in ("query", "title", "label", "pair_id", "query_id", "product_id")}
+    fields |= {f"attributes.{name}": col for name, col in columns.attributes.items()}
+    return {f: col for f, col in fields.items() if col}
+
+
+def _arrow_reads_as_text(field: str, t: pa.DataType) -> bool:
+    """Query and title must be string columns; labels, ids and attributes may also be numbers or lists (of strings
+    or numbers). Anything else (bytes, structs, maps) would reach prompts as a Python repr."""
+    if pa.types.is_dictionary(t):  # pandas categoricals
+        t = t.value_type
+    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t) or pa.types.is_null(t):
+        return True
+    if field in TEXT_FIELDS:
+        return False
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        return _arrow_reads_as_text(field, t.value_type)
+    return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t) or pa.types.is_boolean(t)
+
+
+def _json_reads_as_text(field: str, value) -> bool:
+    """The same rule for a JSONL value: no objects anywhere, arrays only outside query and title."""
+    if isinstance(value, list):
+        return field not in TEXT_FIELDS and all(_json_reads_as_text(field, v) for v in value)
+    return not isinstance(value, dict)
 
 
 def load_pairs(path: str | Path, fmt: str, columns: ColumnMap, label_codes: list[str]) -> pa.Table:
@@ -119,17 +180,29 @@ def load_pairs(path: str | Path, fmt: str, columns: ColumnMap, label_codes: list
             f"{path}: missing column(s) {', '.join(missing)}; the file has {sorted(k for k in present if k != '__line__')}. "
             "Fix the file or map the columns under data.columns in the config"
         )
+    fields = _mapped_fields(columns)
+    if unit == "row":
+        schema = pq.read_schema(path)
+        _raise([f"{path}: column {col!r} ({field}) has type {schema.field(col).type}; {field} must be "
+                f"{'a string' if field in TEXT_FIELDS else 'a string, number or list of strings'} column. Write it as "
+                f"one (decode bytes as UTF-8, take the text out of a struct) or map another column under data.columns.{field}"
+                for field, col in fields.items() if col in schema.names and not _arrow_reads_as_text(field, schema.field(col).type)])
     by_lower = {c.lower(): c for c in label_codes}
     errors, rows, seen = [], [], {}
     for idx, rec in enumerate(records):
-        where = f"{path} {unit} {rec.get('__line__', idx + 1)}"
+        where = f"{path} {unit} {rec['__line__']}"
+        errors += [f"{where}: {field} (column {col!r}) is a JSON {'object' if isinstance(rec[col], dict) else 'array'}; "
+                   f"{field} must be {'text' if field in TEXT_FIELDS else 'text, a number or a list of them'}"
+                   for field, col in fields.items() if col in rec and not _json_reads_as_text(field, rec[col])]
         query, title, label = _text(rec.get(columns.query)), _text(rec.get(columns.title)), _text(rec.get(columns.label))
         if not query:
             errors.append(f"{where}: empty query (column {columns.query!r}); fill it in or remove the row")
         if not title:
             errors.append(f"{where}: empty product title (column {columns.title!r}); fill it in or remove the row")
         code = by_lower.get(label.lower())
-        if code is None:
+        if not label:
+            errors.append(f"{where}: no label (column {columns.label!r}); give the pair one of {', '.join(label_codes)} or remove the row")
+        elif code is None:
             errors.append(
                 f"{where}: label {label!r} is not one of {', '.join(label_codes)}; fix the label or add it to `labels` in the config"
             )
@@ -139,7 +212,7 @@ def load_pairs(path: str | Path, fmt: str, columns: ColumnMap, label_codes: list
         elif pair_id in seen:
             errors.append(f"{where}: duplicate pair id {pair_id!r} (first at {unit} {seen[pair_id]}); pair ids must be unique")
         else:
-            seen[pair_id] = rec.get("__line__", idx + 1)
+            seen[pair_id] = rec["__line__"]
         query_id = _text(rec.get(columns.query_id)) if columns.query_id else ""
         query_id = query_id or "q-" + hashlib.sha1(query.lower().encode()).hexdigest()[:12]
         attrs = {name: _text(rec.get(col)) for name, col in columns.attributes.items() if _text(rec.get(col))}
