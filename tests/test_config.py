@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, pair, write_jsonl
 from workflows.config import ConfigError, load_config
 from workflows.data import DataError
 from workflows.stages import prepare
@@ -44,6 +44,48 @@ def test_set_overrides_values_and_names_bad_ones():
         load_config(ROOT / "configs" / "local.yaml", ["distill.sedes=[1]"])
 
 
+def test_set_errors_name_the_argument_and_its_value():
+    local = ROOT / "configs" / "local.yaml"
+    with pytest.raises(ConfigError) as err:
+        load_config(local, ["distill.lam=abc"])
+    assert str(err.value) == (f"invalid --set value (applied to {local})\n"
+                              "  --set distill.lam=abc: distill.lam: Input should be a valid number, unable to parse string as a number")
+    with pytest.raises(ConfigError) as err:
+        load_config(local, ["generation.max_pairs=20", "data.split={train: 0.9, val: 0.2, test: 0.1}"])
+    assert str(err.value).splitlines()[1] == ("  --set data.split={train: 0.9, val: 0.2, test: 0.1}: data.split: "
+                                              "Value error, train + val + test must be non-negative and sum to 1, got 1.2")
+
+
+@pytest.mark.parametrize("split,message", [
+    ("{train: 0.0, val: 0.99, test: 0.01}",
+     "data.split (train 0, val 0.99, test 0.01) leaves train empty (train 0 pairs in 0 queries, val 992 pairs in 401 "
+     "queries, test 42 pairs in 2 queries)"),
+    ("{train: 0.5, val: 0.5, test: 0}",
+     "data.split (train 0.5, val 0.5, test 0) leaves test empty (train 517 pairs in 204 queries, val 517 pairs in 199 "
+     "queries, test 0 pairs in 0 queries)"),
+])
+def test_degenerate_split_is_rejected_with_counts_and_keeps_the_old_one(tmp_path, split, message):
+    run_dir, esci = tmp_path / "run", ROOT / "data" / "esci_us_subset.jsonl"
+    prepare(load_config(ROOT / "configs" / "smoke.yaml", [f"data.path={esci}"]), run_dir)
+    before = {p.name: p.read_bytes() for p in (run_dir / "data").iterdir()}
+    with pytest.raises(DataError) as err:
+        prepare(load_config(ROOT / "configs" / "smoke.yaml", [f"data.path={esci}", f"data.split={split}"]), run_dir)
+    assert str(err.value) == (
+        f"{esci}: {message}; later stages need all three (train: generation and training, val: "
+        "early stopping, test: teacher eval and student metrics): give each split a fraction above 0, e.g. "
+        "0.8/0.1/0.1, and use data with at least 3 queries")
+    assert {p.name: p.read_bytes() for p in (run_dir / "data").iterdir()} == before
+
+
+def test_two_queries_cannot_fill_three_splits(tmp_path):
+    data = write_jsonl(tmp_path / "pairs.jsonl", [pair(i) for i in range(4)])
+    f = tmp_path / "c.yaml"
+    f.write_text(f"name: x\ndata: {{path: {data}}}\nteacher: {{model: m}}\n")
+    with pytest.raises(DataError, match=r"leaves (val|test) empty \(train 2 pairs in 1 queries, .*0 pairs in 0 queries"):
+        prepare(load_config(f), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 def test_fourth_perspective_added_in_yaml(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text(
@@ -74,3 +116,25 @@ def test_cli_reports_bad_data_with_exit_code_2(tmp_path, capsys):
     f.write_text(f"name: x\ndata: {{path: {data}}}\nteacher: {{model: m}}\n")
     assert main(["prepare", "--config", str(f), "--run-dir", str(tmp_path / "run")]) == 2
     assert "line 1: empty query" in capsys.readouterr().err
+
+
+def test_cli_reports_a_ray_start_failure_in_one_line(tmp_path, monkeypatch, capsys):
+    import ray
+
+    from workflows.cli import main
+
+    def overloaded(**kwargs):  # what ray._private.node raises when the machine is too busy to start Ray
+        raise Exception("The current node timed out during startup. This could happen because some of the raylet "
+                        "failed to startup or the GCS has become overloaded.")
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", overloaded)
+    assert main(["generate", "--config", str(ROOT / "configs" / "smoke.yaml"), "--run-dir", str(tmp_path / "run"),
+                 "--set", f"data.path={ROOT / 'data' / 'esci_us_subset.jsonl'}"]) == 2
+    assert capsys.readouterr().err == (
+        "thinkbroad: error: Ray could not start on this machine (The current node timed out during startup. This could "
+        "happen because some of the raylet failed to startup or the GCS has become overloaded.); this happens when "
+        "memory or CPU is short or other Ray instances are running: stop them (`ray stop` stops the ones you started), "
+        "free memory, then run the same command again (finished work is kept)\n")
+    assert (tmp_path / "run" / "data" / "manifest.json").exists()

@@ -4,10 +4,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 from pathlib import Path
 
 MANIFEST = "manifest.json"
+# what our atomic writers (here and mpcot.generate.write_parquet_atomic) name a file before renaming it
+_TMP = re.compile(r"^\..+\.\d+\.tmp$")
 
 
 def write_json_atomic(obj, path: str | Path) -> None:
@@ -48,8 +51,14 @@ def is_fresh(stage_dir: str | Path, config_hash: str, inputs: dict[str, str]) ->
 
 
 def invalidate(stage_dir: str | Path) -> None:
-    """A stage about to (re)run drops its old manifest first, so a half-rewritten stage never looks finished."""
-    (Path(stage_dir) / MANIFEST).unlink(missing_ok=True)
+    """Call before a stage's first write: drops its old manifest, so a half-rewritten stage never looks finished
+    (the manifest is written last), and the temp files a killed atomic write left anywhere under `stage_dir`."""
+    stage_dir = Path(stage_dir)
+    (stage_dir / MANIFEST).unlink(missing_ok=True)
+    if stage_dir.is_dir():
+        for leftover in stage_dir.rglob(".*.tmp"):
+            if _TMP.match(leftover.name) and leftover.is_file():
+                leftover.unlink(missing_ok=True)
 
 
 def write_manifest(stage_dir: str | Path, stage: str, config_hash: str, inputs: dict[str, str], started: float, **info) -> dict:

@@ -9,8 +9,9 @@ from pathlib import Path
 from workflows.config import ConfigError, load_config
 from workflows.data import DataError
 from workflows.models import BUILTIN, ModelNotFound, resolve_model
+from workflows.runtime import RayStartError
 
-USER_ERRORS = (ConfigError, DataError, ModelNotFound)
+USER_ERRORS = (ConfigError, DataError, ModelNotFound, RayStartError)
 
 
 def _with_config(sub, name: str, help_text: str):

@@ -149,14 +149,26 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as exc:
-        lines = []
+        lines, from_file = [], False
         for err in exc.errors():
             where = ".".join(str(p) for p in err["loc"]) or "(top level)"
             msg = err["msg"]
             if err["type"] == "extra_forbidden":
                 msg = "unknown key (check the spelling; see configs/ for the accepted keys)"
-            lines.append(f"  {where}: {msg}")
-        raise ConfigError(f"{path}: invalid config\n" + "\n".join(lines)) from None
+            given = _override_for(where, overrides or [])
+            from_file = from_file or given is None
+            lines.append(f"  {where}: {msg}" if given is None else f"  --set {given}: {where}: {msg}")
+        head = f"{path}: invalid config" if from_file else f"invalid --set value (applied to {path})"
+        raise ConfigError(head + "\n" + "\n".join(lines)) from None
+
+
+def _override_for(where: str, overrides: list[str]) -> str | None:
+    """The last `--set` item whose key is `where` or contains it or lies inside it: the one a bad value came from."""
+    for item in reversed(overrides):
+        key = item.partition("=")[0].strip()
+        if key == where or where.startswith(key + ".") or key.startswith(where + "."):
+            return item
+    return None
 
 
 def _apply_override(raw: dict, item: str) -> None:

@@ -20,7 +20,7 @@ from mpcot.generate import (
 )
 from workflows.artifacts import fingerprint, invalidate, is_fresh, start_attempt, write_json_atomic, write_manifest
 from workflows.config import RunConfig
-from workflows.data import label_support, load_pairs, split_by_query
+from workflows.data import DataError, label_support, load_pairs, split_by_query
 from workflows.models import resolve_model
 from workflows.runtime import ensure_ray
 
@@ -48,15 +48,25 @@ def prepare(cfg: RunConfig, run_dir: Path) -> dict[str, Path]:
     t0 = time.time()
     pairs = load_pairs(src, cfg.data.format, cfg.data.columns, [lab.name for lab in cfg.labels])
     splits = split_by_query(pairs, cfg.data.split)
-    for name, table in splits.items():
-        write_parquet_atomic(table, paths[name])
     counts = {name: t.num_rows for name, t in splits.items()}
     queries = {name: len(set(t.column("query_id").to_pylist())) for name, t in splits.items()}
+    empty = [name for name in SPLITS if not counts[name]]
+    if empty:
+        frac = cfg.data.split
+        raise DataError(
+            f"{src}: data.split (train {frac.train:g}, val {frac.val:g}, test {frac.test:g}) leaves {' and '.join(empty)} "
+            "empty (" + ", ".join(f"{k} {counts[k]} pairs in {queries[k]} queries" for k in SPLITS) + "); later stages "
+            "need all three (train: generation and training, val: early stopping, test: teacher eval and student "
+            "metrics): give each split a fraction above 0, e.g. 0.8/0.1/0.1, and use data with at least 3 queries"
+        )
+    invalidate(out)  # from here on the old splits are being replaced: never "up to date" until the manifest is back
+    for name, table in splits.items():
+        write_parquet_atomic(table, paths[name])
     support = label_support(splits, [lab.name for lab in cfg.labels])
     present = {c for s in support.values() for c, n in s.items() if n}
     warnings = [f"label {c} has no pair in the {name} split ({sum(s[c] for s in support.values())} in the data); "
                 f"{'early stopping and model selection' if name == 'val' else 'test metrics'} cannot see it"
-                for name in ("val", "test") if counts[name] for c in sorted(present) if not support[name][c]]
+                for name in ("val", "test") for c in sorted(present) if not support[name][c]]
     write_manifest(out, "prepare", key, inputs, t0, rows=counts, queries=queries, label_support=support, warnings=warnings)
     log(f"prepare: {pairs.num_rows} pairs -> " + ", ".join(f"{k} {v} ({queries[k]} queries)" for k, v in counts.items()))
     for name, s in support.items():

@@ -1,0 +1,57 @@
+"""A stage interrupted between two of its output files is redone, never reported "up to date" over mixed outputs."""
+import os
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import ROOT
+from workflows import stages
+from workflows.artifacts import MANIFEST, invalidate, write_manifest
+from workflows.config import load_config
+from workflows.data import load_pairs, split_by_query
+
+
+def test_interrupted_prepare_is_redone_and_no_query_is_in_two_splits(tmp_path, monkeypatch, capsys):
+    smoke, esci = ROOT / "configs" / "smoke.yaml", f"data.path={ROOT / 'data' / 'esci_us_subset.jsonl'}"
+    cfg, reseeded = load_config(smoke, [esci]), load_config(smoke, [esci, "data.split.seed=1"])
+    run_dir, data = tmp_path / "run", tmp_path / "run" / "data"
+    stages.prepare(cfg, run_dir)
+    write = stages.write_parquet_atomic
+
+    def killed_while_writing_test(table, path):  # what `kill -9` during the third file leaves behind
+        if Path(path).name == "test.parquet":
+            Path(path).with_name(f".test.parquet.{os.getpid()}.tmp").write_bytes(b"PAR1 half written")
+            raise KeyboardInterrupt
+        write(table, path)
+
+    monkeypatch.setattr(stages, "write_parquet_atomic", killed_while_writing_test)
+    with pytest.raises(KeyboardInterrupt):
+        stages.prepare(reseeded, run_dir)  # train and val now come from seed 1, test still from seed 0
+    monkeypatch.undo()
+    assert not (data / MANIFEST).exists()
+    capsys.readouterr()
+    stages.prepare(cfg, run_dir)  # back to seed 0: the old manifest must not vouch for the mixed files
+    assert "up to date" not in capsys.readouterr().out
+    written = {s: pq.read_table(data / f"{s}.parquet") for s in stages.SPLITS}
+    queries = {s: set(t.column("query_id").to_pylist()) for s, t in written.items()}
+    assert not (queries["train"] & queries["val"] or queries["train"] & queries["test"] or queries["val"] & queries["test"])
+    expected = split_by_query(load_pairs(cfg.data.path, "auto", cfg.data.columns, [lab.name for lab in cfg.labels]), cfg.data.split)
+    assert all(written[s].equals(expected[s]) for s in stages.SPLITS)
+    assert sorted(p.name for p in data.iterdir()) == ["manifest.json", "test.parquet", "train.parquet", "val.parquet"]
+    stages.prepare(cfg, run_dir)
+    assert "prepare: up to date" in capsys.readouterr().out
+
+
+def test_invalidate_drops_the_manifest_and_only_our_leftover_temp_files(tmp_path):
+    stage = tmp_path / "mpcot"
+    write_manifest(stage, "generate", "key", {}, 0.0)
+    (stage / "parts").mkdir()
+    leftovers = [stage / ".sft.parquet.4242.tmp", stage / "parts" / ".part-ab12cd34-00003.parquet.77.tmp"]
+    kept = [stage / "parts" / "part-ab12cd34-00002.parquet", stage / "notes.tmp", stage / ".config_hash"]
+    for p in leftovers + kept:
+        p.write_text("x")
+    invalidate(stage)
+    assert not (stage / MANIFEST).exists()
+    assert [p.exists() for p in leftovers] == [False, False]
+    assert all(p.exists() for p in kept)
