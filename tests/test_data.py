@@ -144,6 +144,7 @@ def test_parquet_text_columns_must_be_strings(tmp_path):
         "pair_id": ["p0"], "query_id": ["q0"], "label": ["E"],
         "query": pa.array([b"110cfm bathroom exhaust fan"], pa.binary()),
         "product_title": [{"en": "Panasonic FV-0511VQ1 WhisperCeiling"}],
+        "product_brand": [{"name": "Panasonic"}],
     }), f)
     with pytest.raises(DataError) as err:
         load_pairs(f, "auto", ColumnMap(), CODES)
@@ -152,6 +153,9 @@ def test_parquet_text_columns_must_be_strings(tmp_path):
         "as UTF-8, take the text out of a struct) or map another column under data.columns.query",
         f"{f}: column 'product_title' (title) has type struct<en: string>; title must be a string column. Write it as "
         "one (decode bytes as UTF-8, take the text out of a struct) or map another column under data.columns.title",
+        f"{f}: column 'product_brand' (attributes.brand) has type struct<name: string>; attributes.brand must be a "
+        "string, number or list (of those) column. Write it as one (decode bytes as UTF-8, take the text out of a "
+        "struct) or map another column under data.columns.attributes.brand",
     ]
     # integer labels/ids and list-of-string attributes are read as text
     pq.write_table(pa.table({"pair_id": [7], "query": ["usb c cable"], "product_title": ["Anker cable"], "label": [2],

@@ -184,7 +184,7 @@ def load_pairs(path: str | Path, fmt: str, columns: ColumnMap, label_codes: list
     if unit == "row":
         schema = pq.read_schema(path)
         _raise([f"{path}: column {col!r} ({field}) has type {schema.field(col).type}; {field} must be "
-                f"{'a string' if field in TEXT_FIELDS else 'a string, number or list of strings'} column. Write it as "
+                f"{'a string' if field in TEXT_FIELDS else 'a string, number or list (of those)'} column. Write it as "
                 f"one (decode bytes as UTF-8, take the text out of a struct) or map another column under data.columns.{field}"
                 for field, col in fields.items() if col in schema.names and not _arrow_reads_as_text(field, schema.field(col).type)])
     by_lower = {c.lower(): c for c in label_codes}
