@@ -118,23 +118,36 @@ def test_cli_reports_bad_data_with_exit_code_2(tmp_path, capsys):
     assert "line 1: empty query" in capsys.readouterr().err
 
 
-def test_cli_reports_a_ray_start_failure_in_one_line(tmp_path, monkeypatch, capsys):
+OVERLOADED = ("The current node timed out during startup. This could happen because some of the raylet failed to "
+              "startup or the GCS has become overloaded.")
+
+
+@pytest.mark.parametrize("address,error,message", [
+    # what ray._private.node raises when the machine is too busy to start Ray's processes
+    (None, Exception(OVERLOADED),
+     f"Ray could not start on this machine ({OVERLOADED}); this happens when memory or CPU is short or other Ray "
+     "instances are running: stop them (`ray stop` stops the ones you started), free memory, then run the same command "
+     "again (finished work is kept)"),
+    ("10.0.0.5:6379", ConnectionError("Failed to connect to Ray cluster at 10.0.0.5:6379"),
+     "could not connect to the Ray cluster at 10.0.0.5:6379 (Failed to connect to Ray cluster at 10.0.0.5:6379); check "
+     "that it is up (`ray status --address 10.0.0.5:6379`) and that RAY_ADDRESS and RAY_AUTH_TOKEN are right, then run "
+     "the same command again"),
+])
+def test_cli_reports_a_ray_start_failure_in_one_line(tmp_path, monkeypatch, capsys, address, error, message):
     import ray
 
     from workflows.cli import main
 
-    def overloaded(**kwargs):  # what ray._private.node raises when the machine is too busy to start Ray
-        raise Exception("The current node timed out during startup. This could happen because some of the raylet "
-                        "failed to startup or the GCS has become overloaded.")
+    def fail(**kwargs):
+        raise error
 
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    if address:
+        monkeypatch.setenv("RAY_ADDRESS", address)
+    else:
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(ray, "init", overloaded)
+    monkeypatch.setattr(ray, "init", fail)
     assert main(["generate", "--config", str(ROOT / "configs" / "smoke.yaml"), "--run-dir", str(tmp_path / "run"),
                  "--set", f"data.path={ROOT / 'data' / 'esci_us_subset.jsonl'}"]) == 2
-    assert capsys.readouterr().err == (
-        "thinkbroad: error: Ray could not start on this machine (The current node timed out during startup. This could "
-        "happen because some of the raylet failed to startup or the GCS has become overloaded.); this happens when "
-        "memory or CPU is short or other Ray instances are running: stop them (`ray stop` stops the ones you started), "
-        "free memory, then run the same command again (finished work is kept)\n")
+    assert capsys.readouterr().err == f"thinkbroad: error: {message}\n"
     assert (tmp_path / "run" / "data" / "manifest.json").exists()
