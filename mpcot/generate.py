@@ -65,6 +65,7 @@ class JudgeSpec:
     engine_kwargs: dict
     chat_template: str | None = None
     chat_template_kwargs: dict | None = None
+    gold_hint: bool = False  # rationalise: tell the teacher each pair's gold label (distillation targets only)
 
 
 OUTPUT_SCHEMA = pa.schema(
@@ -137,37 +138,42 @@ class VLLMJudge:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return judge(self.llm, batch, self.gen, self.labels, self.perspectives, self.spec.model_name,
-                     self.spec.chat_template_kwargs or {})
+                     self.spec.chat_template_kwargs or {}, self.spec.gold_hint)
 
 
 def judge(llm, tasks: pa.Table, gen: GenerationConfig, labels: list[Label], perspectives: list[Perspective],
-          model_name: str, template_kwargs: dict | None = None) -> pa.Table:
-    """One vLLM pass (two in choice mode) over a batch of tasks -> rows of OUTPUT_SCHEMA. Never raises on bad output."""
+          model_name: str, template_kwargs: dict | None = None, gold_hint: bool = False) -> pa.Table:
+    """One vLLM pass (two in choice mode) over a batch of tasks -> rows of OUTPUT_SCHEMA. Never raises on bad output.
+
+    gold_hint: each prompt states the task's gold label, and the constrained answer may only name that label."""
     tokenizer = llm.get_tokenizer()
-    sampling = _sampling_params(gen, labels)
+    by_code = {lab.name: lab for lab in labels}
     by_name = {p.name: p for p in perspectives}
     rows_in = tasks.to_pylist()
+    golds = [by_code[t["gold_label"]] if gold_hint else None for t in rows_in]
+    per_label = {lab.name: _sampling_params(gen, [lab]) for lab in labels} if gold_hint else {}
+    default = _sampling_params(gen, labels)
+    sampling = [per_label[g.name] if g else default for g in golds]
     messages = [
         build_messages(
             {"query": t["query"], "title": t["title"], "attributes": json.loads(t["attributes"] or "{}")},
-            by_name[t["perspective"]], labels, gen.output_mode, gen.rationale_max_chars, gen.max_attribute_chars,
+            by_name[t["perspective"]], labels, gen.output_mode, gen.rationale_max_chars, gen.max_attribute_chars, g,
         )
-        for t in rows_in
+        for t, g in zip(rows_in, golds)
     ]
     prompts = [render_prompt(tokenizer, m, **(template_kwargs or {})) for m in messages]
-    outs = llm.generate(prompts, sampling["main"], use_tqdm=False)
+    outs = llm.generate(prompts, [s["main"] for s in sampling], use_tqdm=False)
     raw = [o.outputs[0].text for o in outs]
     completion_tokens = [len(o.outputs[0].token_ids) for o in outs]
     if gen.output_mode == "choice":
         # second step: the label is a guided choice among label titles after the free rationale
         follow = [p + r.rstrip() + "\nLabel: " for p, r in zip(prompts, raw)]
-        chosen = llm.generate(follow, sampling["label"], use_tqdm=False)
+        chosen = llm.generate(follow, [s["label"] for s in sampling], use_tqdm=False)
         parsed_all = [_parse_choice(r, c.outputs[0].text, labels) for r, c in zip(raw, chosen)]
         raw = [r.rstrip() + "\nLabel: " + c.outputs[0].text for r, c in zip(raw, chosen)]
         completion_tokens = [n + len(c.outputs[0].token_ids) for n, c in zip(completion_tokens, chosen)]
     else:
         parsed_all = [parse_output(text, labels, gen.output_mode) for text in raw]
-    by_code = {lab.name: lab for lab in labels}
     params = json.dumps({"temperature": gen.temperature, "top_p": gen.top_p, "max_tokens": gen.max_tokens,
                          "repetition_penalty": gen.repetition_penalty, "seed": gen.seed})
     rows = []

@@ -68,8 +68,12 @@ def build_messages(
     output_mode: str = "json",
     rationale_max_chars: int = 400,
     max_attribute_chars: int = 300,
+    gold: Label | None = None,
 ) -> list[dict[str, str]]:
-    """Chat messages asking for one perspective's judgement of one pair (few-shot turns first)."""
+    """Chat messages asking for one perspective's judgement of one pair (few-shot turns first).
+
+    `gold`: rationalisation (STaR, SCOTT): every user turn states the correct label and asks why it holds from
+    this perspective. Only distillation targets are written this way, never the student's inputs or SFT data."""
     by_key = {lab.name.lower(): lab for lab in labels} | {lab.title.lower(): lab for lab in labels}
     system = (
         f"{SYSTEM_ROLE}\n\nRelevance labels:\n{label_legend(labels)}\n\n"
@@ -85,10 +89,16 @@ def build_messages(
                 f"{', '.join(x.name for x in labels)}"
             )
         shown = {"query": ex.query, "title": ex.title, "attributes": ex.attributes}
-        messages.append({"role": "user", "content": describe_pair(shown, max_attribute_chars)})
+        messages.append({"role": "user", "content": describe_pair(shown, max_attribute_chars) + gold_hint(lab if gold else None)})
         messages.append({"role": "assistant", "content": format_completion(ex.rationale, lab.title, output_mode)})
-    messages.append({"role": "user", "content": describe_pair(pair, max_attribute_chars)})
+    messages.append({"role": "user", "content": describe_pair(pair, max_attribute_chars) + gold_hint(gold)})
     return messages
+
+
+def gold_hint(gold: Label | None) -> str:
+    if gold is None:
+        return ""
+    return f"\n\nThe correct label is {gold.title}. Explain from this perspective why it holds."
 
 
 def render_prompt(tokenizer, messages: list[dict[str, str]], **template_kwargs) -> str:

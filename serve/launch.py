@@ -10,7 +10,8 @@ from serve.config import ServeConfig
 
 
 def find_student(path: str | Path) -> Path:
-    """A student folder, or a run dir whose student/metrics.json names the best LRKD variant (by mean macro-F1)."""
+    """A student folder, or a run dir: then the LRKD variant (lambda > 0) with the best mean validation macro-F1 in
+    student/metrics.json, and its seed with the best validation macro-F1. Test metrics never enter the choice."""
     path = Path(path)
     if (path / "student_config.json").exists():
         return path
@@ -19,11 +20,49 @@ def find_student(path: str | Path) -> Path:
         raise FileNotFoundError(f"{path} is neither a student folder (student_config.json) nor a run dir with "
                                 "student/metrics.json; run `thinkbroad distill` first or pass a student folder")
     report = json.loads(metrics.read_text())
-    lrkd = {k: v for k, v in report["variants"].items() if k.startswith("lrkd")} or report["variants"]
-    best = max(lrkd, key=lambda k: lrkd[k]["macro_f1"]["mean"])
-    runs = [r for r in report["runs"] if r["variant"] == best]
-    seed = max(runs, key=lambda r: r["metrics"]["macro_f1"])["seed"]
+    runs = [r for r in report["runs"] if "val" in r["metrics"]]
+    if not runs:
+        raise FileNotFoundError(f"{metrics} has no validation metrics (written by an older thinkbroad); rerun "
+                                "`thinkbroad distill` or pass a student folder")
+    by_variant: dict[str, list[dict]] = {}
+    for r in runs:
+        by_variant.setdefault(r["variant"], []).append(r)
+    lrkd = {k: v for k, v in by_variant.items() if k.startswith("lrkd") and not k.endswith("-lam0")} or by_variant
+    best = max(lrkd, key=lambda k: sum(r["metrics"]["val"]["macro_f1"] for r in lrkd[k]) / len(lrkd[k]))
+    seed = max(lrkd[best], key=lambda r: r["metrics"]["val"]["macro_f1"])["seed"]
     return path / "student" / "variants" / f"{best}-seed{seed}" / "best"
+
+
+def run_test_split(student_dir: Path) -> Path | None:
+    """RUN/data/test.parquet of the run a student folder lies in (RUN/student/variants/NAME/best), if any."""
+    for parent in list(Path(student_dir).resolve().parents)[:4]:
+        if (parent / "data" / "test.parquet").exists():
+            return parent / "data" / "test.parquet"
+    return None
+
+
+def ensure_export(student_dir: Path, settings: ServeConfig) -> dict | None:
+    """Before serving on onnxruntime: export the student (fp32 + int8) unless a current export is in its folder.
+
+    Parity is checked on the test split of the run the student belongs to; without labelled pairs int8 is not
+    judged and `precision: auto` serves fp32. Returns the export report, None for the torch backend.
+    """
+    import pyarrow.parquet as pq
+
+    from serve.scorer import resolve_path
+    from student.export import check_set, export_onnx, export_status, summarize
+
+    if resolve_path(settings.device, settings.backend, settings.precision, None)[1] != "onnxruntime":
+        return None
+    report = export_status(student_dir)
+    if report is not None:
+        return report
+    test = run_test_split(student_dir)
+    pairs, labels = check_set(pq.read_table(test)) if test is not None else (None, None)
+    print(f"[thinkbroad] exporting {student_dir} to ONNX (fp32 + int8) for the onnxruntime backend ...", flush=True)
+    report = export_onnx(student_dir, quantize=True, check_pairs=pairs, check_labels=labels)
+    print(summarize(report), flush=True)
+    return report
 
 
 def serve_deploy_config(student_dir: Path, settings: ServeConfig) -> str:
@@ -49,6 +88,7 @@ def run_local(student_dir: Path, settings: ServeConfig, block: bool = True) -> s
     from serve.app import build_app
     from workflows.runtime import ensure_ray
 
+    ensure_export(student_dir, settings)
     ensure_ray()
     serve.start(http_options={"host": settings.host, "port": settings.port})
     serve.run(build_app({"student_dir": str(student_dir), "settings": settings.model_dump()}), name="thinkbroad", route_prefix="/")

@@ -15,10 +15,23 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+TARGET_SOURCES = ("teacher", "gold_conditioned", "label_text")
+
+
 class DistillConfig(_Strict):
     # which teacher writes the distillation rationales: the trained ones, the base model, or a model folder
     teacher: str = Field("dpo", description="dpo | sft | base | a local model folder")
-    max_target_pairs: int | None = Field(None, ge=1, description="train pairs given teacher targets (the rest: CE only)")
+    target_source: Literal["teacher", "gold_conditioned", "label_text"] = Field(
+        "teacher", description="teacher: the teacher judges each pair as in MPCoT; gold_conditioned: the teacher is "
+        "told the gold label and explains from each perspective why it holds (rationalisation, beyond the paper); "
+        "label_text: the embedding of the gold label's description, no LLM (a control: the label and nothing more)")
+    target_filter: Literal["correct", "parsed", "all"] = Field(
+        "correct", description="which rationales become targets: correct = its label equals the gold label (the SFT "
+        "consistency rule), parsed = any parsed answer, all = every row")
+    max_target_pairs: int | None = Field(None, ge=1, description="train pairs given teacher targets, a seeded sample "
+                                         "stratified by label (the rest: CE only); null = all")
+    fidelity_pairs: int | None = Field(None, ge=1, description="val pairs given teacher targets to measure latent "
+                                       "fidelity (never trained or selected on), a stratified sample; null = all")
     embedder: str = Field("all-minilm-l6-v2", description="frozen sentence encoder for the rationale targets")
     embed_pooling: Literal["mean", "cls"] = Field("mean", description="mean for MiniLM, cls for BGE-M3")
     embed_batch_size: int = Field(64, ge=1)
@@ -27,34 +40,56 @@ class DistillConfig(_Strict):
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
     extractors: list[Literal["mlp", "poly", "gat"]] = Field(default_factory=lambda: list(EXTRACTORS))
     modes: list[Literal["average", "multi_teacher", "unified"]] = Field(default_factory=lambda: list(MODES))
-    lam: float = Field(0.1, ge=0, description="weight of the latent MSE term")
+    lam: float = Field(0.1, ge=0, description="weight of the guidance (latent) term")
     kd_alpha: float = Field(0.5, ge=0, description="logit-KD baseline: weight of KL(teacher || student)")
-    ablation_lambdas: list[float] = Field(default_factory=lambda: [0.0, 0.05, 0.1, 0.3, 1.0])
+    ablation_lambdas: list[float] = Field(default_factory=lambda: [0.0, 0.05, 0.1, 0.3, 0.5])
+    ablation_sources: list[Literal["teacher", "gold_conditioned", "label_text"]] = Field(
+        default_factory=lambda: ["teacher", "label_text"], description="target sources the ablation's lambda sweep runs")
+    ablate_perspectives: bool = Field(True, description="the ablation also trains the default variant on each "
+                                      "perspective's targets alone (the claim MPCoT rests on)")
     ablate_teacher: bool = Field(True, description="the ablation also trains the default LRKD variant on the other "
                                  "trained teacher's rationales (SFT when `teacher` is dpo), when that model exists")
+    bootstrap_resamples: int = Field(2000, ge=100, description="paired bootstrap resamples for each verdict")
 
     default_extractor: Literal["mlp", "poly", "gat"] = "poly"
     default_mode: Literal["average", "multi_teacher", "unified"] = "unified"
 
+    def lrkd(self, ext: str, mode: str, lam: float, seed: int, source: str | None = None,
+             perspectives: list[str] | None = None) -> Variant:
+        """An LRKD variant named by what differs from the defaults: -lam<x> unless lambda = `lam`, -<source> unless
+        the configured source, -only_<perspective> for a subset. lambda = 0 reads no targets, so it has no source."""
+        source = source or self.target_source
+        name = f"lrkd-{ext}-{mode}"
+        if lam == 0:
+            return Variant(name + "-lam0", "lrkd", ext, mode, lam=0.0, seed=seed)
+        if lam != self.lam:
+            name += f"-lam{lam:g}"
+        if source != self.target_source:
+            name += f"-{source}"
+        if perspectives:
+            name += "-only_" + "+".join(perspectives)
+        return Variant(name, "lrkd", ext, mode, lam=lam, seed=seed, target_source=source, target_perspectives=perspectives)
+
     def main_variants(self) -> list[Variant]:
-        """vanilla, logit-KD, LRKD with each extractor (in the default mode) and in each mode (with the default
-        extractor), at lambda = `lam`, each for every seed. The full extractor x mode x lambda grid is `ablate`."""
+        """vanilla, logit-KD, and LRKD with each extractor (in the default mode) and in each mode (with the default
+        extractor), each at lambda = `lam` and at lambda = 0 (its paired control), for every seed."""
         out = []
         for seed in self.seeds:
             out.append(Variant("vanilla", "vanilla", seed=seed))
             out.append(Variant("logit_kd", "logit_kd", kd_alpha=self.kd_alpha, seed=seed))
             combos = [(e, self.default_mode) for e in self.extractors] + [(self.default_extractor, m) for m in self.modes]
             for ext, mode in dict.fromkeys(combos):
-                out.append(Variant(f"lrkd-{ext}-{mode}", "lrkd", ext, mode, lam=self.lam, seed=seed))
+                out += [self.lrkd(ext, mode, self.lam, seed), self.lrkd(ext, mode, 0.0, seed)]
         return out
 
-    def ablation_variants(self) -> list[Variant]:
-        """extractor x mode x lambda (lambda = 0 keeps the extractor but no latent loss)."""
+    def ablation_variants(self, perspectives: list[str]) -> list[Variant]:
+        """The default extractor and mode: the lambda sweep for every source in `ablation_sources`, and (when
+        `ablate_perspectives`) each perspective's targets alone at lambda = `lam`; every seed."""
+        ext, mode = self.default_extractor, self.default_mode
         out = []
         for seed in self.seeds:
-            for ext in self.extractors:
-                for mode in self.modes:
-                    for lam in self.ablation_lambdas:
-                        name = f"lrkd-{ext}-{mode}" if lam == self.lam else f"lrkd-{ext}-{mode}-lam{lam:g}"
-                        out.append(Variant(name, "lrkd", ext, mode, lam=lam, seed=seed))
-        return out
+            for source in self.ablation_sources:
+                out += [self.lrkd(ext, mode, lam, seed, source) for lam in self.ablation_lambdas]
+            if self.ablate_perspectives and len(perspectives) > 1:
+                out += [self.lrkd(ext, mode, self.lam, seed, perspectives=[p]) for p in perspectives]
+        return list({(v.name, v.seed): v for v in out}.values())  # lambda = 0 once, whatever the source

@@ -28,41 +28,41 @@ def build_examples(pairs: list[dict], label_codes: list[str], perspectives: list
                    targets: dict[tuple[str, str], np.ndarray] | None = None,
                    teacher_labels: dict[tuple[str, str], str | None] | None = None,
                    target_dim: int = 0, smoothing: float = 0.1) -> dict:
-    """Column arrays for training: labels, targets (N, K, D) with a per-pair mask, teacher label distributions.
+    """Column arrays for training: labels, targets (N, K, D) with a (pair, perspective) mask, and the teacher's
+    label distribution with a per-pair mask.
 
-    A perspective whose rationale is missing gets the mean of the pair's other targets; a pair with no target at
-    all is trained on cross-entropy only (has_target = 0).
+    A missing (pair, perspective) target stays zero with target_mask 0 (the guidance term skips it); a pair with
+    no vote from the teacher has has_votes 0 (the logit-KD term skips it). Only labels, targets and votes come
+    from `pairs`' gold labels or the teacher: the student's inputs are `query` and `product` alone.
     """
     index = {c: i for i, c in enumerate(label_codes)}
     n, k, c = len(pairs), len(perspectives), len(label_codes)
     y = np.array([index[p["label"]] for p in pairs], dtype=np.int64)
     tgt = np.zeros((n, k, max(target_dim, 1)), dtype=np.float32)
-    has = np.zeros(n, dtype=np.float32)
-    probs = np.full((n, c), smoothing / c, dtype=np.float32)
-    has_probs = np.zeros(n, dtype=np.float32)
+    mask = np.zeros((n, k), dtype=np.float32)
+    probs = np.full((n, c), 1.0 / c, dtype=np.float32)
+    has_votes = np.zeros(n, dtype=np.float32)
     for i, p in enumerate(pairs):
-        if targets is not None:
-            vecs = [targets.get((p["pair_id"], name)) for name in perspectives]
-            present = [v for v in vecs if v is not None]
-            if present:
-                fill = np.mean(present, axis=0)
-                tgt[i] = np.stack([v if v is not None else fill for v in vecs])
-                has[i] = 1.0
+        for j, name in enumerate(perspectives):
+            vec = targets.get((p["pair_id"], name)) if targets is not None else None
+            if vec is not None:
+                tgt[i, j], mask[i, j] = vec, 1.0
         if teacher_labels is not None:
             votes = [teacher_labels.get((p["pair_id"], name)) for name in perspectives]
             votes = [v for v in votes if v in index]
             if votes:
+                probs[i] = smoothing / c
                 for v in votes:
                     probs[i, index[v]] += (1 - smoothing) / len(votes)
-                has_probs[i] = 1.0
-    probs[has_probs == 0] = 1.0 / c
+                has_votes[i] = 1.0
     return {
         "query": [p["query"] for p in pairs],
         "product": [product_text(p["title"], p.get("attributes")) for p in pairs],
         "label": torch.from_numpy(y),
         "targets": torch.from_numpy(tgt),
-        "has_target": torch.from_numpy(has),
+        "target_mask": torch.from_numpy(mask),
         "teacher_probs": torch.from_numpy(probs),
+        "has_votes": torch.from_numpy(has_votes),
     }
 
 

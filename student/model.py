@@ -4,11 +4,15 @@ at inference, and a classifier over concat(h_CLS, z). Imports only torch and tra
 Extractors (method.md §4):
   mlp  masked mean-pool of the token states, then a 2-layer MLP
   poly m learnable codes attend over the token states (Poly-Encoder style); their contexts are pooled into z
-  gat  one graph-attention layer over the token nodes (edges between valid tokens only), masked mean-pooled
+  gat  one multi-head GATv2 layer (Brody et al., 2022) over the token nodes, edges between valid tokens only, each
+       edge scored with a learned embedding of its segment pair (query->query, query->product, ...), mean-pooled
 
 Multi-perspective modes: `average` (one target, the mean of the K rationale embeddings), `multi_teacher`
 (one projection head per perspective), `unified` (K latent slots, slot k aligned to perspective k, z = mean of
 the slots). `lambda_latent = 0` is the vanilla cross-encoder.
+
+Guidance (the latent term): the squared L2 distance between P(z) and e summed over dimensions by default (0-4 for
+unit targets, the order of the cross-entropy), or 1 - cos; averaged over the perspectives in every mode.
 """
 from __future__ import annotations
 
@@ -35,6 +39,8 @@ class StudentConfig:
     poly_codes: int = 16
     target_dim: int = 384  # dimension of the rationale embeddings
     max_length: int = 128
+    gat_heads: int = 4
+    sep_token_id: int | None = None  # splits query from product tokens (gat's edge segments); None = one segment
     encoder_config: dict = field(default_factory=dict)
 
     @property
@@ -53,7 +59,7 @@ class MLPExtractor(nn.Module):
         self.net = nn.Sequential(nn.Linear(hidden, dim), nn.GELU(), nn.Linear(dim, dim * slots))
         self.slots, self.dim = slots, dim
 
-    def forward(self, h, mask):
+    def forward(self, h, mask, segments):
         return self.net(masked_mean(h, mask)).view(h.shape[0], self.slots, self.dim)
 
 
@@ -66,7 +72,7 @@ class PolyExtractor(nn.Module):
         self.codes = nn.Parameter(torch.randn(codes, hidden) * hidden**-0.5)
         self.slots, self.dim = slots, hidden
 
-    def forward(self, h, mask):
+    def forward(self, h, mask, segments):
         scores = torch.einsum("md,bld->bml", self.codes, h) / math.sqrt(h.shape[-1])
         scores = scores.masked_fill(~mask.bool().unsqueeze(1), torch.finfo(scores.dtype).min)
         ctx = torch.einsum("bml,bld->bmd", scores.softmax(-1), h)
@@ -74,30 +80,44 @@ class PolyExtractor(nn.Module):
 
 
 class GATExtractor(nn.Module):
-    """Single-head graph attention (Velickovic et al.) with tokens as nodes and valid-token pairs as edges."""
+    """GATv2 over the token graph (Brody et al., 2022): node i attends to node j with
+    a_h . LeakyReLU(W_dst h_i + W_src h_j + r[seg_i, seg_j]), so the ranking of neighbours depends on the node
+    (dynamic attention, which GATv1's a.[Wh_i || Wh_j] cannot express) and on which side of [SEP] both ends are.
+    Heads attend in a small scoring space (att_dim); values are projected to `dim`."""
 
-    def __init__(self, hidden: int, dim: int, slots: int):
+    def __init__(self, hidden: int, dim: int, slots: int, heads: int = 4, att_dim: int = 64):
         super().__init__()
-        self.proj = nn.Linear(hidden, dim, bias=False)
-        self.att_src = nn.Parameter(torch.randn(dim) * dim**-0.5)
-        self.att_dst = nn.Parameter(torch.randn(dim) * dim**-0.5)
+        heads = max(1, min(heads, dim))
+        while dim % heads or att_dim % heads:
+            heads -= 1
+        self.dst = nn.Linear(hidden, att_dim)
+        self.src = nn.Linear(hidden, att_dim, bias=False)
+        self.edge = nn.Embedding(4, att_dim)  # segment pairs: (query|product) -> (query|product)
+        self.att = nn.Parameter(torch.randn(heads, att_dim // heads) * (att_dim // heads) ** -0.5)
+        self.value = nn.Linear(hidden, dim)
         self.slot_heads = nn.Linear(dim, dim * slots) if slots > 1 else None
-        self.slots, self.dim = slots, dim
+        self.slots, self.dim, self.heads = slots, dim, heads
 
-    def forward(self, h, mask):
-        wh = self.proj(h)  # (B, L, d)
-        e = F.leaky_relu((wh @ self.att_dst).unsqueeze(2) + (wh @ self.att_src).unsqueeze(1), 0.2)  # (B, L, L)
-        valid = mask.bool()
-        e = e.masked_fill(~valid.unsqueeze(1), torch.finfo(e.dtype).min)
-        nodes = F.elu(e.softmax(-1) @ wh)
+    def forward(self, h, mask, segments):
+        b, n, _ = h.shape
+        heads = self.heads
+        seg = segments.long()
+        pair = self.edge(seg.unsqueeze(2) * 2 + seg.unsqueeze(1))  # (B, L, L, att_dim)
+        x = F.leaky_relu(self.dst(h).unsqueeze(2) + self.src(h).unsqueeze(1) + pair, 0.2)
+        e = (x.view(b, n, n, heads, -1) * self.att).sum(-1)  # (B, L_dst, L_src, heads)
+        e = e.masked_fill(~mask.bool()[:, None, :, None], torch.finfo(e.dtype).min)
+        alpha = e.softmax(2)
+        v = self.value(h).view(b, n, heads, -1)
+        nodes = F.elu(torch.einsum("bijh,bjhd->bihd", alpha, v).reshape(b, n, self.dim))
         pooled = masked_mean(nodes, mask)
         if self.slot_heads is None:
             return pooled.unsqueeze(1)
-        return self.slot_heads(pooled).view(h.shape[0], self.slots, self.dim)
+        return self.slot_heads(pooled).view(b, self.slots, self.dim)
 
 
 class LatentReasoningExtractor(nn.Module):
-    """Token states (B, L, H) + attention mask -> latent slots (B, K, d); z = mean over slots."""
+    """Token states (B, L, H), attention mask, segments (B, L; 0 query, 1 product) -> latent slots (B, K, d);
+    z = mean over slots."""
 
     def __init__(self, kind: str, hidden: int, cfg: StudentConfig):
         super().__init__()
@@ -107,13 +127,13 @@ class LatentReasoningExtractor(nn.Module):
         elif kind == "poly":
             self.impl = PolyExtractor(hidden, cfg.poly_codes, slots)
         elif kind == "gat":
-            self.impl = GATExtractor(hidden, cfg.latent_dim, slots)
+            self.impl = GATExtractor(hidden, cfg.latent_dim, slots, cfg.gat_heads)
         else:
             raise ValueError(f"extractor must be mlp, poly or gat, not {kind!r}")
         self.dim = self.impl.dim
 
-    def forward(self, h, mask):
-        return self.impl(h, mask)
+    def forward(self, h, mask, segments):
+        return self.impl(h, mask, segments)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -152,11 +172,19 @@ class LRKDStudent(nn.Module):
         cls = h[:, 0]
         if self.extractor is None:
             return {"logits": self.classifier(cls), "slots": None, "z": None, "projected": None}
-        slots = self.extractor(h, attention_mask)
+        slots = self.extractor(h, attention_mask, self.segments(input_ids))
         z = slots.mean(1)
         # projections run inside forward so that DDP sees every parameter used in one pass
         return {"logits": self.classifier(torch.cat([cls, z], -1)), "slots": slots, "z": z,
                 "projected": self._project(slots, z)}
+
+    def segments(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """0 for [CLS] query [SEP], 1 for the product side; from the [SEP] token, so the model needs no
+        token_type_ids (RoBERTa-class backbones have none) and an exported graph takes the same two inputs."""
+        if self.cfg.sep_token_id is None:
+            return torch.zeros_like(input_ids)
+        sep = (input_ids == self.cfg.sep_token_id).long()
+        return ((sep.cumsum(1) - sep) > 0).long()
 
     def _project(self, slots: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """(B, P, target_dim): P(z) in average mode, P_k(z) for multi_teacher, P_k(slot_k) for unified."""
@@ -214,36 +242,67 @@ class LRKDStudent(nn.Module):
         """A new student on a pretrained encoder folder (safetensors), extractor and head freshly initialised."""
         from transformers import AutoModel
 
+        from transformers import AutoTokenizer
+
         encoder = AutoModel.from_pretrained(encoder_path, use_safetensors=True)
         cfg.encoder_config = encoder.config.to_dict()
+        if cfg.sep_token_id is None:
+            cfg.sep_token_id = AutoTokenizer.from_pretrained(encoder_path).sep_token_id
         return cls(cfg, encoder=encoder)
 
 
-def lrkd_loss(model: LRKDStudent, out: dict, labels: torch.Tensor, targets: torch.Tensor | None, lam: float,
-              class_weights: torch.Tensor | None = None, target_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
-    """CE(logits, y) + lambda * MSE(P(z), e). targets: (B, K, target_dim) L2-normalised rationale embeddings.
+GUIDANCE = ("l2", "cosine")
 
-    average: e = mean_k e_k; multi_teacher: sum_k MSE(P_k(z), e_k); unified: sum_k MSE(P_k(slot_k), e_k).
-    target_mask (B,): 1 where the pair has teacher targets; the latent term averages over those pairs only.
+
+def guidance_loss(model: LRKDStudent, out: dict, targets: torch.Tensor, target_mask: torch.Tensor | None = None,
+                  kind: str = "l2") -> torch.Tensor:
+    """The latent term: how far P(z) is from the teacher's rationale embeddings, averaged over the perspectives a
+    pair has targets for (so one lambda means the same in every mode), then over the pairs that have any.
+
+    targets (B, K, D) L2-normalised; target_mask (B, K) 1 where that perspective's rationale is a target (None: all).
+    average: one term against the mean of the pair's targets; multi_teacher: P_k(z) vs e_k; unified: P_k(slot_k) vs e_k.
+    kind: `l2` = squared L2 distance summed over dimensions (0..4 against a unit target once P(z) is near unit
+    length), or `cosine` = 1 - cos (0..2, blind to the norm of P(z)). l2 is the default because it acts: at
+    initialisation with MiniLM-L6 and 384-dim unit targets, lambda = 0.1 sends the encoder 0.06-1.5x CE's gradient
+    norm with l2 but 0.004-0.016x with 1 - cos (its gradient shrinks as 1/|P(z)|), no more than the old per-dimension
+    mean (0.0002-0.01x), which changed no prediction.
     """
+    if kind not in GUIDANCE:
+        raise ValueError(f"guidance must be one of {GUIDANCE}, not {kind!r}")
+    proj = model.projected(out)
+    mask = torch.ones(targets.shape[:2], dtype=proj.dtype, device=proj.device) if target_mask is None else target_mask.to(proj.dtype)
+    if model.cfg.mode == "average":
+        mean = (targets * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp(min=1.0)
+        targets, mask = mean.unsqueeze(1), (mask.sum(1, keepdim=True) > 0).to(proj.dtype)
+    if kind == "cosine":
+        dist = 1 - F.cosine_similarity(proj, targets, dim=-1, eps=1e-6)
+    else:
+        dist = (proj - targets).pow(2).sum(-1)
+    n = mask.sum(1)
+    per_pair = (dist * mask).sum(1) / n.clamp(min=1.0)
+    has = (n > 0).to(proj.dtype)
+    return (per_pair * has).sum() / has.sum().clamp(min=1.0)
+
+
+def lrkd_loss(model: LRKDStudent, out: dict, labels: torch.Tensor, targets: torch.Tensor | None, lam: float,
+              class_weights: torch.Tensor | None = None, target_mask: torch.Tensor | None = None,
+              guidance: str = "l2") -> tuple[torch.Tensor, dict]:
+    """CE(logits, y) + lambda * guidance(P(z), e) (see `guidance_loss`). Returns the loss and its parts as floats."""
     ce = F.cross_entropy(out["logits"], labels, weight=class_weights)
     if lam == 0 or targets is None or out["z"] is None:
-        return ce, {"ce": ce.item(), "latent": 0.0}
-    proj = model.projected(out)
-    if model.cfg.mode == "average":
-        per_pair = (proj[:, 0] - targets.mean(1)).pow(2).mean(-1)
-    else:
-        per_pair = (proj - targets).pow(2).mean(-1).sum(1)
-    mask = torch.ones_like(per_pair) if target_mask is None else target_mask.to(per_pair.dtype)
-    mse = (per_pair * mask).sum() / mask.sum().clamp(min=1.0)
-    return ce + lam * mse, {"ce": ce.item(), "latent": mse.item()}
+        return ce, {"ce": ce.item(), "guidance": 0.0}
+    g = guidance_loss(model, out, targets, target_mask, guidance)
+    return ce + lam * g, {"ce": ce.item(), "guidance": g.item()}
 
 
 def logit_kd_loss(out: dict, labels: torch.Tensor, teacher_probs: torch.Tensor, alpha: float, temperature: float = 1.0,
-                  class_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+                  class_weights: torch.Tensor | None = None, has_votes: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """Baseline: CE + alpha * KL(teacher label distribution || student), the teacher's distribution being the
-    share of its perspectives that chose each label."""
+    share of its perspectives that chose each label. The KL term averages over the pairs the teacher voted on
+    (`has_votes`, (B,) 1/0); pairs without votes train on CE alone rather than towards a uniform distribution."""
     ce = F.cross_entropy(out["logits"], labels, weight=class_weights)
     logp = F.log_softmax(out["logits"] / temperature, -1)
-    kd = F.kl_div(logp, teacher_probs, reduction="batchmean") * temperature**2
+    per_pair = F.kl_div(logp, teacher_probs, reduction="none").sum(-1) * temperature**2
+    has = torch.ones_like(per_pair) if has_votes is None else has_votes.to(per_pair.dtype)
+    kd = (per_pair * has).sum() / has.sum().clamp(min=1.0)
     return ce + alpha * kd, {"ce": ce.item(), "kd": kd.item()}

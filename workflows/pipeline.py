@@ -17,7 +17,7 @@ STAGES = ("prepare", "generate", "sft", "dpo", "teacher_eval", "distill", "repor
 # the folders whose manifests mark each stage done
 STAGE_DIRS = {
     "prepare": ["data"], "generate": ["mpcot"], "sft": ["teacher/sft"], "dpo": ["teacher/dpo"],
-    "teacher_eval": ["teacher/eval"], "distill": ["student/targets", "student/variants/*"], "report": [],
+    "teacher_eval": ["teacher/eval"], "distill": ["student/targets/*", "student/variants/*"], "report": [],
 }
 
 
@@ -81,14 +81,16 @@ def write_report(cfg: RunConfig, run_dir: Path) -> Path:
         lines += ["", "![teacher](plots/teacher.png)", ""]
         _bar(plots / "teacher.png", {tag: {p: v["accuracy"] for p, v in m.items()} for tag, m in models.items()}, "accuracy")
     if student:
-        from workflows.student_stages import metrics_table
+        lines += student_sections(student, run_dir)
+        _bar(plots / "student.png", {"test macro-F1": {k: v["macro_f1"]["mean"] for k, v in student["variants"].items()}}, "macro-F1")
+    ablation = _read(run_dir / "student" / "ablation.json")
+    if ablation:  # written by `thinkbroad ablate`, which is not part of the run
+        from workflows.student_stages import verdict_lines
 
-        lines += ["## Student variants (test, mean ± std over seeds)", "", metrics_table(student["variants"]), "",
-                  "![student](plots/student.png)", ""]
-        _bar(plots / "student.png", {"macro-F1": {k: v["macro_f1"]["mean"] for k, v in student["variants"].items()}}, "macro-F1")
-    ablation = run_dir / "student" / "ablation.md"
-    if ablation.exists():  # written by `thinkbroad ablate`, which is not part of the run
-        lines += ["## Student ablation (extractor x mode x lambda)", "", ablation.read_text().strip(), "",
+        lines += ["## Student ablation (λ sweep per target source, each perspective alone, SFT vs DPO teacher)", "",
+                  f"Test split ({ablation['test_pairs']} pairs); Δ = test macro-F1 minus the λ = 0 student with the same "
+                  "extractor and mode, paired by seed, 95% bootstrap interval over seeds and test pairs.", "",
+                  (run_dir / "student" / "ablation.md").read_text().strip(), "", verdict_lines(ablation["verdicts"]), "",
                   "![ablation](student/ablation.png)", ""]
     lat = bench.get("student_latency")
     if lat:
@@ -100,6 +102,40 @@ def write_report(cfg: RunConfig, run_dir: Path) -> Path:
     path.write_text("\n".join(lines) + "\n")
     log(f"report: {path}")
     return path
+
+
+def student_sections(student: dict, run_dir: Path) -> list[str]:
+    """report.md's student part: target informativeness, variants, paired verdicts, guidance diagnostics, fidelity."""
+    from workflows.student_stages import metrics_table, verdict_lines
+
+    lines = ["## Distillation targets: can they teach the label? (informativeness probe)", "",
+             "5-fold cross-validated logistic regression from each perspective's rationale embeddings (the train "
+             "targets the filter keeps) to the gold label; macro-F1 against always answering the majority label.", "",
+             "| source | perspective | rows | label counts | probe macro-F1 | majority macro-F1 |", "|---|---|---|---|---|---|"]
+    for source, probe in student.get("probes", {}).items():
+        for name, p in probe.items():
+            lines.append(f"| {source} | {name} | {p['rows']} | {p['label_counts']} | {p.get('macro_f1', float('nan')):.3f} | "
+                         f"{p.get('majority_macro_f1', float('nan')):.3f} |")
+    lines += ["", f"## Student variants (mean ± std over seeds; validation selects, test ({student['test_pairs']} pairs) is scored once)", "",
+              metrics_table(student["variants"]), "", "![student](plots/student.png)", "",
+              "**Paired verdicts** (test macro-F1 difference against the control, paired by seed, 95% bootstrap interval "
+              "over seeds and test pairs; an interval that holds 0 is no evidence either way):", "",
+              verdict_lines(student["verdicts"]), "",
+              "**Guidance diagnostics** (one fixed training batch, at the start of the first and of the last epoch; "
+              "grad ratio = |grad of λ·guidance| / |grad of CE| on the encoder's parameters):", "",
+              "| variant | CE (init → last) | guidance (init → last) | λ·guidance / CE (last) | grad ratio (init → last) |",
+              "|---|---|---|---|---|"]
+    for name, d in student["diagnostics"].items():
+        if "init_grad_ratio" in d:
+            lines.append(f"| {name} | {d['init_ce']:.3f} → {d['last_ce']:.3f} | {d['init_guidance']:.3f} → {d['last_guidance']:.3f} | "
+                         f"{d['last_guidance_share']:.3f} | {d['init_grad_ratio']:.3f} → {d['last_grad_ratio']:.3f} |")
+    lines += ["", "**Latent fidelity on validation pairs** (never trained or selected on): mean cosine between the student's "
+              "projected latent and the teacher's rationale embedding for the same pair, against the trivial predictor "
+              "(that perspective's mean training target):", "", "| variant | perspective | student cos | trivial cos |", "|---|---|---|---|"]
+    for name, d in student["diagnostics"].items():
+        for k, f in d.get("fidelity", {}).items():
+            lines.append(f"| {name} | {k} | {f['student_cos']:.3f} | {f['trivial_cos']:.3f} |")
+    return lines + [""]
 
 
 def _bar(path: Path, series: dict[str, dict[str, float]], ylabel: str) -> None:
