@@ -1,0 +1,133 @@
+"""Benchmark: is the vanilla student a sound fine-tune? The same backbone, split and max length, trained two ways
+over the same seeds: HF `AutoModelForSequenceClassification` with the library's `Trainer` (linear warm-up and decay,
+best epoch on validation macro-F1), and thinkbroad's vanilla cross-encoder (lambda = 0, no extractor) on Ray Train.
+Test macro-F1 of each, and the paired difference with a bootstrap interval. Goal: vanilla within 0.02 of the library.
+
+    .venv/bin/python bench/quality_parity.py [--config configs/local.yaml] [--seeds 0 1 2] [--lr 5e-5] [--epochs N]
+
+Writes bench/results/quality_parity.json and prints one summary line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def library_finetune(encoder: str, train: dict, val: dict, test: dict, codes: list[str], seed: int, epochs: int,
+                     lr: float, batch_size: int, max_length: int, out: Path) -> dict:
+    """The library's standard recipe: Trainer, AdamW, linear warm-up (10%) and decay, one evaluation per epoch,
+    the best epoch on validation macro-F1 restored at the end."""
+    import torch
+    from datasets import Dataset
+    from sklearn.metrics import f1_score
+    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
+                              TrainingArguments)
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    tok = AutoTokenizer.from_pretrained(encoder)
+
+    def dataset(d: dict) -> Dataset:
+        enc = tok(d["query"], d["product"], truncation="longest_first", max_length=max_length)
+        return Dataset.from_dict({**enc, "labels": d["label"].tolist()})
+
+    def macro_f1(p):
+        return {"macro_f1": f1_score(p.label_ids, p.predictions.argmax(-1), average="macro", labels=list(range(len(codes))), zero_division=0)}
+
+    model = AutoModelForSequenceClassification.from_pretrained(encoder, num_labels=len(codes), use_safetensors=True)
+    args = TrainingArguments(
+        output_dir=str(out), seed=seed, num_train_epochs=epochs, learning_rate=lr, warmup_steps=0.1,
+        lr_scheduler_type="linear", weight_decay=0.01, per_device_train_batch_size=batch_size, per_device_eval_batch_size=64,
+        eval_strategy="epoch", save_strategy="epoch", load_best_model_at_end=True, metric_for_best_model="macro_f1",
+        save_total_limit=1, report_to=[], use_cpu=True, disable_tqdm=True, logging_strategy="no",
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=dataset(train), eval_dataset=dataset(val),
+                      data_collator=DataCollatorWithPadding(tok), compute_metrics=macro_f1)
+    trainer.train()
+    pred = trainer.predict(dataset(test)).predictions.argmax(-1)
+    gold = test["label"].numpy()
+    shutil.rmtree(out, ignore_errors=True)
+    return {"macro_f1": float(f1_score(gold, pred, average="macro", labels=list(range(len(codes))), zero_division=0)),
+            "predictions": pred.tolist()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", default="configs/local.yaml")
+    ap.add_argument("--run-dir", default=None)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--lr", type=float, default=5e-5, help="the library run's learning rate")
+    ap.add_argument("--epochs", type=int, default=None, help="both runs (default: distill.train.epochs)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    args = ap.parse_args()
+
+    import pyarrow.parquet as pq
+
+    from student.data import build_examples
+    from student.evaluate import evaluate, paired_bootstrap
+    from student.train import Variant, train_student
+    from workflows.config import load_config
+    from workflows.models import resolve_model
+    from workflows.runtime import ensure_ray
+    from workflows.stages import prepare, run_dir_for
+
+    cfg = load_config(args.config, args.overrides)
+    run_dir = run_dir_for(cfg, args.run_dir)
+    settings = cfg.distill.train
+    if args.epochs:
+        settings = settings.model_copy(update={"epochs": args.epochs})
+    codes, persp = [lab.name for lab in cfg.labels], [p.name for p in cfg.perspectives]
+    paths = prepare(cfg, run_dir)
+    data = {s: build_examples(pq.read_table(paths[s]).to_pylist(), codes, persp, target_dim=1) for s in ("train", "val", "test")}
+    encoder = resolve_model(cfg.distill.backbone)
+    work = run_dir / "bench_quality_parity"
+    shutil.rmtree(work, ignore_errors=True)
+    ensure_ray()
+    lib, ours = {}, {}
+    t0 = time.time()
+    for seed in args.seeds:
+        lib[seed] = library_finetune(encoder, data["train"], data["val"], data["test"], codes, seed, settings.epochs, args.lr,
+                                     settings.batch_size * settings.num_workers, settings.max_length, work / f"hf-{seed}")
+        out = work / f"vanilla-{seed}"
+        train_student(Variant("vanilla", "vanilla", seed=seed), settings, data["train"], data["val"], encoder, codes, persp,
+                      [[0.0]] * len(persp), out)
+        from transformers import AutoTokenizer
+
+        from student.model import LRKDStudent
+
+        m = evaluate(LRKDStudent.from_pretrained(out / "best"), data["test"], AutoTokenizer.from_pretrained(out / "best"),
+                     codes, persp, settings.max_length)
+        ours[seed] = {"macro_f1": m["macro_f1"], "predictions": m["predictions"]}
+        print(f"seed {seed}: library {lib[seed]['macro_f1']:.3f}, vanilla {ours[seed]['macro_f1']:.3f}", flush=True)
+    gold = data["test"]["label"].tolist()
+    paired = paired_bootstrap(gold, {s: r["predictions"] for s, r in ours.items()}, {s: r["predictions"] for s, r in lib.items()}, len(codes))
+    stat = lambda rs: (float(np.mean([r["macro_f1"] for r in rs.values()])), float(np.std([r["macro_f1"] for r in rs.values()], ddof=1)) if len(rs) > 1 else 0.0)  # noqa: E731
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), platform.processor())
+    result = {
+        "cpu": cpu, "config": args.config, "backbone": cfg.distill.backbone, "seeds": args.seeds, "test_pairs": len(gold),
+        "settings": settings.model_dump(), "library_lr": args.lr, "seconds": round(time.time() - t0, 1),
+        "library": {"mean": stat(lib)[0], "std": stat(lib)[1], "per_seed": {s: r["macro_f1"] for s, r in lib.items()}},
+        "vanilla": {"mean": stat(ours)[0], "std": stat(ours)[1], "per_seed": {s: r["macro_f1"] for s, r in ours.items()}},
+        "vanilla_minus_library": paired,
+    }
+    out = ROOT / "bench" / "results" / "quality_parity.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    d = paired
+    print(f"quality parity ({cpu}, {cfg.distill.backbone}, {len(args.seeds)} seeds, {len(gold)} test pairs): library "
+          f"Trainer {result['library']['mean']:.3f} ± {result['library']['std']:.3f}, vanilla student "
+          f"{result['vanilla']['mean']:.3f} ± {result['vanilla']['std']:.3f} test macro-F1; vanilla - library "
+          f"{d['mean_diff']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] ({'within' if abs(d['mean_diff']) <= 0.02 else 'outside'} 0.02)")
+
+
+if __name__ == "__main__":
+    main()
