@@ -2,13 +2,17 @@
 on the same prompts (bundled ESCI pairs x the three perspectives), greedy, free-text output.
 
 Each path runs in its own subprocess, timed end to end (library import, model load / engine start included; for the
-stage also the Ray Data actor start), and the generate-only time is reported too. Writes JSON and prints one summary line.
+stage also the Ray Data actor start), and the generate-only time is reported too. `--dtypes` runs each path once per
+dtype (`auto` = what the pipeline picks: hardware/cpu.py on CPU). Writes JSON and prints one summary line with the
+CPU, its flags and the load average.
 
     .venv/bin/python bench/generation.py [--model smollm2-135m-instruct] [--prompts 256] [--max-tokens 64]
+    .venv/bin/python bench/generation.py --paths vllm,hf --dtypes float32,bfloat16,float16 --prompts 64
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -60,6 +64,7 @@ def run_path(path: str, args) -> dict:
     model = resolve_model(args.model)
     tasks, labels, perspectives = build_tasks(args.prompts)
     gen = gen_config(args)
+    engine_dtype = {} if args.dtype == "auto" else {"dtype": args.dtype}
     if path == "stage":
         import ray
 
@@ -68,7 +73,7 @@ def run_path(path: str, args) -> dict:
 
         ensure_ray()
         spec = JudgeSpec(model, args.model, [lab.model_dump() for lab in labels], [p.model_dump() for p in perspectives],
-                         gen.model_dump(), {})
+                         gen.model_dump(), engine_dtype)
         with tempfile.TemporaryDirectory() as out:
             t0 = time.time()
             res = run_generation(tasks, out, spec, gen, progress=False)
@@ -83,7 +88,7 @@ def run_path(path: str, args) -> dict:
         t0 = time.time()  # like the stage's actor, this path pays for importing vLLM
         from vllm import LLM, SamplingParams
 
-        llm = LLM(model=model, seed=0, **place.engine_defaults)
+        llm = LLM(model=model, seed=0, **{**place.engine_defaults, **engine_dtype})
         prompts = prompts_for(tasks, labels, perspectives, gen, llm.get_tokenizer())
         t1 = time.time()
         outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=gen.max_tokens), use_tqdm=False)
@@ -98,7 +103,7 @@ def run_path(path: str, args) -> dict:
         tok = AutoTokenizer.from_pretrained(model, padding_side="left")
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
-        lm = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16 if device == "cuda" else torch.float32).to(device).eval()
+        lm = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, _hf_dtype(args.dtype, device))).to(device).eval()
         prompts = prompts_for(tasks, labels, perspectives, gen, tok)
         t1 = time.time()
         tokens = 0
@@ -111,6 +116,15 @@ def run_path(path: str, args) -> dict:
         t2 = time.time()
         return {"tokens": tokens, "seconds_total": t2 - t0, "seconds_generate": t2 - t1}
     raise ValueError(path)
+
+
+def _hf_dtype(dtype: str, device: str) -> str:
+    """`auto`: bf16 on GPU, the CPU's dtype (hardware/cpu.py) on CPU."""
+    if dtype != "auto":
+        return dtype
+    from hardware.cpu import cpu_info
+
+    return "bfloat16" if device == "cuda" else cpu_info().dtype
 
 
 def _gpus() -> int:
@@ -135,37 +149,56 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=64, help="stage: prompts per vLLM call")
     p.add_argument("--hf-batch-size", type=int, default=16)
     p.add_argument("--paths", default="vllm,stage,hf")
+    p.add_argument("--dtypes", default="auto", help="comma list of auto, float32, bfloat16, float16")
+    p.add_argument("--rounds", type=int, default=1, help="repeat every setting; the best round counts")
+    p.add_argument("--dtype", default="auto", help=argparse.SUPPRESS)
     p.add_argument("--output", default=str(ROOT / "bench" / "results" / "generation.json"))
     p.add_argument("--_path", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args._path:
         print("RESULT " + json.dumps(run_path(args._path, args)), flush=True)
         return 0
+    from hardware.cpu import machine
+
+    dtypes, paths = args.dtypes.split(","), args.paths.split(",")
     results = {}
-    for path in args.paths.split(","):
+    # rounds interleave the settings (path x dtype, then again) so drift on a shared machine hits all alike
+    for _, path, dtype in itertools.product(range(args.rounds), paths, dtypes):
         cmd = [sys.executable, __file__, "--_path", path, "--model", args.model, "--prompts", str(args.prompts),
-               "--max-tokens", str(args.max_tokens), "--batch-size", str(args.batch_size), "--hf-batch-size", str(args.hf_batch_size)]
+               "--max-tokens", str(args.max_tokens), "--batch-size", str(args.batch_size),
+               "--hf-batch-size", str(args.hf_batch_size), "--dtype", dtype]
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
         if proc.returncode != 0 or not line:
             print(proc.stderr[-4000:], file=sys.stderr)
-            raise SystemExit(f"benchmark path {path!r} failed (exit {proc.returncode})")
-        r = json.loads(line[-1][7:])
+            raise SystemExit(f"benchmark path {path!r} ({dtype}) failed (exit {proc.returncode})")
+        r = json.loads(line[-1][7:]) | {"dtype": dtype}
         r["tokens_per_s_total"] = r["tokens"] / r["seconds_total"]
         if "seconds_generate" in r:
             r["tokens_per_s_generate"] = r["tokens"] / r["seconds_generate"]
-        results[path] = r
-    summary = {"model": args.model, "prompts": args.prompts, "max_tokens": args.max_tokens, "cpus": os.cpu_count(), **results}
+        key = path if len(dtypes) == 1 else f"{path}@{dtype}"
+        if key not in results or r["tokens_per_s_total"] > results[key]["tokens_per_s_total"]:
+            results[key] = r  # the least disturbed round
+    summary = {"model": args.model, "prompts": args.prompts, "max_tokens": args.max_tokens, "cpus": os.cpu_count(),
+               **machine(), **results}
     if "stage" in results and "vllm" in results:
         summary["stage_vs_raw_vllm"] = results["stage"]["tokens_per_s_total"] / results["vllm"]["tokens_per_s_total"]
     if "hf" in results and "vllm" in results:
         summary["raw_vllm_vs_transformers"] = results["vllm"]["tokens_per_s_total"] / results["hf"]["tokens_per_s_total"]
+    for path in paths:  # dtype vs fp32 on the same path, generate-only where the path reports it
+        base = results.get(f"{path}@float32")
+        for dtype in dtypes:
+            if base and dtype != "float32" and f"{path}@{dtype}" in results:
+                rate = "tokens_per_s_generate" if "tokens_per_s_generate" in base else "tokens_per_s_total"
+                summary[f"{path}_{dtype}_vs_float32"] = results[f"{path}@{dtype}"][rate] / base[rate]
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=2) + "\n")
-    parts = [f"{k}={v['tokens_per_s_total']:.0f} tok/s" for k, v in results.items()]
-    ratios = [f"{k}={summary[k]:.2f}x" for k in ("stage_vs_raw_vllm", "raw_vllm_vs_transformers") if k in summary]
-    print(f"generation ({args.model}, {args.prompts} prompts x {args.max_tokens} tok): " + ", ".join(parts + ratios) + f" -> {out}")
+    parts = [f"{k}={v['tokens_per_s_total']:.0f} tok/s" + (f" ({v['tokens_per_s_generate']:.0f} generating)" if "tokens_per_s_generate" in v else "")
+             for k, v in results.items()]
+    ratios = [f"{k}={v:.2f}x" for k, v in summary.items() if k.endswith(("_vs_raw_vllm", "_vs_transformers", "_vs_float32"))]
+    print(f"generation ({args.model}, {args.prompts} prompts x {args.max_tokens} tok): " + ", ".join(parts + ratios)
+          + f"; {summary['cpu']}; load {summary['load_average']} -> {out}")
     return 0
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from hardware.cpu import cpu_info
+
 
 @dataclass(frozen=True)
 class EnginePlacement:
@@ -39,7 +41,9 @@ def engine_placement(
                 "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
                 "OMP_NUM_THREADS": str(cpus),
             },
-            engine_defaults={"enforce_eager": True, "max_model_len": 2048},
+            # bf16 only where the CPU has it natively, else fp32 (hardware/cpu.py); decided on the driver's CPU, so a
+            # cluster of mixed processors sets generation.engine.dtype itself
+            engine_defaults={"enforce_eager": True, "max_model_len": 2048, "dtype": cpu_info().dtype},
         )
     if gpus_per_engine == 1:
         return EnginePlacement(device="gpu", remote_args={"num_cpus": 1, "num_gpus": 1}, engine_defaults={"max_model_len": 4096})

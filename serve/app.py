@@ -4,7 +4,8 @@
                       -> per item: label, probabilities per label, expected-relevance score, dominant perspective
   GET  /healthz       GET /v1/model       (OpenAPI docs at /docs)
 
-Items from concurrent requests are scored together through `@serve.batch`. Bad requests get a 4xx with a message.
+Items from concurrent requests are scored together through `@serve.batch` by a `StudentScorer` (serve/scorer.py) on
+the path that `serve.backend` / `serve.precision` pick. Bad requests get a 4xx with a message.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ray import serve
 
 from serve.config import ServeConfig
+from serve.scorer import StudentScorer
 
 
 class Item(BaseModel):
@@ -92,59 +94,13 @@ async def _http_error(request: Request, exc: HTTPError):
     return JSONResponse(status_code=exc.status, content={"error": exc.message})
 
 
-class StudentScorer:
-    """A loaded student that scores (query, product text) pairs in one forward pass. The deployment wraps it; the
-    load benchmark uses it in-process for the forward-time reference."""
-
-    def __init__(self, student_dir: str, device: str = "auto"):
-        import torch
-        from transformers import AutoTokenizer
-
-        from student.model import LRKDStudent
-
-        self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-        self.model = LRKDStudent.from_pretrained(student_dir, device=self.device)
-        self.tok = AutoTokenizer.from_pretrained(student_dir)
-        self.name = Path(student_dir).resolve().as_posix()
-        cfg = self.model.cfg
-        self.labels, self.perspectives, self.max_length = cfg.labels, cfg.perspectives, cfg.max_length
-        n = len(self.labels)
-        # ordered label set, best first: E=1, S=2/3, C=1/3, I=0 for ESCI
-        self.grades = torch.tensor([1 - i / (n - 1) for i in range(n)], device=self.device)
-
-    def score(self, pairs: list[tuple[str, str]]) -> list[dict]:
-        """Score (query, product text) pairs in one forward pass; also used in-process by the benchmark."""
-        import torch
-
-        from student.data import encode_pairs
-
-        queries, products = [q for q, _ in pairs], [p for _, p in pairs]
-        full = self.tok(queries, products, truncation=False)["input_ids"]
-        enc = encode_pairs(self.tok, queries, products, self.max_length).to(self.device)
-        with torch.inference_mode():
-            out = self.model(enc["input_ids"], enc["attention_mask"], enc.get("token_type_ids"))
-            probs = out["logits"].float().softmax(-1)
-            expected = probs @ self.grades
-            dominant = self.model.perspective_scores(out).argmax(-1).tolist() if out["z"] is not None else None
-        probs_l = probs.cpu().tolist()
-        return [
-            {
-                "label": self.labels[max(range(len(p)), key=p.__getitem__)],
-                "probabilities": dict(zip(self.labels, p)),
-                "score": float(expected[i]),
-                "dominant_perspective": self.perspectives[dominant[i]] if dominant is not None else None,
-                "truncated": len(full[i]) > self.max_length,
-            }
-            for i, p in enumerate(probs_l)
-        ]
-
-
 @serve.deployment
 @serve.ingress(app)
 class RelevanceService:
     def __init__(self, student_dir: str, settings: dict):
         self.settings = ServeConfig(**settings)
-        self.scorer = StudentScorer(student_dir, self.settings.device)
+        s = self.settings
+        self.scorer = StudentScorer(student_dir, s.device, s.backend, s.precision)
         self._score_batch.set_max_batch_size(self.settings.max_batch_size)
         self._score_batch.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
 
@@ -179,19 +135,15 @@ class RelevanceService:
 
     @app.get("/v1/model")
     async def model_info(self) -> dict:
-        sc = self.scorer
-        cfg = sc.model.cfg
-        return {
-            "model": sc.name, "labels": sc.labels, "perspectives": sc.perspectives, "extractor": cfg.extractor,
-            "mode": cfg.mode, "max_length": cfg.max_length, "device": sc.device,
-            "encoder": cfg.encoder_config.get("_name_or_path") or cfg.encoder_config.get("model_type"),
-            "max_items": self.settings.max_items, "max_batch_size": self.settings.max_batch_size,
-        }
+        return self.scorer.info() | {"max_items": self.settings.max_items, "max_batch_size": self.settings.max_batch_size}
 
 
 def build_app(args: dict) -> serve.Application:
     """Application builder for `serve run` / `serve deploy`: args = {student_dir, settings?: {...}}."""
     settings = ServeConfig(**args.get("settings", {}))
+    # torch's OpenMP threads sleep instead of spinning while idle: on a shared machine spinning threads starve the
+    # proxy and tokenisation (measured 4x slower forwards under load; onnxruntime sessions are set up alike)
+    env = {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}}
     options = {"num_replicas": settings.replicas,
-               "ray_actor_options": {"num_cpus": settings.num_cpus, "num_gpus": settings.num_gpus}}
+               "ray_actor_options": {"num_cpus": settings.num_cpus, "num_gpus": settings.num_gpus, "runtime_env": env}}
     return RelevanceService.options(**options).bind(str(Path(args["student_dir"]).resolve()), settings.model_dump())

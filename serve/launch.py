@@ -33,32 +33,35 @@ def find_student(path: str | Path) -> Path:
     return path / "student" / "variants" / f"{best}-seed{seed}" / "best"
 
 
-def run_test_split(student_dir: Path) -> Path | None:
-    """RUN/data/test.parquet of the run a student folder lies in (RUN/student/variants/NAME/best), if any."""
+def run_split(student_dir: Path, split: str = "val") -> Path | None:
+    """RUN/data/<split>.parquet of the run a student folder lies in (RUN/student/variants/NAME/best), if any."""
     for parent in list(Path(student_dir).resolve().parents)[:4]:
-        if (parent / "data" / "test.parquet").exists():
-            return parent / "data" / "test.parquet"
+        if (parent / "data" / f"{split}.parquet").exists():
+            return parent / "data" / f"{split}.parquet"
     return None
 
 
 def ensure_export(student_dir: Path, settings: ServeConfig) -> dict | None:
-    """Before serving on onnxruntime: export the student (fp32 + int8) unless a current export is in its folder.
+    """Before serving on CPU: export the student (fp32 + int8) unless a current export is in its folder.
 
-    Parity is checked on the test split of the run the student belongs to; without labelled pairs int8 is not
-    judged and `precision: auto` serves fp32. Returns the export report, None for the torch backend.
+    Parity is checked on the validation split of the run the student belongs to (choosing a precision is a choice
+    like choosing the student: test metrics stay out of it); without labelled pairs neither int8 nor bf16 is
+    judged and `auto` serves onnxruntime fp32. Returns the export report, None when the settings name a
+    path that needs none (GPU, or torch with an explicit precision).
     """
     import pyarrow.parquet as pq
 
     from serve.scorer import resolve_path
     from student.export import check_set, export_onnx, export_status, summarize
 
-    if resolve_path(settings.device, settings.backend, settings.precision, None)[1] != "onnxruntime":
-        return None
+    device = resolve_path(settings.device, settings.backend, settings.precision, None)[0]  # rejects what cannot run
+    if device != "cpu" or (settings.backend == "torch" and settings.precision != "auto"):
+        return None  # the export (and its parity rows) only matter for onnxruntime and for choosing a CPU path
     report = export_status(student_dir)
     if report is not None:
         return report
-    test = run_test_split(student_dir)
-    pairs, labels = check_set(pq.read_table(test)) if test is not None else (None, None)
+    val = run_split(student_dir, "val")
+    pairs, labels = check_set(pq.read_table(val)) if val is not None else (None, None)
     print(f"[thinkbroad] exporting {student_dir} to ONNX (fp32 + int8) for the onnxruntime backend ...", flush=True)
     report = export_onnx(student_dir, quantize=True, check_pairs=pairs, check_labels=labels)
     print(summarize(report), flush=True)
@@ -86,14 +89,15 @@ def run_local(student_dir: Path, settings: ServeConfig, block: bool = True) -> s
     from ray import serve
 
     from serve.app import build_app
+    from serve.scorer import resolve_path
     from workflows.runtime import ensure_ray
 
-    ensure_export(student_dir, settings)
+    path = resolve_path(settings.device, settings.backend, settings.precision, ensure_export(student_dir, settings))
     ensure_ray()
     serve.start(http_options={"host": settings.host, "port": settings.port})
     serve.run(build_app({"student_dir": str(student_dir), "settings": settings.model_dump()}), name="thinkbroad", route_prefix="/")
     url = f"http://{settings.host}:{settings.port}"
-    print(f"[thinkbroad] serving {student_dir} at {url}  (POST {url}/v1/relevance, docs at {url}/docs; Ctrl-C stops)", flush=True)
+    print(f"[thinkbroad] serving {student_dir} on {path[1]} {path[2]} ({path[0]}) at {url}  (POST {url}/v1/relevance, docs at {url}/docs; Ctrl-C stops)", flush=True)
     if block:
         try:
             while True:

@@ -4,6 +4,7 @@ Files written into the student folder:
   model.onnx        fp32 graph: encoder -> latent reasoning extractor -> classifier (torch.onnx dynamo exporter)
   model.int8.onnx   the same graph with int8 weights (ONNX Runtime dynamic quantization of MatMul/Gemm)
   onnx_export.json  input/output names, opset, versions, the digest of the weights it came from, parity checks
+                    (each file, and torch bf16 where the CPU has native bf16, against torch fp32)
 
 Graph interface (see README, "Serving the student"): inputs `input_ids`, `attention_mask` and, where the backbone's
 tokenizer produces them, `token_type_ids` — int64, shape [batch, sequence], both axes dynamic, from the student's
@@ -13,9 +14,11 @@ perspective's centroid; only for students with an extractor).
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +28,10 @@ from torch import nn
 FP32, INT8, REPORT = "model.onnx", "model.int8.onnx", "onnx_export.json"
 OUTPUTS = ("logits", "perspective_scores")
 FP32_MAX_DIFF = 1e-4  # the fp32 graph must reproduce torch's logits this closely
-# int8 is trusted (and served by default) when it agrees with fp32 this often and loses at most this much macro-F1
-INT8_MIN_AGREEMENT, INT8_MAX_F1_LOSS = 0.99, 0.005
+# int8 and bf16 are trusted (and served by default) when they agree with fp32 this often and lose at most this
+# much macro-F1
+REDUCED_MIN_AGREEMENT, REDUCED_MAX_F1_LOSS = 0.99, 0.005
+TORCH_BF16 = "torch-bf16"  # the parity row of torch in bf16
 
 
 class ExportWrapper(nn.Module):
@@ -107,9 +112,11 @@ def export_onnx(student_dir: str | Path, quantize: bool = True, check_pairs: lis
         n_out = len(wrapper(*args))
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
     tmp = student_dir / f".{FP32}.tmp"
-    program = torch.onnx.export(wrapper, args, dynamo=True, input_names=names, output_names=list(OUTPUTS[:n_out]),
-                                dynamic_shapes={n: {0: batch, 1: seq} for n in names}, external_data=False,
-                                verbose=False)
+    with warnings.catch_warnings():  # "axis name ... will not be used": every input shares the two named axes
+        warnings.filterwarnings("ignore", message=".*axis name.*will not be used")
+        program = torch.onnx.export(wrapper, args, dynamo=True, input_names=names, output_names=list(OUTPUTS[:n_out]),
+                                    dynamic_shapes={n: {0: batch, 1: seq} for n in names}, external_data=False,
+                                    verbose=False)
     program.save(str(tmp))
     os.replace(tmp, student_dir / FP32)
     files = [FP32]
@@ -142,46 +149,55 @@ _PROBES = [("usb c cable", "Anker USB-C to USB-C cable 2 m | color: black"),
 
 def parity(model, tok, student_dir: Path, files: list[str], pairs: list[tuple[str, str]], gold: list[str] | None,
            threads: int, batch_size: int = 32) -> dict:
-    """Torch fp32 vs each ONNX file on `pairs`: max |difference| of every output, label agreement, and macro-F1
-    against `gold` when given. fp32 `passes` when its logits are within FP32_MAX_DIFF of torch; int8 when its label
-    agreement and macro-F1 loss (which need gold labels) are within INT8_MIN_AGREEMENT and INT8_MAX_F1_LOSS."""
+    """Torch fp32 vs each ONNX file, and vs torch bf16 where this CPU has native bf16, on `pairs`: max |difference|
+    of every output, label agreement, and macro-F1 against `gold` when given.
+
+    model.onnx `passes` when its logits are within FP32_MAX_DIFF of torch. The reduced-precision paths (int8,
+    bf16) pass when their label agreement and macro-F1 loss, which need gold labels, are within
+    REDUCED_MIN_AGREEMENT and REDUCED_MAX_F1_LOSS: only then does `precision: auto` serve them.
+    """
     from sklearn.metrics import f1_score
 
+    from hardware.cpu import cpu_info
     from student.data import encode_pairs
 
-    wrapper = ExportWrapper(model).eval()
-    sessions = {f: load_session(student_dir / f, threads) for f in files}
-    outs = {"torch": [], **{f: [] for f in files}}
+    names = input_names(tok)
+    runs = {"torch": ExportWrapper(model).eval()}
+    runs |= {f: load_session(student_dir / f, threads) for f in files}
+    if cpu_info().native_bf16:
+        runs[TORCH_BF16] = ExportWrapper(copy.deepcopy(model).to(torch.bfloat16)).eval()
+    outs = {k: [] for k in runs}
     for i in range(0, len(pairs), batch_size):
         chunk = pairs[i : i + batch_size]
         enc = encode_pairs(tok, [q for q, _ in chunk], [p for _, p in chunk], model.cfg.max_length)
-        feeds = {n: enc[n].numpy() for n in input_names(tok)}
-        with torch.inference_mode():
-            outs["torch"].append([t.numpy() for t in wrapper(*(enc[n] for n in input_names(tok)))])
-        for f, s in sessions.items():
-            outs[f].append(s.run(None, feeds))
+        for k, run in runs.items():
+            if isinstance(run, nn.Module):
+                with torch.inference_mode():
+                    outs[k].append([t.float().numpy() for t in run(*(enc[n] for n in names))])
+            else:
+                outs[k].append(run.run(None, {n: enc[n].numpy() for n in names}))
     cat = {k: [np.concatenate([b[j] for b in v]) for j in range(len(v[0]))] for k, v in outs.items()}
-    ref = cat["torch"]
-    labels = model.cfg.labels
     pred = {k: v[0].argmax(-1) for k, v in cat.items()}
     result = {"pairs": len(pairs), "gold_labels": gold is not None}
     if gold is not None:
+        labels = model.cfg.labels
         y = np.array([labels.index(g) for g in gold])
         result["macro_f1"] = {k: float(f1_score(y, p, labels=list(range(len(labels))), average="macro", zero_division=0))
                               for k, p in pred.items()}
-    for f in files:
-        result[f] = {
-            "max_abs_diff": {name: float(np.abs(a - b).max()) for name, a, b in zip(OUTPUTS, ref, cat[f])},
-            "label_agreement": float((pred[f] == pred["torch"]).mean()),
-        }
-    result[FP32]["passes"] = result[FP32]["max_abs_diff"]["logits"] <= FP32_MAX_DIFF
-    if INT8 in files:
-        agree = result[INT8]["label_agreement"]
-        f1_loss = result["macro_f1"]["torch"] - result["macro_f1"][INT8] if gold is not None else None
-        result[INT8]["passes"] = bool(gold is not None and agree >= INT8_MIN_AGREEMENT and f1_loss <= INT8_MAX_F1_LOSS)
-        result[INT8]["why"] = (f"label agreement {agree:.3f} (>= {INT8_MIN_AGREEMENT}), macro-F1 loss "
-                               f"{f1_loss:+.4f} (<= {INT8_MAX_F1_LOSS}) on {len(pairs)} labelled pairs"
-                               if gold is not None else "not judged: no labelled pairs were given")
+    for k in runs:
+        if k == "torch":
+            continue
+        r = result[k] = {"max_abs_diff": {name: float(np.abs(a - b).max()) for name, a, b in zip(OUTPUTS, cat["torch"], cat[k])},
+                         "label_agreement": float((pred[k] == pred["torch"]).mean())}
+        if k == FP32:
+            r["passes"] = r["max_abs_diff"]["logits"] <= FP32_MAX_DIFF
+        elif gold is None:
+            r["passes"], r["why"] = False, "not judged: no labelled pairs were given"
+        else:
+            loss = result["macro_f1"]["torch"] - result["macro_f1"][k]
+            r["passes"] = r["label_agreement"] >= REDUCED_MIN_AGREEMENT and loss <= REDUCED_MAX_F1_LOSS
+            r["why"] = (f"label agreement {r['label_agreement']:.3f} (needs >= {REDUCED_MIN_AGREEMENT}), macro-F1 loss "
+                        f"{loss:+.4f} (needs <= {REDUCED_MAX_F1_LOSS}) on {len(pairs)} labelled pairs")
     return result
 
 
@@ -197,7 +213,7 @@ def summarize(report: dict) -> str:
     """One line per exported file: how it compares with torch fp32 and whether it passes."""
     par = report["parity"]
     lines = []
-    for f in report["files"]:
+    for f in [k for k in (FP32, INT8, TORCH_BF16) if k in par]:
         r = par[f]
         line = f"{f}: max |logit diff| {r['max_abs_diff']['logits']:.1e}, label agreement {r['label_agreement']:.1%}"
         if par["gold_labels"]:

@@ -1,4 +1,5 @@
-"""The Serve application on 127.0.0.1 with a tiny student: valid, malformed, concurrent and batched requests."""
+"""The Serve application on 127.0.0.1 with a tiny student (on the default path: onnxruntime, exported at start):
+valid, malformed, concurrent and batched requests."""
 import json
 import socket
 from concurrent.futures import ThreadPoolExecutor
@@ -68,6 +69,8 @@ def test_health_model_info_and_openapi(server):
     assert requests.get(f"{server}/healthz", timeout=10).json() == {"status": "ok"}
     info = requests.get(f"{server}/v1/model", timeout=10).json()
     assert info["labels"] == ["E", "S", "C", "I"] and info["extractor"] == "poly"
+    # auto on CPU: exported at start; without a run's labelled pairs neither int8 nor bf16 is judged -> onnxruntime fp32
+    assert (info["backend"], info["precision"], info["file"]) == ("onnxruntime", "fp32", "model.onnx")
     assert "/v1/relevance" in requests.get(f"{server}/openapi.json", timeout=10).json()["paths"]
 
 

@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+from hardware.cpu import PrecisionError
 from workflows.config import ConfigError, load_config
 from workflows.data import DataError
 from workflows.models import BUILTIN, ModelNotFound, resolve_model
@@ -46,6 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
     sv.add_argument("--port", type=int, default=None)
     sv.add_argument("--print-config", action="store_true", help="print a `serve deploy` config YAML and exit")
+    sv.add_argument("--backend", default=None, choices=["auto", "torch", "onnxruntime"], help="overrides serve.backend")
+    sv.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16", "fp16", "int8"], help="overrides serve.precision")
+    x = sub.add_parser("export", help="export a trained student to ONNX for other serving stacks (into its folder)")
+    x.add_argument("target", help="a student folder, or a run dir (its best LRKD variant)")
+    x.add_argument("--format", default="onnx", choices=["onnx"])
+    x.add_argument("--quantize", default=None, choices=["int8"], help="also write model.int8.onnx (dynamic quantization)")
+    x.add_argument("--data", default=None, help="labelled pairs to check parity on (default: the run's validation split)")
     m = sub.add_parser("setup-models", help="build/convert the built-in local models into the cache (once)")
     m.add_argument("names", nargs="*", default=list(BUILTIN), help=f"any of {', '.join(BUILTIN)}")
     return parser
@@ -60,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "serve":
             return _serve(args)
+        if args.command == "export":
+            return _export(args)
         from workflows import stages
 
         cfg = load_config(args.config, args.overrides)
@@ -91,26 +101,53 @@ def main(argv: list[str] | None = None) -> int:
 
             print(json.dumps(student_stages.evaluate_folder(cfg, run_dir, args.student), indent=2))
         return 0
-    except USER_ERRORS as exc:
+    except (*USER_ERRORS, PrecisionError) as exc:
         print(f"thinkbroad: error: {exc}", file=sys.stderr)
         return 2
 
 
 def _serve(args) -> int:
     from serve.config import ServeConfig
-    from serve.launch import find_student, run_local, serve_deploy_config
+    from serve.launch import ensure_export, find_student, run_local, serve_deploy_config
 
     settings = load_config(args.config).serve if args.config else ServeConfig()
-    settings = settings.model_copy(update={k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None})
+    given = {"host": args.host, "port": args.port, "backend": args.backend, "precision": args.precision}
+    settings = settings.model_copy(update={k: v for k, v in given.items() if v is not None})
     try:
         student = find_student(args.target)
     except FileNotFoundError as exc:
         print(f"thinkbroad: error: {exc}", file=sys.stderr)
         return 2
     if args.print_config:
+        ensure_export(student, settings)  # the replicas on the cluster read the exported files from the same path
         print(serve_deploy_config(student, settings))
         return 0
     run_local(student, settings)
+    return 0
+
+
+def _export(args) -> int:
+    """`thinkbroad export`: model.onnx (+ model.int8.onnx) and onnx_export.json into the student folder."""
+    import pyarrow.parquet as pq
+
+    from serve.launch import find_student, run_split
+    from student.export import check_set, export_onnx, summarize
+    from workflows.config import ColumnMap
+    from workflows.data import load_pairs
+
+    try:
+        student = find_student(args.target)
+    except FileNotFoundError as exc:
+        print(f"thinkbroad: error: {exc}", file=sys.stderr)
+        return 2
+    labels = json.loads((student / "student_config.json").read_text())["labels"]
+    source = args.data or run_split(student, "val")
+    table = None if source is None else load_pairs(source, "auto", ColumnMap(), labels) if args.data else pq.read_table(source)
+    pairs, gold = check_set(table) if table is not None else (None, None)
+    report = export_onnx(student, quantize=args.quantize == "int8", check_pairs=pairs, check_labels=gold)
+    print(f"exported {student}: {', '.join(report['files'])}; inputs {', '.join(report['inputs'])}; outputs "
+          f"{', '.join(report['outputs'])}; parity checked on {source or 'built-in probe pairs (int8 not judged; give --data)'}")
+    print(summarize(report))
     return 0
 
 

@@ -1,0 +1,1 @@
+"""thinkbroad: what the machine can do (processor features that decide precision)."""
