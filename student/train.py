@@ -2,8 +2,10 @@
 macro-F1, a checkpoint per epoch (resume continues after the last finished epoch) and the best model exported
 as a student folder.
 
-Training folder (`out_dir`):
-  ray/      Ray Train run state + per-epoch checkpoints (weights + training state as JSON, safetensors)
+Several students train one after another in one worker group (`train_students`, since starting a group costs
+~20 s); its Ray Train state and latest checkpoint (weights + the job and epoch it belongs to) live in the `storage`
+folder given. Each student's folder (`out_dir`):
+  trained.json  written when its training finished (early stop or last epoch)
   best/     the best epoch's student folder (student_config.json, model.safetensors, tokenizer) and
             selection.json (that epoch, its val macro-F1 and the val logits it was chosen on)
   history.json  per-epoch train loss parts, validation macro-F1, and the guidance diagnostics: CE, guidance,
@@ -22,11 +24,14 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+TRAINED = "trained.json"
+
 
 class StudentTrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     num_workers: int = Field(2, ge=1)
+    cpus_per_worker: int = Field(1, ge=1, description="CPU training: cores (threads) per worker")
     accelerator: str = Field("auto", pattern="^(auto|cpu|gpu)$")
     epochs: int = Field(5, ge=1)
     batch_size: int = Field(32, ge=1, description="per worker")
@@ -142,6 +147,23 @@ def _lr_factor(step: int, total: int, warmup: int) -> float:
 
 
 def _train_loop(cfg: dict) -> None:
+    """Ray Train worker: the jobs one after another in one worker group (starting a group costs ~20 s). A job
+    with trained.json in its folder is done; the checkpoint names the job it belongs to, which resumes there."""
+    import ray.train
+
+    checkpoint, state = ray.train.get_checkpoint(), None
+    if checkpoint:
+        from safetensors.torch import load_file
+
+        with checkpoint.as_directory() as d:
+            state = json.loads(Path(d, "state.json").read_text()) | {"weights": load_file(os.path.join(d, "model.safetensors"))}
+    for job in cfg["jobs"]:
+        if (Path(job["out_dir"]) / TRAINED).exists():
+            continue
+        _train_job(cfg, job, state if state and state["job"] == job["out_dir"] else None)
+
+
+def _train_job(cfg: dict, job: dict, resume: dict | None) -> None:
     import ray.train
     import ray.train.torch
     from sklearn.metrics import f1_score
@@ -151,29 +173,30 @@ def _train_loop(cfg: dict) -> None:
     from student.model import LRKDStudent, StudentConfig, logit_kd_loss, lrkd_loss
 
     settings = StudentTrainConfig(**cfg["settings"])
-    variant = Variant(**cfg["variant"])
+    variant = Variant(**job["variant"])
+    data = cfg["datasets"][job["data"]]
+    out_dir = Path(job["out_dir"])
     torch.manual_seed(variant.seed)
     rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
     tok = AutoTokenizer.from_pretrained(cfg["encoder_path"])
+    train, val = data["train"], data["val"]
+    if variant.target_perspectives:  # this variant's guidance reads only these perspectives' targets
+        keep = torch.tensor([float(p in variant.target_perspectives) for p in cfg["perspectives"]])
+        train = {**train, "target_mask": train["target_mask"] * keep}
     student_cfg = StudentConfig(labels=cfg["labels"], perspectives=cfg["perspectives"],
                                 extractor=variant.extractor if variant.kind == "lrkd" else "none", mode=variant.mode,
                                 latent_dim=settings.latent_dim, poly_codes=settings.poly_codes,
-                                target_dim=cfg["target_dim"], max_length=settings.max_length, sep_token_id=tok.sep_token_id)
+                                target_dim=int(train["targets"].shape[-1]), max_length=settings.max_length,
+                                sep_token_id=tok.sep_token_id)
     model = LRKDStudent.from_encoder(cfg["encoder_path"], student_cfg)
-    model.centroids.copy_(torch.tensor(cfg["centroids"]))
+    model.centroids.copy_(torch.tensor(data["centroids"]))
     start_epoch, best, history = 0, -1.0, []
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        from safetensors.torch import load_file
-
-        with checkpoint.as_directory() as d:
-            model.load_state_dict(load_file(os.path.join(d, "model.safetensors")))
-            state = json.loads(Path(d, "state.json").read_text())
-        start_epoch, best, history = state["epoch"] + 1, state["best"], state["history"]
+    if resume:
+        model.load_state_dict(resume["weights"])
+        start_epoch, best, history = resume["epoch"] + 1, resume["best"], resume["history"]
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": variant.kind == "lrkd"})
     device = ray.train.torch.get_device()
     core = model.module if hasattr(model, "module") else model
-    train, val = cfg["train"], cfg["val"]
     weights = class_weights(train["label"], len(cfg["labels"]), settings.class_weighting)
     weights = weights.to(device) if weights is not None else None
     encoder_ids = {id(p) for p in core.encoder.parameters()}
@@ -224,19 +247,25 @@ def _train_loop(cfg: dict) -> None:
             best, stale = f1, 0
         else:
             stale += 1
-        metrics = {"epoch": epoch, "val_macro_f1": f1, "best_val_macro_f1": best}
+        done = stale >= settings.patience or epoch == settings.epochs - 1
+        if rank == 0:
+            print(f"[thinkbroad] student [{job['index']}/{len(cfg['jobs'])}] {variant.name} seed {variant.seed}: epoch "
+                  f"{epoch + 1}/{settings.epochs}, val macro-F1 {f1:.3f}, {history[-1]['seconds']} s" + (", done" if done else ""), flush=True)
+        metrics = {"job": variant.name, "seed": variant.seed, "epoch": epoch, "val_macro_f1": f1, "best_val_macro_f1": best}
         with tempfile.TemporaryDirectory() as tmp:
             if rank == 0:
                 from safetensors.torch import save_file
 
                 save_file({k: v.detach().cpu().contiguous() for k, v in core.state_dict().items()}, os.path.join(tmp, "model.safetensors"))
-                Path(tmp, "state.json").write_text(json.dumps({"epoch": epoch, "best": best, "history": history}))
+                Path(tmp, "state.json").write_text(json.dumps({"job": job["out_dir"], "epoch": epoch, "best": best, "history": history}))
                 if improved:
                     selection = {"epoch": epoch, "val_macro_f1": f1, "val_logits": val_out["logits"].tolist()}
-                    _save_atomic(core, tok, Path(cfg["out_dir"]) / "best", selection)
-                Path(cfg["out_dir"], "history.json").write_text(json.dumps(history, indent=1))
+                    _save_atomic(core, tok, out_dir / "best", selection)
+                (out_dir / "history.json").write_text(json.dumps(history, indent=1))
+                if done:  # before the report: a kill after it must not retrain this job
+                    (out_dir / TRAINED).write_text(json.dumps({"epochs": len(history), "best_val_macro_f1": best}))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None)
-        if stale >= settings.patience:
+        if done:
             break
 
 
@@ -249,25 +278,49 @@ def _save_atomic(model, tok, path: Path, selection: dict) -> None:
     os.replace(tmp, path)
 
 
-def train_student(variant: Variant, settings: StudentTrainConfig, train: dict, val: dict, encoder_path: str,
-                  labels: list[str], perspectives: list[str], centroids: list, out_dir: str | Path) -> dict:
-    """Train one variant; rerunning with the same out_dir resumes it. Returns the per-epoch history."""
+@dataclass
+class StudentJob:
+    """One student for `train_students`: the variant, its output folder, and the key of its data in `datasets`."""
+
+    variant: Variant
+    out_dir: str
+    data: str
+
+
+def train_students(jobs: list[StudentJob], datasets: dict[str, dict], settings: StudentTrainConfig, encoder_path: str,
+                   labels: list[str], perspectives: list[str], storage: str | Path) -> None:
+    """Train the jobs one after another in one Ray Train worker group (DDP over `settings.num_workers`).
+
+    datasets: key -> {"train", "val" (example dicts), "centroids"}. A job whose folder has trained.json is
+    skipped; rerunning the same jobs with the same `storage` resumes the interrupted one at its last epoch."""
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    out = Path(out_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    if all((Path(j.out_dir) / TRAINED).exists() for j in jobs):
+        return
+    for j in jobs:
+        Path(j.out_dir).mkdir(parents=True, exist_ok=True)
     device = _device(settings.accelerator)
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={
-            "variant": asdict(variant), "settings": settings.model_dump(), "train": train, "val": val,
-            "encoder_path": str(Path(encoder_path).resolve()), "labels": labels, "perspectives": perspectives,
-            "target_dim": int(train["targets"].shape[-1]), "centroids": centroids, "out_dir": str(out),
+            "jobs": [{"variant": asdict(j.variant), "out_dir": str(Path(j.out_dir).resolve()), "data": j.data, "index": i}
+                     for i, j in enumerate(jobs, 1)],
+            "datasets": datasets, "settings": settings.model_dump(), "encoder_path": str(Path(encoder_path).resolve()),
+            "labels": labels, "perspectives": perspectives,
         },
-        scaling_config=ScalingConfig(num_workers=settings.num_workers, use_gpu=device == "gpu"),
+        scaling_config=ScalingConfig(num_workers=settings.num_workers, use_gpu=device == "gpu",
+                                     resources_per_worker=None if device == "gpu" else {"CPU": settings.cpus_per_worker}),
         torch_config=TorchConfig(backend="nccl" if device == "gpu" else "gloo"),
-        run_config=RunConfig(name="student", storage_path=str(out / "ray"), checkpoint_config=CheckpointConfig(num_to_keep=1)),
+        run_config=RunConfig(name="students", storage_path=str(Path(storage).resolve()), checkpoint_config=CheckpointConfig(num_to_keep=1)),
     )
     trainer.fit()
+
+
+def train_student(variant: Variant, settings: StudentTrainConfig, train: dict, val: dict, encoder_path: str,
+                  labels: list[str], perspectives: list[str], centroids: list, out_dir: str | Path) -> list[dict]:
+    """Train one variant into out_dir (rerunning resumes it). Returns the per-epoch history."""
+    out = Path(out_dir)
+    train_students([StudentJob(variant, str(out), "data")], {"data": {"train": train, "val": val, "centroids": centroids}},
+                   settings, encoder_path, labels, perspectives, out / "ray")
     return json.loads((out / "history.json").read_text())

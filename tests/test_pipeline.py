@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -20,7 +21,7 @@ from conftest import ROOT
 from workflows.runtime import free_port
 
 BIN = Path(sys.executable).parent
-SMOKE_VARIANTS = {"vanilla", "logit_kd", "lrkd-poly-unified"}
+SMOKE_VARIANTS = {"vanilla", "logit_kd", "lrkd-poly-unified", "lrkd-poly-unified-lam0"}
 
 
 def _manifests(run_dir: Path) -> dict[str, str]:
@@ -31,7 +32,8 @@ def _manifests(run_dir: Path) -> dict[str, str]:
 
 def _check_report(run_dir: Path, variants: set[str], teacher_eval: bool) -> dict:
     report = (run_dir / "report.md").read_text()
-    assert "## MPCoT generation" in report and "## Student variants" in report
+    assert "## MPCoT generation" in report and "## Student variants" in report and "**Paired verdicts**" in report
+    assert "informativeness probe" in report and "grad ratio" in report
     assert ("## Teacher: base vs SFT vs SFT+DPO" in report) == teacher_eval
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert set(metrics["student"]) == variants
@@ -109,7 +111,7 @@ def test_ray_job_submit_runs_the_smoke_pipeline(tmp_path):
         head.wait()
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
-    # a finished run's students evaluate again through the CLI, and the ablation adds only the missing lambda = 0 runs
+    # a finished run's students evaluate again through the CLI, and the ablation adds only what distill did not train
     cfg = str(ROOT / "configs" / "smoke.yaml")
     student = run_dir / "student" / "variants" / "lrkd-poly-unified-seed0" / "best"
     ev = subprocess.run([sys.executable, "-m", "workflows.cli", "eval", "--config", cfg, "--run-dir", str(run_dir),
@@ -121,20 +123,25 @@ def test_ray_job_submit_runs_the_smoke_pipeline(tmp_path):
     abl = subprocess.run([sys.executable, "-m", "workflows.cli", "ablate", "--config", cfg, "--run-dir", str(run_dir)],
                          cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert abl.returncode == 0, abl.stderr[-3000:]
-    # new: lambda = 0, and the default variant learning from the SFT teacher's rationales (targets written for it)
-    assert abl.stdout.count("student [") == 2, abl.stdout[-3000:]
-    assert "targets: sft teacher writes 48 rationales" in abl.stdout
+    # new: the gold-conditioned and label-text students, and the default variant learning from the SFT teacher
+    trained = re.findall(r"student \[\d+/\d+\] (\S+) seed 0: .*, done", abl.stdout)
+    assert sorted(trained) == ["lrkd-poly-unified", "lrkd-poly-unified-gold_conditioned", "lrkd-poly-unified-label_text"], abl.stdout[-3000:]
+    assert "targets [gold_conditioned]: dpo teacher writes 72 rationales (16 train + 8 val pairs x 3 perspectives; told the gold label)" in abl.stdout
+    assert "targets [teacher]: sft teacher writes 72 rationales" in abl.stdout
+    gold = pq.read_table(run_dir / "student" / "targets" / "gold_conditioned" / "targets.parquet").to_pylist()
+    assert all(r["predicted_label"] == r["gold_label"] for r in gold if r["parse_ok"])  # the answer is held to the gold label
     rows = list(csv.DictReader(open(run_dir / "student" / "ablation.csv")))
-    assert {(r["extractor"], r["mode"], float(r["lambda"]), r["teacher"]) for r in rows} == {
-        ("vanilla", "", 0.0, ""), ("logit_kd", "", 0.0, "dpo"), ("poly", "unified", 0.0, ""),
-        ("poly", "unified", 0.1, "dpo"), ("poly", "unified", 0.1, "sft")}
+    assert {(r["variant"], float(r["lambda"]), r["source"], r["teacher"]) for r in rows} == {
+        ("lrkd-poly-unified-lam0", 0.0, "", ""), ("lrkd-poly-unified-gold_conditioned", 0.1, "gold_conditioned", "dpo"),
+        ("lrkd-poly-unified-label_text", 0.1, "label_text", ""), ("lrkd-poly-unified-sftteacher", 0.1, "teacher", "sft")}
+    assert all(r["verdict"] in ("helps", "hurts", "no evidence") for r in rows if float(r["lambda"]) > 0)
     png = (run_dir / "student" / "ablation.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
-    assert "| lrkd-poly-unified-lam0 |" in (run_dir / "student" / "ablation.md").read_text()
     report = subprocess.run([sys.executable, "-m", "workflows.cli", "run", "--config", cfg, "--run-dir", str(run_dir),
                              "--only", "report"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert report.returncode == 0, report.stderr[-2000:]
-    assert "## Student ablation" in (run_dir / "report.md").read_text()
+    text = (run_dir / "report.md").read_text()
+    assert "## Student ablation" in text and "| label_text |" in text and "lrkd-poly-unified-label_text vs lrkd-poly-unified-lam0" in text
 
 
 def _submit(cmd: list[str], env: dict) -> subprocess.CompletedProcess:
@@ -194,25 +201,29 @@ def test_smoke_pipeline_on_two_nodes_killed_mid_stage_resumes(tmp_path):
         seen = []
         for line in first.stdout:
             seen.append(line)
-            if "student [3/" in line:  # two students finished, the third is training
+            if "student [3/" in line:  # two students finished, the third is one epoch in
                 break
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
         log = "".join(seen)
         assert "student [3/" in log, log[-4000:]
         before = _manifests(run_dir)
-        assert {"data", "mpcot", "teacher/sft", "teacher/dpo", "student/targets",
-                "student/variants/vanilla-seed0", "student/variants/logit_kd-seed0"} <= set(before)
+        assert {"data", "mpcot", "teacher/sft", "teacher/dpo", "student/targets/teacher"} <= set(before)
+        variants = run_dir / "student" / "variants"
+        finished = {p: p.stat().st_mtime_ns for name in ("vanilla-seed0", "logit_kd-seed0")
+                    for p in (variants / name / "trained.json", variants / name / "best" / "model.safetensors")}
         assert not (run_dir / "report.md").exists()
 
         second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
         out = second.stdout + second.stderr
         assert second.returncode == 0, out[-4000:]
         after = _manifests(run_dir)
-        assert {k: after[k] for k in before} == before, "a finished stage or student ran again"
-        for stage in ("prepare", "generate", "sft", "dpo", "targets"):
+        assert {k: after[k] for k in before} == before, "a finished stage ran again"
+        assert {p: p.stat().st_mtime_ns for p in finished} == finished, "a finished student trained again"
+        for stage in ("prepare", "generate", "sft", "dpo", "targets [teacher]"):
             assert f"{stage}: up to date" in out
-        assert "student [1/" not in out and "student [2/" not in out and "student [3/" in out
+        # the interrupted student continues at its second epoch
+        assert "student [1/" not in out and "student [2/" not in out and "student [3/4] lrkd-poly-unified seed 0: epoch 2/2" in out
         _check_report(run_dir, SMOKE_VARIANTS, teacher_eval=False)
 
         # the two training workers of each stage ran on different nodes

@@ -19,7 +19,7 @@ from mpcot.generate import expand_tasks, run_generation, write_parquet_atomic
 from student.config import DistillConfig
 from student.data import build_examples
 from student.evaluate import aggregate, evaluate, latent_fidelity, paired_bootstrap
-from student.train import Variant, predict, train_student
+from student.train import TRAINED, Variant, predict
 from workflows.artifacts import fingerprint, invalidate, is_fresh, start_attempt, write_json_atomic, write_manifest
 from workflows.config import RunConfig
 from workflows.models import resolve_model
@@ -70,10 +70,10 @@ def stratified_sample(table: pa.Table, n: int | None, seed: int) -> pa.Table:
     return table.take(pa.array(np.sort(keep), pa.int64()))
 
 
-def target_pairs(cfg: RunConfig, run_dir: Path) -> dict[str, pa.Table]:
+def target_pairs(cfg: RunConfig, paths: dict[str, Path]) -> dict[str, pa.Table]:
     """The train pairs that get targets (for the guidance term) and the val pairs that get them (for latent
     fidelity only), each a stratified sample."""
-    paths, d = prepare(cfg, run_dir), cfg.distill
+    d = cfg.distill
     return {"train": stratified_sample(pq.read_table(paths["train"]), d.max_target_pairs, cfg.seed),
             "val": stratified_sample(pq.read_table(paths["val"]), d.fidelity_pairs, cfg.seed + 1)}
 
@@ -90,8 +90,8 @@ def targets(cfg: RunConfig, run_dir: Path, source: str | None = None, teacher: s
     source, teacher = source or d.target_source, teacher or d.teacher
     llm = source != "label_text"
     out = run_dir / "student" / "targets" / (source + (_teacher_tag(cfg, teacher) if llm else ""))
-    pairs = target_pairs(cfg, run_dir)
     split_paths = prepare(cfg, run_dir)
+    pairs = target_pairs(cfg, split_paths)
     teacher_path, teacher_name = _teacher_model(cfg, run_dir, teacher) if llm else ("", "")
     key = targets_key(cfg, teacher if llm else "", source)
     inputs = {"train": fingerprint(split_paths["train"]), "val": fingerprint(split_paths["val"])}
@@ -257,20 +257,20 @@ class StudentData:
 def train_variants(cfg: RunConfig, run_dir: Path, variants: list[Variant], teacher: str | None = None) -> list[dict]:
     """Train + evaluate each variant/seed (each cached in its own folder); returns [{variant, seed, metrics}].
 
-    metrics: the test split's (scored once, with per-pair predictions), plus `val` (the reloaded best model on
-    validation: what selection uses), `fidelity` (validation pairs) and `diagnostics` (first and last epoch).
-    `teacher`: learn from another teacher's targets than `distill.teacher`; the variant names get a suffix."""
+    The ones not up to date train one after another in one Ray Train worker group, then each is scored: the test
+    split once (with per-pair predictions), `val` (the reloaded best model on validation: what selection uses),
+    `fidelity` (validation pairs) and `diagnostics` (first and last epoch). `teacher`: learn from another teacher's
+    targets than `distill.teacher`; the variant names get a suffix."""
+    from student.train import StudentJob, train_students
+
     tag = _teacher_tag(cfg, teacher)
     data = StudentData(cfg, run_dir, teacher)
-    encoder = resolve_model(cfg.distill.backbone)
-    base_key = cfg.section_hash("labels", "perspectives", "data")
     settings = cfg.distill.train
+    base_key = cfg.section_hash("labels", "perspectives", "data")
     splits = {s: fingerprint(data.paths[s]) for s in ("train", "val", "test")}
-    runs = []
-    ensure_ray()
-    for i, v in enumerate(variants, 1):
-        name = v.name + tag
-        out = run_dir / "student" / "variants" / f"{name}-seed{v.seed}"
+    todo = []
+    for v in variants:
+        out = run_dir / "student" / "variants" / f"{v.name}{tag}-seed{v.seed}"
         reads = [] if v.kind == "vanilla" or (v.kind == "lrkd" and v.lam == 0) else \
             ["teacher"] if v.kind == "logit_kd" else [v.target_source or cfg.distill.target_source]
         key = hashlib.sha256(json.dumps([base_key, dataclasses.asdict(v), settings.model_dump(), cfg.distill.backbone,
@@ -279,16 +279,33 @@ def train_variants(cfg: RunConfig, run_dir: Path, variants: list[Variant], teach
         inputs = splits | {f"targets_{s}": fingerprint(data.target_path(s)) for s in reads}
         if not is_fresh(out, key, inputs):
             invalidate(out)
-            start_attempt(out / "ray", key, f"student {v.name}")
-            t0 = time.time()
-            log(f"student [{i}/{len(variants)}] {name} seed {v.seed}")
-            train, val, test, centroids = data.for_variant(v)
-            history = train_student(v, settings, train, val, encoder, data.codes, data.persp, centroids, out)
-            metrics = _score(out / "best", train, val, test, data, v, history)
-            write_json_atomic(metrics, out / "eval.json")
+            start_attempt(out, key, f"student {v.name}{tag}")  # a changed config discards the old student
+            todo.append((v, out, key, inputs))
+    if todo:
+        ensure_ray()
+        t0 = time.time()
+        source = {id(v): v.target_source or cfg.distill.target_source for v, *_ in todo}
+        datasets = {}
+        for src in dict.fromkeys(source.values()):
+            train, val, _, centroids = data.examples(src)
+            datasets[src] = {"train": train, "val": val, "centroids": centroids}
+        group = hashlib.sha256(json.dumps(sorted((str(o), k) for _, o, k, _ in todo)).encode()).hexdigest()[:12]
+        storage = run_dir / "student" / "trainer" / group
+        log(f"students: {len(todo)} to train ({sum((o / TRAINED).exists() for _, o, *_ in todo)} already trained), one after "
+            f"another in one Ray Train worker group ({settings.num_workers} workers); progress per epoch below")
+        train_students([StudentJob(v, str(o), source[id(v)]) for v, o, *_ in todo], datasets, settings,
+                       resolve_model(cfg.distill.backbone), data.codes, data.persp, storage)
+        for v, out, key, inputs in todo:
+            history = json.loads((out / "history.json").read_text())
+            train, val, test, _ = data.for_variant(v)
+            write_json_atomic(_score(out / "best", train, val, test, data, v, history), out / "eval.json")
             write_manifest(out, "student", key, inputs, t0, epochs=len(history),
                            best_val_macro_f1=max(h["val_macro_f1"] for h in history))
-        runs.append({"variant": name, "seed": v.seed, "metrics": json.loads((out / "eval.json").read_text())})
+        shutil.rmtree(storage, ignore_errors=True)
+    runs = []
+    for v in variants:
+        out = run_dir / "student" / "variants" / f"{v.name}{tag}-seed{v.seed}"
+        runs.append({"variant": v.name + tag, "seed": v.seed, "metrics": json.loads((out / "eval.json").read_text())})
     return runs
 
 
