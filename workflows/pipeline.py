@@ -82,7 +82,7 @@ def write_report(cfg: RunConfig, run_dir: Path) -> Path:
         _bar(plots / "teacher.png", {tag: {p: v["accuracy"] for p, v in m.items()} for tag, m in models.items()}, "accuracy")
     if student:
         lines += student_sections(student, run_dir)
-        _bar(plots / "student.png", {"test macro-F1": {k: v["macro_f1"]["mean"] for k, v in student["variants"].items()}}, "macro-F1")
+        _student_plot(plots / "student.png", student)
     ablation = _read(run_dir / "student" / "ablation.json")
     if ablation:  # written by `thinkbroad ablate`, which is not part of the run
         from workflows.student_stages import verdict_lines
@@ -136,6 +136,36 @@ def student_sections(student: dict, run_dir: Path) -> list[str]:
         for k, f in d.get("fidelity", {}).items():
             lines.append(f"| {name} | {k} | {f['student_cos']:.3f} | {f['trivial_cos']:.3f} |")
     return lines + [""]
+
+
+def _student_plot(path: Path, student: dict) -> None:
+    """Left: validation and test macro-F1 per variant (mean, bars = std over seeds). Right: each paired verdict's
+    mean difference with its 95% bootstrap interval."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(student["variants"])
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 3.8), gridspec_kw={"width_ratios": [3, 2]})
+    for i, split in enumerate(("val_macro_f1", "macro_f1")):
+        stats = [student["variants"][n].get(split, {"mean": float("nan"), "std": 0}) for n in names]
+        ax.errorbar([j + 0.15 * (2 * i - 1) for j in range(len(names))], [s["mean"] for s in stats], yerr=[s["std"] for s in stats],
+                    fmt="o", capsize=3, label="validation" if i == 0 else "test")
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("macro-F1 (mean ± std over seeds)")
+    ax.legend(fontsize=8)
+    v = student.get("verdicts", {})
+    rows = list(v.items())
+    bx.errorbar([r["mean_diff"] for _, r in rows], range(len(rows)),
+                xerr=[[r["mean_diff"] - r["ci95"][0] for _, r in rows], [r["ci95"][1] - r["mean_diff"] for _, r in rows]],
+                fmt="o", capsize=3)
+    bx.axvline(0, color="gray", lw=1)
+    bx.set_yticks(range(len(rows)), [f"{n}\nvs {r['against']}" for n, r in rows], fontsize=7)
+    bx.set_xlabel("test macro-F1 difference (95% CI)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def _bar(path: Path, series: dict[str, dict[str, float]], ylabel: str) -> None:
