@@ -53,7 +53,7 @@ class StudentTrainConfig(BaseModel):
 class Variant:
     """One student to train: `kind` vanilla | logit_kd | lrkd. `target_source` (teacher | gold_conditioned |
     label_text) and `target_perspectives` (a subset, None = all) say which targets its guidance term reads; the
-    training loop only sees the targets the stage hands it."""
+    stage hands the training loop those targets (the others masked)."""
 
     name: str
     kind: str
@@ -180,9 +180,6 @@ def _train_job(cfg: dict, job: dict, resume: dict | None) -> None:
     rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
     tok = AutoTokenizer.from_pretrained(cfg["encoder_path"])
     train, val = data["train"], data["val"]
-    if variant.target_perspectives:  # this variant's guidance reads only these perspectives' targets
-        keep = torch.tensor([float(p in variant.target_perspectives) for p in cfg["perspectives"]])
-        train = {**train, "target_mask": train["target_mask"] * keep}
     student_cfg = StudentConfig(labels=cfg["labels"], perspectives=cfg["perspectives"],
                                 extractor=variant.extractor if variant.kind == "lrkd" else "none", mode=variant.mode,
                                 latent_dim=settings.latent_dim, poly_codes=settings.poly_codes,

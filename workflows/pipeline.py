@@ -91,6 +91,8 @@ def write_report(cfg: RunConfig, run_dir: Path) -> Path:
                   f"Test split ({ablation['test_pairs']} pairs); Δ = test macro-F1 minus the λ = 0 student with the same "
                   "extractor and mode, paired by seed, 95% bootstrap interval over seeds and test pairs.", "",
                   (run_dir / "student" / "ablation.md").read_text().strip(), "", verdict_lines(ablation["verdicts"]), "",
+                  *(["One perspective's targets alone against all three (the same variant otherwise):", "",
+                     verdict_lines(ablation["perspective_verdicts"]), ""] if ablation.get("perspective_verdicts") else []),
                   "![ablation](student/ablation.png)", ""]
     lat = bench.get("student_latency")
     if lat:

@@ -284,11 +284,13 @@ def train_variants(cfg: RunConfig, run_dir: Path, variants: list[Variant], teach
     if todo:
         ensure_ray()
         t0 = time.time()
-        source = {id(v): v.target_source or cfg.distill.target_source for v, *_ in todo}
+        # one dataset per (target source, perspectives kept); students that share one share its copy
+        source = {id(v): "|".join([v.target_source or cfg.distill.target_source, *(v.target_perspectives or [])]) for v, *_ in todo}
         datasets = {}
-        for src in dict.fromkeys(source.values()):
-            train, val, _, centroids = data.examples(src)
-            datasets[src] = {"train": train, "val": val, "centroids": centroids}
+        for v, *_ in todo:
+            if source[id(v)] not in datasets:
+                train, val, _, centroids = data.for_variant(v)
+                datasets[source[id(v)]] = {"train": train, "val": val, "centroids": centroids}
         group = hashlib.sha256(json.dumps(sorted((str(o), k) for _, o, k, _ in todo)).encode()).hexdigest()[:12]
         storage = run_dir / "student" / "trainer" / group
         log(f"students: {len(todo)} to train ({sum((o / TRAINED).exists() for _, o, *_ in todo)} already trained), one after "
@@ -341,16 +343,17 @@ def _twin(name: str) -> str | None:
     return "-".join(parts[:3]) + "-lam0"
 
 
-def verdicts(runs: list[dict], codes: list[str], resamples: int, test_gold: list[int]) -> dict:
-    """Every LRKD variant against its lambda = 0 twin, and logit-KD against vanilla: paired by seed on the test
-    split, mean macro-F1 difference with a bootstrap 95% interval and a verdict."""
+def verdicts(runs: list[dict], codes: list[str], resamples: int, test_gold: list[int], against: dict[str, str] | None = None) -> dict:
+    """Paired by seed on the test split: mean macro-F1 difference with a bootstrap 95% interval and a verdict, for
+    each variant -> control in `against` (default: every LRKD variant against its lambda = 0 twin, and logit-KD
+    against vanilla)."""
     preds: dict[str, dict[int, list[int]]] = {}
     for r in runs:
         preds.setdefault(r["variant"], {})[r["seed"]] = r["metrics"]["predictions"]
-    pairs = {name: _twin(name) for name in preds}
-    pairs["logit_kd"] = "vanilla"
+    if against is None:
+        against = {name: _twin(name) for name in preds} | {"logit_kd": "vanilla"}
     out = {}
-    for name, base in pairs.items():
+    for name, base in against.items():
         if base and name in preds and base in preds:
             out[name] = {"against": base, **paired_bootstrap(test_gold, preds[name], preds[base], len(codes), resamples)}
     return out
@@ -389,8 +392,12 @@ def _report(cfg: RunConfig, run_dir: Path, runs: list[dict]) -> dict:
     codes = [lab.name for lab in cfg.labels]
     test = pq.read_table(prepare(cfg, run_dir)["test"]).column("label").to_pylist()
     gold = [codes.index(c) for c in test]
+    names = {r["variant"] for r in runs}
+    # one perspective's targets alone against all three (the same variant otherwise)
+    alone = {n: n.split("-only_")[0] for n in names if "-only_" in n}
     return {"split": "test", "test_pairs": len(gold), "variants": aggregate(runs, codes),
             "verdicts": verdicts(runs, codes, cfg.distill.bootstrap_resamples, gold),
+            "perspective_verdicts": verdicts(runs, codes, cfg.distill.bootstrap_resamples, gold, alone) if alone else {},
             "diagnostics": _summaries(runs), "runs": runs}
 
 
