@@ -113,3 +113,22 @@ def test_served_student_is_chosen_on_validation_only(tmp_path):
     # any test metrics: the same choice
     flipped = {v: {s: 1 - x for s, x in seeds.items()} for v, seeds in test.items()}
     assert find_student(_run_dir(tmp_path, val, flipped)) == chosen
+
+
+def test_single_perspective_variant_reads_only_that_perspectives_targets():
+    import torch
+
+    from student.config import DistillConfig
+    from workflows.student_stages import StudentData
+
+    data = object.__new__(StudentData)  # no run dir: examples() is what the stage built from the targets
+    data.persp = ["user_intent", "structured_analysis", "business_rules"]
+    data.cfg = type("Cfg", (), {"distill": DistillConfig()})()
+    full = {"targets": torch.ones(2, 3, 4), "target_mask": torch.ones(2, 3)}
+    data.examples = lambda source: (dict(full), dict(full), {}, [[0.0] * 4] * 3)
+    d = DistillConfig(seeds=[0])
+    alone = d.ablation_variants(data.persp)[-2]  # structured_analysis alone
+    assert alone.name == "lrkd-poly-unified-only_structured_analysis"
+    train, val, _, _ = data.for_variant(alone)
+    assert train["target_mask"].tolist() == [[0, 1, 0], [0, 1, 0]] and val["target_mask"].tolist() == [[0, 1, 0], [0, 1, 0]]
+    assert data.for_variant(d.lrkd("poly", "unified", 0.1, 0))[0]["target_mask"].sum() == 6
