@@ -13,12 +13,17 @@ MANIFEST = "manifest.json"
 _TMP = re.compile(r"^\..+\.\d+\.tmp$")
 
 
-def write_json_atomic(obj, path: str | Path) -> None:
+def write_text_atomic(text: str, path: str | Path) -> None:
+    """Write to a temp file beside `path`, then rename: a reader never sees half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json_atomic(obj, path: str | Path) -> None:
+    write_text_atomic(json.dumps(obj, indent=2, default=str) + "\n", path)
 
 
 def fingerprint(path: str | Path) -> str:

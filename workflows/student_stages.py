@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
+import io
 import json
 import shutil
 import time
@@ -20,7 +21,8 @@ from student.config import DistillConfig
 from student.data import build_examples
 from student.evaluate import aggregate, evaluate, latent_fidelity, paired_bootstrap
 from student.train import TRAINED, Variant, predict
-from workflows.artifacts import fingerprint, invalidate, is_fresh, start_attempt, write_json_atomic, write_manifest
+from workflows.artifacts import (fingerprint, invalidate, is_fresh, start_attempt, write_json_atomic, write_manifest,
+                                 write_text_atomic)
 from workflows.config import RunConfig
 from workflows.models import resolve_model
 from workflows.runtime import ensure_ray
@@ -460,11 +462,12 @@ def ablate(cfg: RunConfig, run_dir: Path) -> Path:
             "grad_ratio_init": diag.get("init_grad_ratio"), "guidance_share_last": diag.get("last_guidance_share"),
             "fidelity_gain": _mean_gain(diag.get("fidelity")),
         })
-    with open(out / "ablation.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    (out / "ablation.md").write_text(ablation_table(rows) + "\n")
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    write_text_atomic(buf.getvalue(), out / "ablation.csv")
+    write_text_atomic(ablation_table(rows) + "\n", out / "ablation.md")
     _plot(rows, out / "ablation.png")
     log(f"ablation: {len(rows)} variants -> {out / 'ablation.csv'}, ablation.md, ablation.png")
     return out / "ablation.csv"
