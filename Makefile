@@ -4,7 +4,9 @@
 setup:
 	bash scripts/setup.sh
 
+# the first line names the CPU and the dtype its flags pick: bf16 is fast only with native support (README, Results)
 demo: setup
+	@.venv/bin/python -m hardware.cpu
 	.venv/bin/thinkbroad run --config configs/local.yaml
 
 test: setup
@@ -15,7 +17,7 @@ bench: setup
 	.venv/bin/python bench/generation.py
 	.venv/bin/python bench/teacher_train.py
 	.venv/bin/python bench/student_latency.py
-	.venv/bin/python bench/serve_load.py --clients 32 --seconds 30
+	.venv/bin/python bench/serve_load.py --clients 1,32 --seconds 30
 
 clean:
 	rm -rf runs bench/results

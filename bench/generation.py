@@ -119,12 +119,12 @@ def run_path(path: str, args) -> dict:
 
 
 def _hf_dtype(dtype: str, device: str) -> str:
-    """`auto`: bf16 on GPU, the CPU's dtype (hardware/cpu.py) on CPU."""
+    """`auto`: bf16 on GPU, torch's dtype for this CPU (hardware/cpu.py) on CPU."""
     if dtype != "auto":
         return dtype
     from hardware.cpu import cpu_info
 
-    return "bfloat16" if device == "cuda" else cpu_info().dtype
+    return "bfloat16" if device == "cuda" else cpu_info().torch_dtype
 
 
 def _gpus() -> int:

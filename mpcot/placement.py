@@ -41,9 +41,9 @@ def engine_placement(
                 "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
                 "OMP_NUM_THREADS": str(cpus),
             },
-            # bf16 only where the CPU has it natively, else fp32 (hardware/cpu.py); decided on the driver's CPU, so a
-            # cluster of mixed processors sets generation.engine.dtype itself
-            engine_defaults={"enforce_eager": True, "max_model_len": 2048, "dtype": cpu_info().dtype},
+            # the dtype this CPU generates fastest in (hardware/cpu.py); decided on the driver's CPU, so a cluster of
+            # mixed processors sets generation.engine.dtype itself
+            engine_defaults={"enforce_eager": True, "max_model_len": 2048, "dtype": cpu_info().generation_dtype},
         )
     if gpus_per_engine == 1:
         return EnginePlacement(device="gpu", remote_args={"num_cpus": 1, "num_gpus": 1}, engine_defaults={"max_model_len": 4096})

@@ -160,19 +160,22 @@ def test_reduced_precision_is_served_only_when_it_passes_parity_on_a_fine_tuned_
     assert par["pairs"] == len(test) and par["model.onnx"]["max_abs_diff"]["logits"] <= 1e-4
     assert par["macro_f1"]["model.onnx"] == pytest.approx(par["macro_f1"]["torch"])
 
-    # the int8 row, recomputed from the int8 graph itself
+    # the int8 row, recomputed from the int8 graph itself: the worst of pairs scored alone and in batches of 32
     session = ort.InferenceSession(str(folder / INT8), providers=["CPUExecutionProvider"])
-    enc = encode_pairs(tok, [q for q, _ in test], [p for _, p in test], 64)
-    with torch.inference_mode():
-        ref = model(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])["logits"].argmax(-1).numpy()
-    got = session.run(None, {n: enc[n].numpy() for n in report["inputs"]})[0].argmax(-1)
     gold = [labels.index(g) for g in test_gold]
-    agreement = float((got == ref).mean())
-    f1_loss = (f1_score(gold, ref, labels=range(4), average="macro", zero_division=0)
-               - f1_score(gold, got, labels=range(4), average="macro", zero_division=0))
-    assert par[INT8]["label_agreement"] == pytest.approx(agreement, abs=1 / len(test))
-    assert par[INT8]["passes"] == (par[INT8]["label_agreement"] >= 0.99 and par["macro_f1"]["torch"] - par["macro_f1"][INT8] <= 0.005)
-    assert abs(f1_loss - (par["macro_f1"]["torch"] - par["macro_f1"][INT8])) <= 0.02  # batching moves int8 scales a little
+    agreement, f1_int8 = [], []
+    for size in par["batchings"]:
+        ref, got = [], []
+        for i in range(0, len(test), size):
+            enc = encode_pairs(tok, [q for q, _ in test[i : i + size]], [p for _, p in test[i : i + size]], 64)
+            with torch.inference_mode():
+                ref += model(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])["logits"].argmax(-1).tolist()
+            got += session.run(None, {n: enc[n].numpy() for n in report["inputs"]})[0].argmax(-1).tolist()
+        agreement.append(float(np.mean(np.array(ref) == np.array(got))))
+        f1_int8.append(f1_score(gold, got, labels=range(4), average="macro", zero_division=0))
+    assert par[INT8]["label_agreement"] == pytest.approx(min(agreement))
+    assert par["macro_f1"][INT8] == pytest.approx(min(f1_int8))
+    assert par[INT8]["passes"] == (min(agreement) >= 0.99 and par["macro_f1"]["torch"] - min(f1_int8) <= 0.005)
 
     passed = [(b, p) for b, p, row in CPU_ORDER if par.get(row, {}).get("passes")]
     assert resolve_path("cpu", "auto", "auto", report)[1:] == (passed[0] if passed else ("torch", "fp32"))
@@ -184,14 +187,23 @@ def test_reduced_precision_is_served_only_when_it_passes_parity_on_a_fine_tuned_
 AVX2_EPYC = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 23\nmodel\t\t: 49\nmodel name\t: AMD EPYC 7B12\nflags\t\t: fpu sse2 avx f16c fma avx2\n\nprocessor\t: 1\n"
 SAPPHIRE_RAPIDS = "model name\t: Intel(R) Xeon(R) Platinum 8488C\nflags\t\t: avx2 avx512f avx512_vnni avx512_bf16 avx512_fp16 amx_bf16 amx_tile amx_int8\n"
 GRAVITON3 = "processor\t: 0\nBogoMIPS\t: 2100.00\nFeatures\t: fp asimd sve bf16 i8mm\n"
+ZEN5 = "model name\t: AMD EPYC\nflags\t\t: avx2 avx512f avx512_vnni avx512_bf16\n"
 
 
-@pytest.mark.parametrize("text,native,dtype", [(AVX2_EPYC, False, "float32"), (SAPPHIRE_RAPIDS, True, "bfloat16"),
-                                               (GRAVITON3, True, "bfloat16")])
-def test_cpu_dtype_is_bf16_only_with_native_support(text, native, dtype):
+@pytest.mark.parametrize("text,native,torch_dtype,generation_dtype", [
+    (AVX2_EPYC, False, "float32", "float32"), (ZEN5, True, "bfloat16", "float32"),
+    (SAPPHIRE_RAPIDS, True, "bfloat16", "bfloat16"), (GRAVITON3, True, "bfloat16", "float32")])
+def test_cpu_dtypes_follow_native_bf16_and_what_we_measured(text, native, torch_dtype, generation_dtype, monkeypatch):
+    """torch gets bf16 with any native bf16; vLLM only with AMX (AVX-512 BF16 alone generated slower than fp32)."""
+    import mpcot.placement
+    from mpcot.placement import engine_placement
+
     info = parse_cpuinfo(text, cores=2)
-    assert info.native_bf16 is native and info.dtype == dtype
-    assert dtype in info.describe()
+    assert (info.native_bf16, info.torch_dtype, info.generation_dtype) == (native, torch_dtype, generation_dtype)
+    assert f"torch {torch_dtype}, vLLM {generation_dtype}" in info.describe()
+    monkeypatch.setattr(mpcot.placement, "cpu_info", lambda: info)
+    assert engine_placement("cpu", 2, 0, 1, None, 1).engine_defaults["dtype"] == generation_dtype
+    assert "dtype" not in engine_placement("gpu", 8, 8, 1, None, 1).engine_defaults  # GPUs keep the model's dtype
     if text is AVX2_EPYC:
         assert info.model == "AMD EPYC 7B12 (family 23, model 49)" and "avx2" in info.describe()
 
@@ -199,11 +211,10 @@ def test_cpu_dtype_is_bf16_only_with_native_support(text, native, dtype):
 @pytest.fixture
 def avx2_only(monkeypatch):
     import hardware.cpu
-    import mpcot.placement
     import serve.scorer
 
     info = parse_cpuinfo(AVX2_EPYC, cores=2)
-    for module in (hardware.cpu, mpcot.placement, serve.scorer):
+    for module in (hardware.cpu, serve.scorer):
         monkeypatch.setattr(module, "cpu_info", lambda: info)
     return info
 
@@ -211,20 +222,12 @@ def avx2_only(monkeypatch):
 @pytest.fixture
 def bf16_cpu(monkeypatch):
     import hardware.cpu
-    import mpcot.placement
     import serve.scorer
 
     info = CpuInfo("test CPU", frozenset({"avx512f", "avx512_bf16"}), 2)
-    for module in (hardware.cpu, mpcot.placement, serve.scorer):
+    for module in (hardware.cpu, serve.scorer):
         monkeypatch.setattr(module, "cpu_info", lambda: info)
     return info
-
-
-def test_vllm_engines_get_the_cpu_dtype(avx2_only):
-    from mpcot.placement import engine_placement
-
-    assert engine_placement("cpu", 2, 0, 1, None, 1).engine_defaults["dtype"] == "float32"
-    assert "dtype" not in engine_placement("gpu", 8, 8, 1, None, 1).engine_defaults  # GPUs keep the model's dtype
 
 
 def _export(**passes) -> dict:
