@@ -23,7 +23,7 @@ class DistributedSettings(_Strict):
     zero_stage: Literal[0, 2, 3] = 2
     accelerator: Literal["auto", "cpu", "gpu"] = "auto"
     cpus_per_worker: int = Field(1, ge=1)
-    bf16: Literal["auto", "on", "off"] = "auto"  # auto: on when the GPUs support it, off on CPU
+    bf16: Literal["auto", "on", "off"] = "auto"  # auto: on where the GPUs support it or the CPU has native bf16
     offload: bool = Field(False, description="ZeRO optimizer/param offload to CPU memory (GPU clusters)")
 
 

@@ -1,4 +1,5 @@
-"""The one place teacher training knows about devices: CPU (gloo) vs GPU (NCCL), DeepSpeed config, precision.
+"""The one place teacher training knows about devices: CPU (gloo) vs GPU (NCCL), DeepSpeed config, precision (on
+CPU from the processor's flags, through hardware/cpu.py).
 
 Everything here returns plain values; the train loop calls these and stays device-agnostic.
 """
@@ -41,10 +42,14 @@ def init_worker(device: str) -> None:
 
 
 def use_bf16(dist: DistributedSettings, device: str) -> bool:
-    if dist.bf16 == "on":
-        return True
-    if dist.bf16 == "off" or device == "cpu":
-        return False
+    """`auto`: on GPUs that support bf16, and on CPUs with native bf16 (hardware/cpu.py: a SmolLM2 training step
+    measured 3.2x faster in bf16 than in fp32 with AVX-512 BF16; emulated bf16 is slower than fp32)."""
+    if dist.bf16 in ("on", "off"):
+        return dist.bf16 == "on"
+    if device == "cpu":
+        from hardware.cpu import cpu_info
+
+        return cpu_info().native_bf16  # asked inside the worker: the CPU of the node that trains
     import torch
 
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
