@@ -26,8 +26,6 @@ sys.path.insert(0, str(ROOT))
 
 
 def build_tasks(n: int):
-    import pyarrow as pa
-
     from mpcot.generate import expand_tasks
     from mpcot.labels import DEFAULT_ESCI_LABELS, Label
     from mpcot.perspectives import DEFAULT_PERSPECTIVES, Perspective

@@ -62,7 +62,8 @@ def ensure_export(student_dir: Path, settings: ServeConfig) -> dict | None:
         return report
     val = run_split(student_dir, "val")
     pairs, labels = check_set(pq.read_table(val)) if val is not None else (None, None)
-    print(f"[thinkbroad] exporting {student_dir} to ONNX (fp32 + int8) for the onnxruntime backend ...", flush=True)
+    print(f"[thinkbroad] exporting {student_dir} to ONNX (fp32 + int8) and checking each path's parity "
+          f"({'on ' + str(val) if val else 'no labelled pairs: int8 and bf16 not judged'}) ...", flush=True)
     report = export_onnx(student_dir, quantize=True, check_pairs=pairs, check_labels=labels)
     print(summarize(report), flush=True)
     return report
