@@ -119,7 +119,8 @@ def targets(cfg: RunConfig, run_dir: Path, source: str | None = None, teacher: s
     shutil.rmtree(out / "parts", ignore_errors=True)
     log(f"targets [{source}]: {table.num_rows} rationale embeddings ({d.embedder}) -> {path}")
     log(f"targets [{source}]: probe (5-fold logistic regression, embeddings -> gold label, macro-F1 vs majority): "
-        + ", ".join(f"{k} {v['macro_f1']:.2f} vs {v['majority_macro_f1']:.2f}" for k, v in probe.items() if "macro_f1" in v))
+        + ", ".join(f"{k} {v['macro_f1']:.2f} vs {v['majority_macro_f1']:.2f}" if "macro_f1" in v else f"{k}: {v['note']}"
+                    for k, v in probe.items()))
     return path
 
 
@@ -270,9 +271,12 @@ def train_variants(cfg: RunConfig, run_dir: Path, variants: list[Variant], teach
     settings = cfg.distill.train
     base_key = cfg.section_hash("labels", "perspectives", "data")
     splits = {s: fingerprint(data.paths[s]) for s in ("train", "val", "test")}
+    folder = {id(v): run_dir / "student" / "variants" / f"{v.name}{tag}-seed{v.seed}" for v in variants}
+    # one dataset per (target source, perspectives kept); students that share one share its copy
+    data_key = {id(v): "|".join([v.target_source or cfg.distill.target_source, *(v.target_perspectives or [])]) for v in variants}
     todo = []
     for v in variants:
-        out = run_dir / "student" / "variants" / f"{v.name}{tag}-seed{v.seed}"
+        out = folder[id(v)]
         reads = [] if v.kind == "vanilla" or (v.kind == "lrkd" and v.lam == 0) else \
             ["teacher"] if v.kind == "logit_kd" else [v.target_source or cfg.distill.target_source]
         key = hashlib.sha256(json.dumps([base_key, dataclasses.asdict(v), settings.model_dump(), cfg.distill.backbone,
@@ -286,18 +290,16 @@ def train_variants(cfg: RunConfig, run_dir: Path, variants: list[Variant], teach
     if todo:
         ensure_ray()
         t0 = time.time()
-        # one dataset per (target source, perspectives kept); students that share one share its copy
-        source = {id(v): "|".join([v.target_source or cfg.distill.target_source, *(v.target_perspectives or [])]) for v, *_ in todo}
         datasets = {}
         for v, *_ in todo:
-            if source[id(v)] not in datasets:
+            if data_key[id(v)] not in datasets:
                 train, val, _, centroids = data.for_variant(v)
-                datasets[source[id(v)]] = {"train": train, "val": val, "centroids": centroids}
+                datasets[data_key[id(v)]] = {"train": train, "val": val, "centroids": centroids}
         group = hashlib.sha256(json.dumps(sorted((str(o), k) for _, o, k, _ in todo)).encode()).hexdigest()[:12]
         storage = run_dir / "student" / "trainer" / group
         log(f"students: {len(todo)} to train ({sum((o / TRAINED).exists() for _, o, *_ in todo)} already trained), one after "
             f"another in one Ray Train worker group ({settings.num_workers} workers); progress per epoch below")
-        train_students([StudentJob(v, str(o), source[id(v)]) for v, o, *_ in todo], datasets, settings,
+        train_students([StudentJob(v, str(o), data_key[id(v)]) for v, o, *_ in todo], datasets, settings,
                        resolve_model(cfg.distill.backbone), data.codes, data.persp, storage)
         for v, out, key, inputs in todo:
             history = json.loads((out / "history.json").read_text())
@@ -306,11 +308,8 @@ def train_variants(cfg: RunConfig, run_dir: Path, variants: list[Variant], teach
             write_manifest(out, "student", key, inputs, t0, epochs=len(history),
                            best_val_macro_f1=max(h["val_macro_f1"] for h in history))
         shutil.rmtree(storage, ignore_errors=True)
-    runs = []
-    for v in variants:
-        out = run_dir / "student" / "variants" / f"{v.name}{tag}-seed{v.seed}"
-        runs.append({"variant": v.name + tag, "seed": v.seed, "metrics": json.loads((out / "eval.json").read_text())})
-    return runs
+    return [{"variant": v.name + tag, "seed": v.seed, "metrics": json.loads((folder[id(v)] / "eval.json").read_text())}
+            for v in variants]
 
 
 def _score(best: Path, train: dict, val: dict, test: dict, data: StudentData, v: Variant, history: list[dict]) -> dict:
@@ -438,13 +437,15 @@ def ablate(cfg: RunConfig, run_dir: Path) -> Path:
     d = cfg.distill
     persp = [p.name for p in cfg.perspectives]
     runs = train_variants(cfg, run_dir, d.ablation_variants(persp))
+    variants = {v.name: v for v in d.ablation_variants(persp)}
     other = _other_teacher(cfg, run_dir) if d.ablate_teacher and d.target_source != "label_text" else None
     if other:  # the default LRKD variant, learning from the other teacher's rationales
-        runs += train_variants(cfg, run_dir, [d.lrkd(d.default_extractor, d.default_mode, d.lam, s) for s in d.seeds], teacher=other)
+        default = [d.lrkd(d.default_extractor, d.default_mode, d.lam, s) for s in d.seeds]
+        variants[default[0].name] = default[0]
+        runs += train_variants(cfg, run_dir, default, teacher=other)
     report = _report(cfg, run_dir, runs) | {"probes": probes(run_dir)}
     out = run_dir / "student"
     write_json_atomic(report, out / "ablation.json")
-    variants = {v.name: v for v in d.ablation_variants(persp)}
     tag = _teacher_tag(cfg, other)
     rows = []
     for name, s in report["variants"].items():
