@@ -4,10 +4,12 @@
 setup:
 	bash scripts/setup.sh
 
-# the first line names the CPU and the dtype its flags pick: bf16 is fast only with native support (README, Results)
+# the first line names the CPU and the dtype its flags pick: bf16 is fast only with native support (README, Results).
+# The demo trains its students for one seed; `thinkbroad distill --config configs/local.yaml` adds the config's other
+# seeds to the same run (the paired verdicts need them) and `thinkbroad ablate` the ablation.
 demo: setup
 	@.venv/bin/python -m hardware.cpu
-	.venv/bin/thinkbroad run --config configs/local.yaml
+	.venv/bin/thinkbroad run --config configs/local.yaml --set 'distill.seeds=[0]'
 
 test: setup
 	.venv/bin/python -m pytest -q -p no:cacheprovider
