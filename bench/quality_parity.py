@@ -3,7 +3,7 @@ over the same seeds: HF `AutoModelForSequenceClassification` with the library's 
 best epoch on validation macro-F1), and thinkbroad's vanilla cross-encoder (lambda = 0, no extractor) on Ray Train.
 Test macro-F1 of each, and the paired difference with a bootstrap interval. Goal: vanilla within 0.02 of the library.
 
-    .venv/bin/python bench/quality_parity.py [--config configs/local.yaml] [--seeds 0 1 2] [--lr 5e-5] [--epochs N]
+    .venv/bin/python bench/quality_parity.py [--config configs/local.yaml] [--seeds 0 1 2] [--lr LR] [--epochs N]
 
 Writes bench/results/quality_parity.json and prints one summary line.
 """
@@ -65,7 +65,8 @@ def main() -> None:
     ap.add_argument("--config", default="configs/local.yaml")
     ap.add_argument("--run-dir", default=None)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--lr", type=float, default=5e-5, help="the library run's learning rate")
+    ap.add_argument("--lr", type=float, default=None, help="the library run's learning rate (default: the student's, "
+                    "distill.train.learning_rate)")
     ap.add_argument("--epochs", type=int, default=None, help="both runs (default: distill.train.epochs)")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     args = ap.parse_args()
@@ -85,6 +86,7 @@ def main() -> None:
     settings = cfg.distill.train
     if args.epochs:
         settings = settings.model_copy(update={"epochs": args.epochs})
+    lr = args.lr or settings.learning_rate
     codes, persp = [lab.name for lab in cfg.labels], [p.name for p in cfg.perspectives]
     paths = prepare(cfg, run_dir)
     data = {s: build_examples(pq.read_table(paths[s]).to_pylist(), codes, persp, target_dim=1) for s in ("train", "val", "test")}
@@ -95,7 +97,7 @@ def main() -> None:
     lib, ours = {}, {}
     t0 = time.time()
     for seed in args.seeds:
-        lib[seed] = library_finetune(encoder, data["train"], data["val"], data["test"], codes, seed, settings.epochs, args.lr,
+        lib[seed] = library_finetune(encoder, data["train"], data["val"], data["test"], codes, seed, settings.epochs, lr,
                                      settings.batch_size * settings.num_workers, settings.max_length, work / f"hf-{seed}")
         out = work / f"vanilla-{seed}"
         train_student(Variant("vanilla", "vanilla", seed=seed), settings, data["train"], data["val"], encoder, codes, persp,
@@ -114,7 +116,7 @@ def main() -> None:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), platform.processor())
     result = {
         "cpu": cpu, "config": args.config, "backbone": cfg.distill.backbone, "seeds": args.seeds, "test_pairs": len(gold),
-        "settings": settings.model_dump(), "library_lr": args.lr, "seconds": round(time.time() - t0, 1),
+        "settings": settings.model_dump(), "library_lr": lr, "seconds": round(time.time() - t0, 1),
         "library": {"mean": stat(lib)[0], "std": stat(lib)[1], "per_seed": {s: r["macro_f1"] for s, r in lib.items()}},
         "vanilla": {"mean": stat(ours)[0], "std": stat(ours)[1], "per_seed": {s: r["macro_f1"] for s, r in ours.items()}},
         "vanilla_minus_library": paired,
