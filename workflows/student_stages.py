@@ -485,11 +485,12 @@ def _fmt(x, spec: str = ".3f") -> str:
 
 
 def ablation_table(rows: list[dict]) -> str:
-    lines = ["| variant | source | λ | perspectives | teacher | test macro-F1 | Δ vs λ = 0 [95% CI] | verdict | grad ratio (init) | fidelity gain (val) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| variant | source | λ | perspectives | teacher | val macro-F1 | test macro-F1 | Δ vs λ = 0 [95% CI] | verdict | grad ratio (init) | fidelity gain (val) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ci = f"{r['diff_vs_lam0']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]" if r["diff_vs_lam0"] is not None else ""
         lines.append(f"| {r['variant']} | {r['source']} | {r['lambda']:g} | {r['perspectives']} | {r['teacher']} | "
+                     f"{_fmt(r['val_macro_f1_mean'])} | "
                      f"{r['macro_f1_mean']:.3f} ± {r['macro_f1_std']:.3f} | {ci} | {r['verdict']} | "
                      f"{_fmt(r['grad_ratio_init'], '.2f')} | {_fmt(r['fidelity_gain'], '+.3f')} |")
     return "\n".join(lines)
