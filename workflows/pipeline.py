@@ -108,13 +108,14 @@ def write_report(cfg: RunConfig, run_dir: Path) -> Path:
 
 def student_sections(student: dict, run_dir: Path) -> list[str]:
     """report.md's student part: target informativeness, variants, paired verdicts, guidance diagnostics, fidelity."""
-    from workflows.student_stages import metrics_table, verdict_lines
+    from workflows.student_stages import metrics_table, probes, verdict_lines
 
     lines = ["## Distillation targets: can they teach the label? (informativeness probe)", "",
              "5-fold cross-validated logistic regression from each perspective's rationale embeddings (the train "
              "targets the filter keeps) to the gold label; macro-F1 against always answering the majority label.", "",
              "| source | perspective | rows | label counts | probe macro-F1 | majority macro-F1 |", "|---|---|---|---|---|---|"]
-    for source, probe in student.get("probes", {}).items():
+    # every target source written so far (the ablation adds gold_conditioned, label_text, the other teacher)
+    for source, probe in (probes(run_dir) or student.get("probes", {})).items():
         for name, p in probe.items():
             lines.append(f"| {source} | {name} | {p['rows']} | {p['label_counts']} | {p.get('macro_f1', float('nan')):.3f} | "
                          f"{p.get('majority_macro_f1', float('nan')):.3f} |")
