@@ -87,11 +87,16 @@ def macro_f1_fast(gold: np.ndarray, pred: np.ndarray, num_classes: int) -> np.nd
     return f1.mean(1)
 
 
+ONE_SEED = "no verdict (1 seed)"
+
+
 def paired_bootstrap(gold: list[int], preds: dict[int, list[int]], base: dict[int, list[int]], num_classes: int,
                      resamples: int = 2000, seed: int = 0) -> dict:
     """Variant vs base, paired by seed on the same test pairs: mean macro-F1 difference over the shared seeds and
     a 95% percentile interval from resampling seeds and test pairs (both with replacement, the same pairs for both
-    sides). Verdict: helps (interval above 0), hurts (below 0), no evidence (holds 0)."""
+    sides). Verdict: helps (interval above 0), hurts (below 0), no evidence (holds 0); with one seed the interval
+    holds test-pair noise only, not seed-to-seed variation (which moves macro-F1 by as much on small sets), so the
+    verdict is ONE_SEED whatever the interval says."""
     seeds = sorted(set(preds) & set(base))
     if not seeds:
         raise ValueError("no seed was trained for both variants; a paired comparison needs the same seeds")
@@ -108,7 +113,7 @@ def paired_bootstrap(gold: list[int], preds: dict[int, list[int]], base: dict[in
         gg = np.tile(g[p_idx], (k, 1))
         diffs[i] = (macro_f1_fast(gg, a[s_idx][:, p_idx], num_classes) - macro_f1_fast(gg, b[s_idx][:, p_idx], num_classes)).mean()
     low, high = (float(x) for x in np.percentile(diffs, [2.5, 97.5]))
-    verdict = "helps" if low > 0 else "hurts" if high < 0 else "no evidence"
+    verdict = ONE_SEED if k < 2 else "helps" if low > 0 else "hurts" if high < 0 else "no evidence"
     return {"seeds": seeds, "test_pairs": n, "mean_diff": observed, "ci95": [low, high], "verdict": verdict}
 
 

@@ -7,7 +7,7 @@ import pyarrow as pa
 import pytest
 from sklearn.metrics import f1_score
 
-from student.evaluate import macro_f1_fast, paired_bootstrap
+from student.evaluate import ONE_SEED, macro_f1_fast, paired_bootstrap
 from workflows.student_stages import informativeness, keep_target, stratified_sample, verdicts
 
 
@@ -35,6 +35,9 @@ def test_paired_bootstrap_verdicts():
     assert paired_bootstrap(gold, flip, noisy, 4, resamples=300)["verdict"] == "no evidence"
     with pytest.raises(ValueError, match="same seeds"):
         paired_bootstrap(gold, {5: noisy[0]}, noisy, 4)
+    # one seed: the interval leaves out seed-to-seed variation, so even a clear gain is not called
+    one = paired_bootstrap(gold, {0: better[0]}, {0: noisy[0]}, 4, resamples=300)
+    assert one["ci95"][0] > 0 and one["verdict"] == ONE_SEED == "no verdict (1 seed)"
 
 
 def test_verdicts_pair_each_lrkd_variant_with_its_lambda_zero_twin():

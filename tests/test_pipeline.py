@@ -134,7 +134,7 @@ def test_ray_job_submit_runs_the_smoke_pipeline(tmp_path):
     assert {(r["variant"], float(r["lambda"]), r["source"], r["teacher"]) for r in rows} == {
         ("lrkd-poly-unified-lam0", 0.0, "", ""), ("lrkd-poly-unified-gold_conditioned", 0.1, "gold_conditioned", "dpo"),
         ("lrkd-poly-unified-label_text", 0.1, "label_text", ""), ("lrkd-poly-unified-sftteacher", 0.1, "teacher", "sft")}
-    assert all(r["verdict"] in ("helps", "hurts", "no evidence") for r in rows if float(r["lambda"]) > 0)
+    assert all(r["verdict"] == "no verdict (1 seed)" for r in rows if float(r["lambda"]) > 0)  # smoke trains one seed
     png = (run_dir / "student" / "ablation.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     report = subprocess.run([sys.executable, "-m", "workflows.cli", "run", "--config", cfg, "--run-dir", str(run_dir),
