@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import sys
 import time
@@ -113,7 +112,9 @@ def main() -> None:
     gold = data["test"]["label"].tolist()
     paired = paired_bootstrap(gold, {s: r["predictions"] for s, r in ours.items()}, {s: r["predictions"] for s, r in lib.items()}, len(codes))
     stat = lambda rs: (float(np.mean([r["macro_f1"] for r in rs.values()])), float(np.std([r["macro_f1"] for r in rs.values()], ddof=1)) if len(rs) > 1 else 0.0)  # noqa: E731
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), platform.processor())
+    from hardware.cpu import cpu_info
+
+    cpu = cpu_info().model
     result = {
         "cpu": cpu, "config": args.config, "backbone": cfg.distill.backbone, "seeds": args.seeds, "test_pairs": len(gold),
         "settings": settings.model_dump(), "library_lr": lr, "seconds": round(time.time() - t0, 1),

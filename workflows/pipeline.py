@@ -115,7 +115,7 @@ def student_sections(student: dict, run_dir: Path) -> list[str]:
              "targets the filter keeps) to the gold label; macro-F1 against always answering the majority label.", "",
              "| source | perspective | rows | label counts | probe macro-F1 | majority macro-F1 |", "|---|---|---|---|---|---|"]
     # every target source written so far (the ablation adds gold_conditioned, label_text, the other teacher)
-    for source, probe in (probes(run_dir) or student.get("probes", {})).items():
+    for source, probe in probes(run_dir).items():
         for name, p in probe.items():
             lines.append(f"| {source} | {name} | {p['rows']} | {p['label_counts']} | {p.get('macro_f1', float('nan')):.3f} | "
                          f"{p.get('majority_macro_f1', float('nan')):.3f} |")
