@@ -103,9 +103,12 @@ class RelevanceService:
         self.scorer = StudentScorer(student_dir, s.device, s.backend, s.precision)
         self._score_batch.set_max_batch_size(self.settings.max_batch_size)
         self._score_batch.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
+        self.batches = {"forwards": 0, "items": 0, "largest": 0}  # GET /v1/model shows how well batching fills
 
     @serve.batch
     async def _score_batch(self, pairs: list[tuple[str, str]]) -> list[dict]:
+        b = self.batches
+        b["forwards"], b["items"], b["largest"] = b["forwards"] + 1, b["items"] + len(pairs), max(b["largest"], len(pairs))
         return self.scorer.score(pairs)
 
     @app.post("/v1/relevance", response_model=RelevanceResponse)
@@ -135,7 +138,9 @@ class RelevanceService:
 
     @app.get("/v1/model")
     async def model_info(self) -> dict:
-        return self.scorer.info() | {"max_items": self.settings.max_items, "max_batch_size": self.settings.max_batch_size}
+        s = self.settings
+        return self.scorer.info() | {"max_items": s.max_items, "max_batch_size": s.max_batch_size,
+                                     "max_ongoing_requests": s.ongoing_requests(), "batches": self.batches}
 
 
 def build_app(args: dict) -> serve.Application:
@@ -144,6 +149,7 @@ def build_app(args: dict) -> serve.Application:
     # torch's OpenMP threads sleep instead of spinning while idle: on a shared machine spinning threads starve the
     # proxy and tokenisation (measured 4x slower forwards under load; onnxruntime sessions are set up alike)
     env = {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}}
-    options = {"num_replicas": settings.replicas,
+    options = {"num_replicas": settings.replicas, "max_ongoing_requests": settings.ongoing_requests(),
+               "logging_config": {"enable_access_log": settings.access_log},
                "ray_actor_options": {"num_cpus": settings.num_cpus, "num_gpus": settings.num_gpus, "runtime_env": env}}
     return RelevanceService.options(**options).bind(str(Path(args["student_dir"]).resolve()), settings.model_dump())

@@ -35,7 +35,7 @@ def server(tmp_path_factory, ray_local):
     model.centroids.copy_(torch.randn(3, 8))
     folder = tmp_path_factory.mktemp("student")
     model.save_pretrained(folder, tokenizer=AutoTokenizer.from_pretrained(enc))
-    settings = ServeConfig(port=_free_port(), max_items=20, max_field_chars=500, max_batch_size=16, batch_wait_timeout_s=0.01)
+    settings = ServeConfig(port=_free_port(), max_items=20, max_field_chars=500, max_batch_size=16, batch_wait_timeout_s=0.05)
     url = run_local(folder, settings, block=False)
     yield url
     serve.shutdown()
@@ -109,3 +109,17 @@ def test_fifty_concurrent_requests_all_succeed_and_batching_matches_single_items
     assert all(r.status_code == 200 for r in single), [r.text for r in single if r.status_code != 200][:2]
     for i, r in enumerate(single):
         assert r.json()["results"][0]["label"] == together[ITEMS[i % 3]["id"]]
+
+
+def test_a_replica_holds_enough_requests_to_fill_a_batch(server):
+    """Ray Serve's default of 5 requests per replica would cap a batch of 1-item requests at 5 items (the router
+    holds the rest back with backoff); serve.max_ongoing_requests defaults to 2 x max_batch_size = 32 here."""
+    before = requests.get(f"{server}/v1/model", timeout=10).json()
+    assert before["max_ongoing_requests"] == 32
+    with ThreadPoolExecutor(max_workers=24) as pool:
+        replies = list(pool.map(lambda i: post(server, {"query": "fan", "items": [ITEMS[i % 3]]}), range(48)))
+    assert all(r.status_code == 200 for r in replies)
+    after = requests.get(f"{server}/v1/model", timeout=10).json()["batches"]
+    assert after["items"] - before["batches"]["items"] == 48
+    assert after["largest"] > 5, after
+    assert after["forwards"] - before["batches"]["forwards"] < 24, after
