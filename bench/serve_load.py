@@ -136,8 +136,7 @@ def main() -> int:
 
     # the replica gets the machine's cores, like the in-process reference (Ray gives an actor one thread per CPU)
     settings = ServeConfig(port=_free_port(), max_batch_size=64, batch_wait_timeout_s=0.005, num_cpus=args.replica_cpus,
-                           backend=args.backend, precision=args.precision,
-                           access_log=not args.no_access_log)
+                           backend=args.backend, precision=args.precision, access_log=not args.no_access_log)
     ensure_export(student, settings)
     # the same path in-process, with the scorer the replica runs
     local = StudentScorer(str(student), settings.device, settings.backend, settings.precision)
@@ -171,7 +170,8 @@ def main() -> int:
     out.write_text(json.dumps(summary, indent=2) + "\n")
     cells = [f"{ph['clients']} client(s): {ph['items_per_s']:.0f} items/s, p50 {ph['p50_ms']:.1f} ms, p99 {ph['p99_ms']:.1f} ms, "
              f"{ph['errors']} errors" for ph in phases]
-    print(f"serve load ({path}, access log {'on' if settings.access_log else 'off'}, {args.items} items/request, {args.seconds:g} s per phase): " + "; ".join(cells)
+    log = "on" if settings.access_log else "off"
+    print(f"serve load ({path}, access log {log}, {args.items} items/request, {args.seconds:g} s per phase): " + "; ".join(cells)
           + f"; in-process {forward_ms:.1f} ms per request (goal 1-client p50 <= {summary['goal_p50_ms']:.1f} ms), "
           f"{local_items_per_s:.0f} items/s at batch {settings.max_batch_size} (served/in-process "
           f"{summary['saturated_vs_in_process']:.2f}x, goal >= 0.8x); {summary['cpu']}; load {summary['load_average']} -> {out}")

@@ -26,7 +26,7 @@ class ServeConfig(BaseModel):
     max_items: int = Field(100, ge=1, description="items per request; more -> 413")
     max_field_chars: int = Field(4000, ge=1, description="characters per text field; more -> 422")
     device: str = Field("auto", pattern="^(auto|cpu|cuda)$")
-    # auto: onnxruntime on CPU (int8 when its export passed the parity check, else fp32), torch bf16/fp16 on GPU
+    # auto: the fastest path whose parity check passed on this machine (serve/scorer.py resolve_path)
     backend: Literal["auto", "torch", "onnxruntime"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16", "int8"] = "auto"
 
