@@ -6,6 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import ROOT
+from workflows import data as data_module
 from workflows import stages
 from workflows.artifacts import MANIFEST, invalidate, write_manifest
 from workflows.config import load_config
@@ -17,15 +18,16 @@ def test_interrupted_prepare_is_redone_and_no_query_is_in_two_splits(tmp_path, m
     cfg, reseeded = load_config(smoke, [esci]), load_config(smoke, [esci, "data.split.seed=1"])
     run_dir, data = tmp_path / "run", tmp_path / "run" / "data"
     stages.prepare(cfg, run_dir)
-    write = stages.write_parquet_atomic
+    publish = data_module.publish_file
 
-    def killed_while_writing_test(table, path):  # what `kill -9` during the third file leaves behind
+    def killed_while_writing_test(tmp, path):  # what `kill -9` during the third file leaves behind
         if Path(path).name == "test.parquet":
-            Path(path).with_name(f".test.parquet.{os.getpid()}.tmp").write_bytes(b"PAR1 half written")
+            assert Path(tmp).name == f".test.parquet.{os.getpid()}.tmp"
+            Path(tmp).write_bytes(b"PAR1 half written")
             raise KeyboardInterrupt
-        write(table, path)
+        publish(tmp, path)
 
-    monkeypatch.setattr(stages, "write_parquet_atomic", killed_while_writing_test)
+    monkeypatch.setattr(data_module, "publish_file", killed_while_writing_test)
     with pytest.raises(KeyboardInterrupt):
         stages.prepare(reseeded, run_dir)  # train and val now come from seed 1, test still from seed 0
     monkeypatch.undo()

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 from mpcot.generate import GenerationConfig
 from mpcot.labels import DEFAULT_ESCI_LABELS, Label
@@ -53,20 +53,71 @@ class SplitConfig(_Strict):
     val: float = 0.1
     test: float = 0.1
     seed: int = 0
+    # a column of the pairs file that decides the test split (ESCI's `split`): its rows equal to `test_value` are
+    # the test split; train and val are drawn by query from the other rows (train + val = 1, test = 0)
+    column: str | None = None
+    test_value: str = "test"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _column_defaults(cls, raw: Any) -> Any:
+        if isinstance(raw, dict) and raw.get("column") and not {"train", "val", "test"} & raw.keys():
+            raw = {"train": 0.9, "val": 0.1, "test": 0.0, **raw}
+        return raw
 
     @model_validator(mode="after")
     def _fractions(self) -> "SplitConfig":
         total = self.train + self.val + self.test
         if any(f < 0 for f in (self.train, self.val, self.test)) or abs(total - 1.0) > 1e-6:
             raise ValueError(f"train + val + test must be non-negative and sum to 1, got {total:g}")
+        if self.column and self.test:
+            raise ValueError(f"with a split column the test split is the rows whose {self.column!r} is "
+                             f"{self.test_value!r}: set test to 0 and train + val to 1 (e.g. train 0.9, val 0.1)")
         return self
+
+    @model_serializer(mode="wrap")
+    def _stable(self, handler) -> dict:
+        return _drop_defaults(handler(self), {} if self.column else {"column": None, "test_value": "test"})
+
+
+class JoinedFile(_Strict):
+    """A file joined to the pairs file: a pair takes the columns of the row whose `on` columns equal its own."""
+
+    path: str
+    on: list[str] = Field(min_length=1)  # key column(s), named alike in both files; compared as text
+    format: Literal["auto", "jsonl", "csv", "tsv", "parquet"] = "auto"
+
+    @field_validator("on", mode="before")
+    @classmethod
+    def _one_or_more(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+
+FilterValue = str | int | float | bool
 
 
 class DataConfig(_Strict):
-    path: str
-    format: Literal["auto", "jsonl", "csv", "parquet"] = "auto"
+    path: str  # the labelled pairs; with `products`/`queries`, the file of judgements that names them
+    format: Literal["auto", "jsonl", "csv", "tsv", "parquet"] = "auto"
     columns: ColumnMap = Field(default_factory=ColumnMap)
     split: SplitConfig = Field(default_factory=SplitConfig)
+    products: JoinedFile | None = None  # e.g. ESCI's products parquet, on [product_id, product_locale]
+    queries: JoinedFile | None = None  # e.g. WANDS' query.csv, on query_id
+    # keep only the pairs whose column (of the pairs file) holds this value or one of these (as text, any case)
+    filter: dict[str, FilterValue | list[FilterValue]] = Field(default_factory=dict)
+    # a pair whose product or query the joined file lacks: `error` (their count and the first ones) or `drop`
+    # (left out and counted in the prepare manifest)
+    missing: Literal["error", "drop"] = "error"
+
+    @model_serializer(mode="wrap")
+    def _stable(self, handler) -> dict:
+        return _drop_defaults(handler(self), {"products": None, "queries": None, "filter": {}, "missing": "error"})
+
+
+def _drop_defaults(dumped: dict, defaults: dict) -> dict:
+    """Keys added after runs were made stay out of the dump (a stage's cache key) while they hold their default:
+    adding them made no finished stage stale."""
+    return {k: v for k, v in dumped.items() if k not in defaults or v != defaults[k]}
 
 
 class TeacherModel(_Strict):
@@ -74,6 +125,36 @@ class TeacherModel(_Strict):
     model: str
     chat_template: str | None = None  # override the tokenizer's template (Jinja)
     chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)  # e.g. {enable_thinking: false} for Qwen3
+
+
+class PlanThroughput(_Strict):
+    """Rates `thinkbroad plan` turns work into hours with; a finished run's stats.json shows the measured one beside."""
+
+    # GPU kind (hardware/gpu.py: A100-80G, H100, ...) -> prompt + completion tokens/s of one vLLM engine on one GPU
+    # for this config's teacher; none given = generation time is not estimated
+    generation_tokens_per_s: dict[str, float] = Field(default_factory=dict)
+    train_mfu: float = Field(0.35, gt=0, le=1, description="share of the GPU's bf16 peak teacher training reaches")
+    student_mfu: float = Field(0.15, gt=0, le=1, description="share of the peak the student (BERT-class) training reaches")
+    cpu_gflops_per_core: float = Field(50.0, gt=0, description="for work on CPU actors (the rationale embedder)")
+
+
+class PlanAssumptions(_Strict):
+    teacher_accuracy: float = Field(0.6, gt=0, le=1, description="share of rationales with the gold label (SFT rows, "
+                                    "DPO conflicts, resampling); a finished run's stats.json replaces it")
+    startup_minutes: float = Field(5.0, ge=0, description="per model load: engine or trainer start, export")
+    gpu_runtime_gib: float = Field(2.0, ge=0, description="per GPU beyond the estimates: CUDA context, NCCL and "
+                                   "cuBLAS workspaces, allocator fragmentation")
+
+
+class PlanConfig(_Strict):
+    """`thinkbroad plan`: what a GPU run needs, takes and costs (workflows/plan.py)."""
+
+    gpu_hour_usd: float | None = Field(None, gt=0, description="price of one GPU-hour; null = no cost column")
+    # model name as the config gives it (teacher.model, distill.embedder, distill.backbone) -> its config.json
+    # fields, used when the folder is not on the machine that plans
+    models: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    throughput: PlanThroughput = Field(default_factory=PlanThroughput)
+    assume: PlanAssumptions = Field(default_factory=PlanAssumptions)
 
 
 class RunConfig(_Strict):
@@ -90,6 +171,7 @@ class RunConfig(_Strict):
     teacher_eval: TeacherEvalConfig = Field(default_factory=TeacherEvalConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    plan: PlanConfig = Field(default_factory=PlanConfig)
 
     @field_validator("labels")
     @classmethod
