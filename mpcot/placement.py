@@ -57,3 +57,14 @@ def engine_placement(
             "distributed_executor_backend": "ray",
         },
     )
+
+
+def vllm_batch_defaults(device: str, gpu_name: str = "", gpu_memory_gib: float = 0.0, world_size: int = 1) -> tuple[int, int]:
+    """(max_num_batched_tokens, max_num_seqs) that vLLM 0.32 gives an offline `vllm.LLM` when the engine's kwargs set
+    neither (vllm/engine/arg_utils.py `get_batch_defaults`, usage context LLM_CLASS): >= 160 GiB GPUs, and >= 70 GiB
+    GPUs other than the A100, 16384 / 1024; other GPUs 8192 / 256; CPU 4096 / 256 per tensor-parallel rank."""
+    if device == "cpu":
+        return 4096 * world_size, 256 * world_size
+    if gpu_memory_gib >= 160 or (gpu_memory_gib >= 70 and "a100" not in gpu_name.lower()):
+        return 16384, 1024
+    return 8192, 256

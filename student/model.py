@@ -142,10 +142,10 @@ class LatentReasoningExtractor(nn.Module):
 class LRKDStudent(nn.Module):
     def __init__(self, cfg: StudentConfig, encoder: nn.Module | None = None):
         super().__init__()
-        from transformers import AutoConfig, AutoModel
-
         self.cfg = cfg
         if encoder is None:
+            from transformers import AutoConfig, AutoModel
+
             encoder = AutoModel.from_config(AutoConfig.for_model(**cfg.encoder_config))
         if getattr(encoder, "pooler", None) is not None:
             encoder.pooler = None  # h_CLS is read from the last hidden state; an unused pooler only confuses DDP
@@ -249,6 +249,23 @@ class LRKDStudent(nn.Module):
         if cfg.sep_token_id is None:
             cfg.sep_token_id = AutoTokenizer.from_pretrained(encoder_path).sep_token_id
         return cls(cfg, encoder=encoder)
+
+
+class _Width(nn.Module):
+    """A stand-in encoder with no parameters: only its hidden size, which the student's head is built from."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        from types import SimpleNamespace
+
+        self.config = SimpleNamespace(hidden_size=hidden)
+
+
+def head_parameters(cfg: StudentConfig, hidden: int) -> int:
+    """Parameters the student adds to an encoder of width `hidden` (extractor, classifier, projections), counted on
+    the meta device from the real modules: what `thinkbroad plan` adds to the backbone's own count."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in LRKDStudent(cfg, encoder=_Width(hidden)).parameters())
 
 
 GUIDANCE = ("l2", "cosine")

@@ -100,3 +100,47 @@ def peak_memory_mb(device: str) -> dict:
 
         out["gpu_peak_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return out
+
+
+def model_states_bytes(zero_stage: int, offload: bool, params: int, largest_layer: int, gpus_per_node: int,
+                       nodes: int = 1, trainable: int | None = None, weight_bytes: int = 2) -> tuple[int, int]:
+    """(bytes per GPU, bytes of host memory per node) for parameters, gradients and optimizer states of one training
+    job of `gpus_per_node` x `nodes` workers, as DeepSpeed's own estimators count them
+    (deepspeed/runtime/zero/stage_1_and_2.py `estimate_zero2_model_states_mem_needs`, stage3.py
+    `estimate_zero3_model_states_mem_needs`; additional_buffer_factor 1.5, zero_init on, as HF's Trainer loads under
+    ZeRO-3): ZeRO-2 2P + 18P/G per GPU, ZeRO-3 4 x largest layer + 18P/G; offload keeps 2P (ZeRO-2) or the largest
+    layer (ZeRO-3, parameters offloaded too) on the GPU.
+
+    `trainable` (LoRA): the estimator's per-parameter bytes apply to the trainable parameters only; the frozen base
+    keeps its 16-bit weights, replicated under ZeRO-2, partitioned under ZeRO-3. `weight_bytes` 4 (fp32 training,
+    no bf16): the same accounting with 4-byte weights and gradients and no separate fp32 master copy.
+    ZeRO stage 0 (plain DDP, torch AdamW in the weights' dtype): weights, gradients, two Adam moments and DDP's
+    gradient buckets on every GPU."""
+    p, t = params, params if trainable is None else trainable
+    frozen = p - t
+    g = gpus_per_node * nodes
+    w = weight_bytes
+    # per trainable parameter, partitioned: 16-bit grads + fp32 grads, fp32 master weights, fp32 Adam moments (18);
+    # in fp32 there is no master copy and one gradient copy (4 + 8 = 12)
+    sharded = 18 if w == 2 else 12
+    if zero_stage == 0:
+        return w * p + 4 * w * t, 0
+    if zero_stage == 2:
+        if offload:
+            return w * p, int(t * max(4 * g, 16) * 1.5)
+        return w * p + int(sharded * t / g), int(p * 4 * gpus_per_node * 1.5)  # host: each process loads the model
+    layer = 2 * w * largest_layer  # a gathered layer: weights and gradients
+    if offload:
+        return layer, int(t * 18 * (1 / nodes) * 1.5) + w * frozen // nodes
+    return layer + int(sharded * t / g) + w * frozen // g, int(largest_layer * 4 * gpus_per_node * 1.5)
+
+
+def comm_buffer_bytes(zero_stage: int) -> int:
+    """DeepSpeed's communication buffers per GPU at its defaults (deepspeed_config sets no bucket size): ZeRO-2
+    reduce + allgather buckets of 5e8 elements each; ZeRO-3 (overlap_comm on by default) a double reduce bucket of
+    5e8 and the 5e7-element prefetch bucket; 16-bit elements."""
+    if zero_stage == 2:
+        return 2 * (5 * 10**8 + 5 * 10**8)
+    if zero_stage == 3:
+        return 2 * (2 * 5 * 10**8 + 5 * 10**7)
+    return 0

@@ -10,9 +10,11 @@ from hardware.cpu import PrecisionError
 from workflows.config import ConfigError, load_config
 from workflows.data import DataError
 from workflows.models import BUILTIN, ModelNotFound, resolve_model
+from workflows.plan import PlanError, PlanRefused, cluster_from_flags, cluster_from_yaml
 from workflows.runtime import RayStartError
+from workflows.shapes import ShapeError
 
-USER_ERRORS = (ConfigError, DataError, ModelNotFound, RayStartError)
+USER_ERRORS = (ConfigError, DataError, ModelNotFound, RayStartError, PlanError, PlanRefused, ShapeError)
 
 
 def _with_config(sub, name: str, help_text: str):
@@ -24,12 +26,40 @@ def _with_config(sub, name: str, help_text: str):
     return p
 
 
+def _cluster_args(p) -> None:
+    c = p.add_argument_group("cluster (default: this machine; in a `ray job submit` job, the Ray cluster)")
+    c.add_argument("--cluster", default=None, metavar="YAML", help="a Ray cluster-launcher config, e.g. cluster.yaml")
+    c.add_argument("--nodes", type=int, default=None, help="GPU nodes (with --gpus-per-node and --gpu-memory-gb)")
+    c.add_argument("--gpus-per-node", type=int, default=None)
+    c.add_argument("--gpu-memory-gb", type=float, default=None, help="memory of one GPU (nominal GB, e.g. 80)")
+    c.add_argument("--gpu-type", default=None, help="A100-40G, A100-80G, H100, H200 or L40S (times the run)")
+    c.add_argument("--cpus-per-node", type=float, default=None)
+
+
+def _cluster(args):
+    """The cluster the flags describe, or None for the default (workflows/plan.py default_cluster)."""
+    if args.cluster:
+        if args.nodes or args.gpus_per_node:
+            raise PlanError("give --cluster or --nodes/--gpus-per-node, not both")
+        return cluster_from_yaml(args.cluster)
+    if args.nodes or args.gpus_per_node or args.gpu_memory_gb or args.gpu_type:
+        if not args.gpus_per_node:
+            raise PlanError("--nodes/--gpu-memory-gb/--gpu-type need --gpus-per-node")
+        return cluster_from_flags(args.nodes or 1, args.gpus_per_node, args.gpu_memory_gb, args.gpu_type, args.cpus_per_node)
+    return None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="thinkbroad", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     r = _with_config(sub, "run", "the whole pipeline: prepare -> generate -> sft -> dpo -> teacher_eval -> distill -> report")
     r.add_argument("--from", dest="from_stage", default=None, metavar="STAGE", help="rerun from this stage on")
     r.add_argument("--only", default=None, metavar="STAGE", help="run this stage only (and any stale dependency)")
+    r.add_argument("--no-plan", action="store_true", help="skip the pre-flight check (thinkbroad plan) before the stages")
+    _cluster_args(r)
+    pl = _with_config(sub, "plan", "pre-flight: per stage what runs where, memory per GPU, fits or not; time and cost")
+    pl.add_argument("--pairs", type=int, default=None, metavar="N", help="plan for N labelled pairs (default: the data file's)")
+    _cluster_args(pl)
     _with_config(sub, "prepare", "validate the labelled pairs and split them by query")
     g = _with_config(sub, "generate", "MPCoT: judge each training pair from every perspective with the teacher LLM")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -81,7 +111,12 @@ def main(argv: list[str] | None = None) -> int:
                 if given and given not in STAGES:
                     print(f"thinkbroad: error: unknown stage {given!r}; stages: {', '.join(STAGES)}", file=sys.stderr)
                     return 2
-            print(run(cfg, run_dir, args.from_stage, args.only))
+            print(run(cfg, run_dir, args.from_stage, args.only, check=not args.no_plan, cluster=_cluster(args)))
+        elif args.command == "plan":
+            from workflows.plan import default_cluster, make_plan, render
+
+            plan = make_plan(cfg, run_dir, _cluster(args) or default_cluster(), args.pairs)
+            print(render(plan, args.config))
         elif args.command == "prepare":
             stages.prepare(cfg, run_dir)
         elif args.command == "generate":

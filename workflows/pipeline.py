@@ -38,12 +38,21 @@ def force_from(run_dir: Path, stage: str) -> None:
                 (d / MANIFEST).unlink(missing_ok=True)
 
 
-def run(cfg: RunConfig, run_dir: Path, from_stage: str | None = None, only: str | None = None) -> Path:
+def run(cfg: RunConfig, run_dir: Path, from_stage: str | None = None, only: str | None = None, check: bool = True,
+        cluster=None) -> Path:
+    """`check`: first the plan's verdict per stage (workflows/plan.py) on `cluster` (None: this machine, or the Ray
+    cluster of a `ray job submit` job); a stage that cannot fit its GPUs is refused before anything starts."""
     if from_stage:
         force_from(run_dir, from_stage)
     stages = [only] if only else list(STAGES)
     if not cfg.teacher_eval.enabled and "teacher_eval" in stages and not only:
         stages.remove("teacher_eval")
+    if check:
+        from workflows.plan import check_run
+
+        prepare(cfg, run_dir)  # the plan reads the prepared splits
+        for line in check_run(cfg, run_dir, list(STAGES[: STAGES.index(only) + 1]) if only else stages, cluster):
+            log(line)
     for i, name in enumerate(stages, 1):
         log(f"=== stage {i}/{len(stages)}: {name} ===")
         _stage_fn(name)(cfg, run_dir)
