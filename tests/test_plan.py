@@ -11,7 +11,8 @@ from hardware.gpu import GPUS, kind_from_name, parse_nvidia_smi
 from teacher.placement import model_states_bytes
 from workflows.cli import main
 from workflows.config import load_config
-from workflows.plan import (PlanError, cluster_from_flags, cluster_from_yaml, make_plan, render, this_machine)
+from workflows.cluster import PlanError, cluster_from_flags, cluster_from_yaml, this_machine
+from workflows.plan import make_plan, render
 from workflows.shapes import ShapeError, model_shape, safetensors_counts, shape_from_config
 
 PAPER = ROOT / "configs" / "paper.yaml"
@@ -158,7 +159,7 @@ def test_shape_from_a_model_folder_reads_safetensors_headers(tiny_qwen2):
 
 
 def test_a_model_neither_local_nor_in_plan_models_is_named_with_the_fix(tmp_path):
-    with pytest.raises(ShapeError, match=r"'/nowhere/model'.*plan.models"):
+    with pytest.raises(ShapeError, match=r"'/nowhere/model' is not a folder with config.json.*plan.models"):
         model_shape("/nowhere/model", None, {})
     with pytest.raises(ShapeError, match=r"plan.models.m: missing hidden_size"):
         model_shape("m", None, {"m": {"model_type": "llama"}})

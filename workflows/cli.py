@@ -10,7 +10,8 @@ from hardware.cpu import PrecisionError
 from workflows.config import ConfigError, load_config
 from workflows.data import DataError
 from workflows.models import BUILTIN, ModelNotFound, resolve_model
-from workflows.plan import PlanError, PlanRefused, cluster_from_flags, cluster_from_yaml
+from workflows.cluster import PlanError, cluster_from_flags, cluster_from_yaml
+from workflows.plan import PlanRefused
 from workflows.runtime import RayStartError
 from workflows.shapes import ShapeError
 
@@ -113,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
                     return 2
             print(run(cfg, run_dir, args.from_stage, args.only, check=not args.no_plan, cluster=_cluster(args)))
         elif args.command == "plan":
-            from workflows.plan import default_cluster, make_plan, render
+            from workflows.cluster import default_cluster
+            from workflows.plan import make_plan, render
 
             plan = make_plan(cfg, run_dir, _cluster(args) or default_cluster(), args.pairs)
             print(render(plan, args.config))

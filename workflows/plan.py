@@ -13,21 +13,18 @@ import contextlib
 import io
 import json
 import math
-import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from hardware.cpu import cpu_info
-from hardware.gpu import GPUS, INSTANCES, GpuKind, kind_from_name, local_gpus
 from mpcot.perspectives import NEUTRAL_PERSPECTIVE
 from mpcot.placement import engine_placement, vllm_batch_defaults
 from mpcot.prompts import build_messages
 from teacher import placement as teacher_placement
+from workflows.cluster import Cluster, NodeGroup, PlanError, default_cluster
 from workflows.config import RunConfig
-from workflows.models import local_folder
+from workflows.models import BUILTIN, local_folder, resolve_model
 from workflows.shapes import DTYPE_BYTES, ModelShape, model_shape
 
 GiB = 2**30
@@ -35,188 +32,8 @@ SPLITS = ("train", "val", "test")
 SAMPLE_PAIRS = 64
 
 
-class PlanError(ValueError):
-    """A cluster description the planner cannot read; the message names the file or flag and the fix."""
-
-
 class PlanRefused(RuntimeError):
     """`thinkbroad run`: a stage cannot fit the cluster; the message gives the numbers and the fix."""
-
-
-# ---------------------------------------------------------------- the cluster
-
-
-@dataclass(frozen=True)
-class NodeGroup:
-    name: str
-    count: int  # nodes of this kind the cluster can have
-    cpus: float
-    gpus: int
-    gpu: GpuKind | None = None  # None: kind unknown
-    gpu_memory_gib: float | None = None  # None: unknown (memory is then not checked)
-    memory_gib: float | None = None  # host memory
-    held: int | None = None  # nodes kept all the time (autoscaler min_workers); None = all `count`
-
-
-@dataclass(frozen=True)
-class Cluster:
-    source: str
-    groups: tuple[NodeGroup, ...]
-    notes: tuple[str, ...] = ()
-
-    @property
-    def gpu_group(self) -> NodeGroup | None:
-        """The GPU node kind (the one with the most GPUs per node when there are several)."""
-        return max((g for g in self.groups if g.gpus), key=lambda g: g.gpus, default=None)
-
-    @property
-    def gpus(self) -> int:
-        return sum(g.count * g.gpus for g in self.groups)
-
-    @property
-    def cpus(self) -> float:
-        return sum(g.count * g.cpus for g in self.groups)
-
-    @property
-    def node_cpus(self) -> float:
-        return max((g.cpus for g in self.groups), default=0)
-
-    @property
-    def cpu_memory_gib(self) -> float | None:
-        """Host memory of the node CPU work runs on (the largest)."""
-        known = [g.memory_gib for g in self.groups if g.memory_gib]
-        return max(known) if known else None
-
-    def held_gpus(self, used: int) -> int:
-        """GPUs paid for while a stage uses `used` of them: whole nodes, at least the ones always held."""
-        g = self.gpu_group
-        if g is None:
-            return 0
-        held = g.count if g.held is None else g.held
-        return max(math.ceil(used / g.gpus), held) * g.gpus
-
-    def describe(self) -> str:
-        parts = []
-        for g in self.groups:
-            what = f"{g.gpus} x {g.gpu.name if g.gpu else 'GPU'} {g.gpu_memory_gib:g} GiB" if g.gpus and g.gpu_memory_gib \
-                else f"{g.gpus} GPUs (memory unknown)" if g.gpus else "no GPU"
-            count = f"{g.count}" if g.held is None or g.held == g.count else f"{g.held}-{g.count}"
-            ram = f", {g.memory_gib:.0f} GiB RAM" if g.memory_gib else ""
-            parts.append(f"{count} x {g.name} ({what}, {g.cpus:g} CPUs{ram})")
-        return f"{' + '.join(parts)} [{self.source}]"
-
-
-def cluster_from_flags(nodes: int, gpus_per_node: int, gpu_memory_gb: float | None, gpu_type: str | None = None,
-                       cpus_per_node: float | None = None) -> Cluster:
-    """--nodes/--gpus-per-node/--gpu-memory-gb[/--gpu-type]: a static cluster of identical GPU nodes."""
-    kind, notes = _kind_for(gpu_type, gpu_memory_gb, "--gpu-type")
-    memory = gpu_memory_gb or (kind.memory_gib if kind else None)
-    if gpus_per_node and memory is None:
-        raise PlanError("--gpus-per-node needs --gpu-memory-gb (or --gpu-type, one of " + ", ".join(GPUS) + ")")
-    cpus = cpus_per_node if cpus_per_node is not None else 12 * gpus_per_node or cpu_info().cores
-    if cpus_per_node is None and gpus_per_node:
-        notes += (f"CPUs per node not given: {cpus:g} assumed (12 per GPU; --cpus-per-node to change)",)
-    group = NodeGroup("node", nodes, cpus, gpus_per_node, kind, memory)
-    return Cluster(f"--nodes {nodes} --gpus-per-node {gpus_per_node}" + (f" --gpu-memory-gb {gpu_memory_gb:g}" if gpu_memory_gb else ""),
-                   (group,), notes)
-
-
-def _kind_for(gpu_type: str | None, memory_gib: float | None, where: str) -> tuple[GpuKind | None, tuple[str, ...]]:
-    """The GPU kind named, else the slowest known kind of that memory size (stated), else None."""
-    if gpu_type:
-        if gpu_type not in GPUS:
-            raise PlanError(f"{where} {gpu_type!r}: not a GPU kind the planner knows; one of {', '.join(GPUS)}")
-        return GPUS[gpu_type], ()
-    if memory_gib is None:
-        return None, ()
-    same = [g for g in GPUS.values() if abs(g.memory_gib - memory_gib) < 1]
-    if not same:
-        return None, (f"no known GPU kind has {memory_gib:g} GiB: times on GPUs are not estimated (give --gpu-type)",)
-    slowest = min(same, key=lambda g: g.bf16_tflops)
-    note = (f"GPU kind not given: timed as {slowest.name}, the slowest {memory_gib:g} GiB kind known "
-            f"({', '.join(g.name for g in same)}); --gpu-type to change",) if len(same) > 1 else ()
-    return slowest, note
-
-
-def cluster_from_yaml(path: str | Path) -> Cluster:
-    """A Ray cluster-launcher YAML (cluster.yaml, or ~/ray_bootstrap_config.yaml on a launched head node): each
-    node type with its resources, its instance type's GPUs and memory (hardware/gpu.py) and min/max workers."""
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise PlanError(f"{path}: cluster file not found") from None
-    types = (raw or {}).get("available_node_types")
-    if not isinstance(types, dict) or not types:
-        raise PlanError(f"{path}: no available_node_types; expected a Ray cluster-launcher config (see cluster.yaml)")
-    head, cap = raw.get("head_node_type"), raw.get("max_workers")
-    groups, notes = [], []
-    for name, spec in types.items():
-        resources = spec.get("resources") or {}
-        instance = (spec.get("node_config") or {}).get("InstanceType")
-        known = INSTANCES.get(instance)
-        gpus = int(resources.get("GPU", known.gpus if known else 0))
-        kind = GPUS[known.gpu] if known and gpus else None
-        if gpus and kind is None:
-            notes.append(f"{path}: node type {name}: instance type {instance!r} is not in hardware/gpu.py INSTANCES; its "
-                         "GPU memory is unknown (add it there, or plan with --nodes/--gpus-per-node/--gpu-memory-gb)")
-        cpus = float(resources.get("CPU", known.cpus if known else 0))
-        if name == head:
-            count = held = 1
-        else:
-            count = int(spec.get("max_workers", cap or 0))
-            count = min(count, cap) if cap is not None else count
-            held = int(spec.get("min_workers", 0))
-        groups.append(NodeGroup(name + (f" {instance}" if instance else ""), count, cpus, gpus, kind,
-                                kind.memory_gib if kind else None, known.memory_gib if known else None, held))
-    return Cluster(str(path), tuple(groups), tuple(notes))
-
-
-def cluster_from_ray() -> Cluster:
-    """The connected Ray cluster's live nodes (`ray job submit` sets RAY_ADDRESS); GPU memory from the accelerator type
-    Ray reports, unknown where the type does not say it (a plain "A100" is 40 or 80 GB)."""
-    import ray
-
-    from workflows.runtime import ensure_ray
-
-    ensure_ray()
-    groups: dict[tuple, int] = {}
-    for node in ray.nodes():
-        if not node.get("Alive"):
-            continue
-        res = node.get("Resources", {})
-        accel = next((k.split(":", 1)[1] for k in res if k.startswith("accelerator_type:")), "")
-        key = (res.get("CPU", 0), int(res.get("GPU", 0)), accel, res.get("memory", 0) / GiB)  # the RAM Ray gives tasks
-        groups[key] = groups.get(key, 0) + 1
-    out = []
-    for (cpus, gpus, accel, mem), n in groups.items():
-        kind = kind_from_name(accel) if gpus else None
-        out.append(NodeGroup(accel or "node", n, cpus, gpus, kind, kind.memory_gib if kind else None, mem or None))
-    notes = tuple(f"Ray reports GPU type {g.name!r}: its memory is unknown, so GPU memory is not checked (plan with "
-                  "--gpu-memory-gb, or `thinkbroad run --cluster cluster.yaml`)" for g in out if g.gpus and g.gpu is None)
-    return Cluster(f"Ray cluster at {os.environ.get('RAY_ADDRESS')}", tuple(out), notes)
-
-
-def this_machine() -> Cluster:
-    """This machine: its cores, memory and (through nvidia-smi) GPUs."""
-    cores = cpu_info().cores
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GiB
-    gpus = local_gpus()
-    kind = kind_from_name(gpus[0].name, gpus[0].memory_gib) if gpus else None
-    name = gpus[0].name if gpus else "this machine"
-    return Cluster("this machine", (NodeGroup(name, 1, cores, len(gpus), kind, gpus[0].memory_gib if gpus else None, ram),))
-
-
-BOOTSTRAP = Path("~/ray_bootstrap_config.yaml")  # what the cluster launcher leaves on the head node
-
-
-def default_cluster() -> Cluster:
-    """Inside a Ray job (RAY_ADDRESS): the launcher's config on the head node when there (the most the autoscaler
-    can add), else the live nodes; otherwise this machine."""
-    if os.environ.get("RAY_ADDRESS"):
-        boot = BOOTSTRAP.expanduser()
-        return cluster_from_yaml(boot) if boot.exists() else cluster_from_ray()
-    return this_machine()
 
 
 # ---------------------------------------------------------------- data and tokens
@@ -755,9 +572,14 @@ def _finished_run(run_dir: Path) -> tuple[dict | None, dict[str, float]]:
 
 
 def _shapes(cfg: RunConfig) -> tuple[dict[str, ModelShape], dict[str, Path | None]]:
+    """Role -> shape and local folder of each model the run loads. Built-in models are resolved (built once, in seconds,
+    as the run would); other folders are read where they are on this machine, else taken from plan.models."""
     d = cfg.distill
-    folders = {"teacher": local_folder(cfg.teacher.model), "embedder": local_folder(d.embedder), "backbone": local_folder(d.backbone)}
     names = {"teacher": cfg.teacher.model, "embedder": d.embedder, "backbone": d.backbone}
+    if d.teacher not in ("dpo", "sft", "base"):  # a model folder writes the distillation targets
+        names["targets teacher"] = d.teacher
+    folders = {role: Path(resolve_model(name)) if name in BUILTIN else local_folder(name)
+               for role, name in names.items()}
     shapes = {role: model_shape(names[role], folders[role], cfg.plan.models, drop_pooler=role == "backbone") for role in names}
     return shapes, folders
 
@@ -781,15 +603,19 @@ def make_plan(cfg: RunConfig, run_dir: Path, cluster: Cluster, total_pairs: int 
 
     engine = {what: _engine_check(cfg, teacher, cluster, lengths, what) for what in
               ("vLLM engines (base teacher)", "vLLM engines (SFT teacher, pass@k resampling)",
-               "vLLM engines (base, SFT, DPO teachers)", "vLLM engines (trained teacher writes the targets)")}
+               "vLLM engines (base, SFT, DPO teachers)")}
+    targets_teacher = shapes.get("targets teacher", teacher)
+    engine["targets"] = _engine_check(cfg, targets_teacher, cluster, lengths,
+                                      f"vLLM engines ({'trained teacher' if targets_teacher is teacher else targets_teacher.name} "
+                                      "writes the targets)")
     gen_device = next(iter(engine.values())).device
     gen_gpus = g.concurrency * g.gpus_per_engine if gen_device == "gpu" else 0
     gen_units = gen_gpus or g.concurrency * engine_placement(g.accelerator, cluster.cpus, 0, g.concurrency, g.cpus_per_engine,
                                                              g.gpus_per_engine, cluster.node_cpus).remote_args["num_cpus"]
 
-    def gen_work(what: str, prompts: float, prompt_tokens: float, loads: int = 1) -> Work:
+    def gen_work(what: str, prompts: float, prompt_tokens: float, loads: int = 1, shape: ModelShape = teacher) -> Work:
         tin, tout = prompts * prompt_tokens, prompts * lengths.completion
-        hours, how = timer.generation(tin + tout, gen_device, gen_units, teacher, loads)
+        hours, how = timer.generation(tin + tout, gen_device, gen_units, shape, loads)
         return Work(what, f"{_fmt(prompts)} prompts, {_fmt(tin)} tokens in + {_fmt(tout)} out", hours, gen_gpus, how)
 
     stages = [StagePlan("prepare")]
@@ -855,8 +681,8 @@ def make_plan(cfg: RunConfig, run_dir: Path, cluster: Cluster, total_pairs: int 
     test = pairs.counts["test"] * 2 * lengths.student_mean * backbone.matmul_params
     st_hours, st_how = timer.flops(len(variants) * (s.epochs * per_epoch + test), student_check.device,
                                    student_gpus or s.num_workers * s.cpus_per_worker, cfg.plan.throughput.student_mfu)
-    stages.append(StagePlan("distill", [engine["vLLM engines (trained teacher writes the targets)"], emb_check, student_check], [
-        gen_work(f"targets: {_fmt(target_pairs)} pairs x {K} perspectives", texts, lengths.prompt_mean),
+    stages.append(StagePlan("distill", [engine["targets"], emb_check, student_check], [
+        gen_work(f"targets: {_fmt(target_pairs)} pairs x {K} perspectives", texts, lengths.prompt_mean, shape=targets_teacher),
         Work(f"embed {_fmt(texts)} rationales ({d.embedder})", f"{_fmt(emb_tokens)} tokens, 2 x params FLOPs per token",
              emb_hours, 0, emb_how + " (1 CPU actor)"),
         Work(f"{len(variants)} students ({len(d.seeds)} seeds) x up to {s.epochs} epochs",

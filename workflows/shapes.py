@@ -154,6 +154,7 @@ def model_shape(name: str, folder: str | Path | None, plan_models: dict[str, dic
     if name in plan_models:
         return shape_from_config(name, plan_models[name], "plan.models (config.json fields; the folder is not on this machine)",
                                  f"plan.models.{name}", drop_pooler)
-    raise ShapeError(f"model {name!r}: the folder is not on this machine and plan.models has no entry for it; add "
+    raise ShapeError(f"model {name!r} is not a folder with config.json on this machine (a run needs it there: give the "
+                     "path of a local Hugging Face model folder) and plan.models has no entry to plan it from elsewhere: add "
                      f"plan.models: {{{name!r}: {{...}}}} with the fields of its config.json ({', '.join(REQUIRED)}, "
                      "num_key_value_heads, head_dim, tie_word_embeddings, torch_dtype)")
