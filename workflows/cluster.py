@@ -121,6 +121,8 @@ def cluster_from_yaml(path: str | Path) -> Cluster:
         raw = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise PlanError(f"{path}: cluster file not found") from None
+    except yaml.YAMLError as exc:
+        raise PlanError(f"{path}: not valid YAML: {exc}") from None
     types = (raw or {}).get("available_node_types")
     if not isinstance(types, dict) or not types:
         raise PlanError(f"{path}: no available_node_types; expected a Ray cluster-launcher config (see cluster.yaml)")

@@ -76,7 +76,7 @@ def plan_pairs(cfg: RunConfig, run_dir: Path, total: int | None = None) -> Pairs
         if total:
             n = sum(counts.values())
             counts = {s: round(total * c / n) for s, c in counts.items()}
-            source = f"--pairs {total:,} split as {source}; token lengths from that data"
+            source = f"--pairs {total:,} in the split shares and token lengths of {source}"
         return Pairs(counts, sample, source)
     if not total:
         raise PlanError(f"data.path {cfg.data.path!r} is not on this machine: give --pairs N (the number of labelled pairs)")
@@ -347,9 +347,7 @@ def _train_check(cfg: RunConfig, kind: str, shape: ModelShape, cluster: Cluster)
         c.summary = f"{dist.num_workers} CPU workers, {zero}, {_g(total)} GiB RAM"
         return c
     if dist.num_workers > cluster.gpus:
-        c.fits, c.problem = False, (f"{kind}.distributed.num_workers {dist.num_workers} > the cluster's {cluster.gpus} GPUs: "
-                                    f"set {kind}.distributed.num_workers: {cluster.gpus}" if cluster.gpus else
-                                    f"{kind}.distributed.accelerator is gpu and {cluster.source} has no GPU")
+        c.fits, c.problem = False, _too_few_gpus(f"{kind}.distributed", dist.num_workers, cluster)
         return c
     group = cluster.gpu_group
     if group.gpu_memory_gib is None:
@@ -379,6 +377,13 @@ def _train_check(cfg: RunConfig, kind: str, shape: ModelShape, cluster: Cluster)
                                     f"{ram:.0f}: turn {kind}.distributed.offload off or use more nodes")
     c.summary = f"{dist.num_workers} GPU workers, {zero}{offload}, {_g(need)} of {_g(mem)} GiB per GPU"
     return c
+
+
+def _too_few_gpus(section: str, workers: int, cluster: Cluster) -> str:
+    """A Ray Train job of one GPU per worker that asks for more GPUs than the cluster has."""
+    if not cluster.gpus:
+        return f"{section}.accelerator is gpu and {cluster.source} has no GPU"
+    return f"{section}.num_workers {workers} > the cluster's {cluster.gpus} GPUs: set {section}.num_workers: {cluster.gpus}"
 
 
 def _train_fixes(cfg: RunConfig, kind: str, shape: ModelShape, cluster: Cluster) -> str:
@@ -433,9 +438,7 @@ def _student_check(cfg: RunConfig, backbone: ModelShape, target_dim: int, cluste
                    f"activations {_g(act)}" + (f" + runtime {_g(runtime)}" if runtime else "") + f" = {_g(need)} GiB")
     if device == "gpu":
         if s.num_workers > cluster.gpus:
-            c.fits, c.problem = False, (f"distill.train.num_workers {s.num_workers} > the cluster's {cluster.gpus} GPUs: set "
-                                        f"distill.train.num_workers: {cluster.gpus}" if cluster.gpus else
-                                        f"distill.train.accelerator is gpu and {cluster.source} has no GPU")
+            c.fits, c.problem = False, _too_few_gpus("distill.train", s.num_workers, cluster)
             return c
         mem = cluster.gpu_group.gpu_memory_gib
         c.need_gib, c.have_gib = need / GiB, mem
@@ -690,6 +693,10 @@ def make_plan(cfg: RunConfig, run_dir: Path, cluster: Cluster, total_pairs: int 
              st_hours, student_gpus, st_how)]))
     stages.append(StagePlan("report"))
     gpu_hours = sum(w.hours or 0 for st in stages for w in st.work if w.gpus)
+    most = max((w.gpus for st in stages for w in st.work), default=0)
+    if most and cluster.gpus > most:
+        notes.append(f"no stage uses more than {most} of the cluster's {cluster.gpus} GPUs: more engines "
+                     "(generation.concurrency) or workers shorten the run at about the same GPU-hours")
     if cluster.gpus and emb_hours and emb_hours > gpu_hours:
         on_gpu, _ = timer.flops(2 * embedder.matmul_params * emb_tokens, "gpu", 1, cfg.plan.throughput.student_mfu)
         notes.append(f"the rationale embedder runs on one CPU (workflows/student_stages.py `_embed` asks Ray for no GPU): "
@@ -744,7 +751,8 @@ def render(plan: Plan, config_path: str) -> str:
 def render_table(plan: Plan) -> str:
     """Markdown table: per stage the work, GPUs held, hours, GPU-hours and cost, with a total."""
     price = plan.cfg.plan.gpu_hour_usd
-    head = "| stage | work | rate | GPUs held | hours | GPU-hours |" + (" cost |" if price else "") + " measured |"
+    measured = any(st.measured_s for st in plan.stages)
+    head = "| stage | work | rate | GPUs held | hours | GPU-hours |" + (" cost |" if price else "") + (" measured |" if measured else "")
     rows = [head, "|---" * (head.count("|") - 1) + "|"]
     tot_h = tot_gh = 0.0
     unknown = False
@@ -760,12 +768,14 @@ def render_table(plan: Plan) -> str:
             cells = [st.name, f"{w.what}: {w.detail}", w.how, str(held), _h(w.hours), _h(gh)]
             if price:
                 cells.append("—" if gh is None else f"${gh * price:,.0f}")
-            cells.append(f"{st.measured_s / 3600:.2f} h" if st.measured_s else "")
+            if measured:
+                cells.append(f"{st.measured_s / 3600:.2f} h" if st.measured_s else "")
             rows.append("| " + " | ".join(cells) + " |")
     total = ["**total**", "", "", "", f"**{_h(tot_h)}**", f"**{_h(tot_gh)}**"]
     if price:
         total.append(f"**${tot_gh * price:,.0f}**")
-    total.append("")
+    if measured:
+        total.append("")
     rows.append("| " + " | ".join(total) + " |")
     if unknown:
         rows.append("\n(— not estimated; the total leaves it out)")
