@@ -14,7 +14,8 @@ CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 def test_every_shipped_config_loads(path):
     cfg = load_config(path)
     assert cfg.name == path.stem
-    assert (ROOT / cfg.data.path).exists()
+    if path.stem not in ("esci", "wands"):  # those read the official downloads (not shipped): see tests/test_layouts.py
+        assert (ROOT / cfg.data.path).exists()
     assert [p.name for p in cfg.perspectives][:3] == ["user_intent", "structured_analysis", "business_rules"]
 
 

@@ -61,8 +61,8 @@ class SplitConfig(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _column_defaults(cls, raw: Any) -> Any:
-        if isinstance(raw, dict) and raw.get("column") and not {"train", "val", "test"} & raw.keys():
-            raw = {"train": 0.9, "val": 0.1, "test": 0.0, **raw}
+        if isinstance(raw, dict) and raw.get("column"):
+            raw = {"test": 0.0, **({"train": 0.9, "val": 0.1} if not {"train", "val"} & raw.keys() else {}), **raw}
         return raw
 
     @model_validator(mode="after")
@@ -86,6 +86,16 @@ class JoinedFile(_Strict):
     path: str
     on: list[str] = Field(min_length=1)  # key column(s), named alike in both files; compared as text
     format: Literal["auto", "jsonl", "csv", "tsv", "parquet"] = "auto"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _yaml_on(cls, raw: Any) -> Any:
+        # YAML 1.1 reads an unquoted `on:` key as the boolean true
+        if isinstance(raw, dict) and True in raw:
+            raw = dict(raw)
+            value = raw.pop(True)
+            raw.setdefault("on", value)
+        return raw
 
     @field_validator("on", mode="before")
     @classmethod
@@ -290,3 +300,24 @@ def _include_files(raw: dict, base: Path) -> dict:
         base_list = raw.get("perspectives") or [dict(p) for p in DEFAULT_PERSPECTIVES]
         raw["perspectives"] = list(base_list) + list(extra)
     return raw
+
+
+def load_serve_config(path: str | Path | None, overrides: list[str] | None = None) -> ServeConfig:
+    """`thinkbroad serve`'s settings: the `serve:` section of a run config with `--set` applied, or, without a
+    config, the defaults with `--set serve.KEY=VALUE` items."""
+    if path is not None:
+        return load_config(path, overrides).serve
+    raw: dict = {}
+    for item in overrides or []:
+        if item.partition("=")[0].strip().split(".")[0] != "serve":
+            raise ConfigError(f"--set {item!r}: without --config only serve.* keys apply, e.g. serve.replicas=2")
+        _apply_override(raw, item)
+    try:
+        return ServeConfig.model_validate(raw.get("serve", {}))
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            where = ".".join(["serve", *map(str, err["loc"])])
+            msg = "unknown key (see the README, Configs)" if err["type"] == "extra_forbidden" else err["msg"]
+            lines.append(f"  --set {_override_for(where, overrides or [])}: {where}: {msg}")
+        raise ConfigError("invalid --set value\n" + "\n".join(lines)) from None

@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from workflows.config import ColumnMap, DataConfig, JoinedFile, SplitConfig
+from workflows import readers
 from workflows.readers import (
     MAX_REPORTED,
     TEXT_FIELDS,
@@ -37,7 +38,7 @@ from workflows.readers import (
     text_of,
 )
 
-__all__ = ["PAIR_SCHEMA", "SPLITS", "DataError", "MAX_REPORTED", "TEXT_FIELDS", "Scan", "detect_format", "input_files",
+__all__ = ["JOINED_NOUN", "PAIR_SCHEMA", "SPLITS", "DataError", "MAX_REPORTED", "TEXT_FIELDS", "Scan", "detect_format", "input_files",
            "label_support", "load_pairs", "publish_file", "scan_pairs", "split_by_query", "split_codes", "split_summary",
            "write_splits"]
 
@@ -53,10 +54,14 @@ PAIR_SCHEMA = pa.schema(
     ]
 )
 SPLITS = ("train", "val", "test")
+JOINED_NOUN = {"products": "product", "queries": "query"}  # data.<name>: what one row of that file is
 REC, LINE, TEST = "__rec__", "__line__", "__test__"
-RUN_BYTES = 128 << 20  # canonical rows buffered before a sorted run goes to disk (joined layouts)
-ROW_GROUP_BYTES = 64 << 20  # rows buffered per split file before a row group is written
+RUN_ROW_GROUP = 4096  # rows per row group of a run: the merge holds about one of each run at a time
+RUN_FORMAT = {"compression": "none", "use_dictionary": False}  # runs are read once, soon: no time spent encoding
+RUN_BYTES = 64 << 20  # canonical rows buffered before a sorted run goes to disk (joined layouts)
+ROW_GROUP_BYTES = 32 << 20  # rows buffered per split file before a row group is written
 KEY_SEP = "\x1f"  # joins the text of multi-column keys
+JOIN_MARK = "\x7f"  # DEL: JSON leaves it as it is; joins a batch of values escaped at once (see _json_escaped)
 # the order of a row's problems in the listing (JSON type problems come first, numbered by field)
 ORDER_QUERY, ORDER_TITLE, ORDER_LABEL, ORDER_PAIR_ID = 100, 101, 102, 103
 
@@ -187,15 +192,20 @@ def _derive_query_ids(query_id: pa.Array, query: pa.Array) -> pa.Array:
     return pc.replace_with_mask(query_id, missing, derived)
 
 
-def _json_strings(col: pa.Array) -> pa.Array:
-    """json.dumps(value, ensure_ascii=False) of every string: quoted, and escaped through Python where a value holds a
-    quote, a backslash or a control character."""
-    plain = pc.binary_join_element_wise('"', col, '"', "")
+def _json_escaped(col: pa.Array) -> pa.Array:
+    """Every string as json.dumps(value, ensure_ascii=False) writes it between its quotes. The values that need it (a
+    quote, a backslash, a control character) are escaped by Python's JSON encoder in one call per batch, joined by a
+    character the encoder leaves alone (DEL); one call per value if a value holds that character."""
     needs = pc.match_substring_regex(col, r'[\x00-\x1f"\\]')
     if not pc.any(needs).as_py():
-        return plain
-    escaped = [json.dumps(v, ensure_ascii=False) for v in col.filter(needs).to_pylist()]
-    return pc.replace_with_mask(plain, needs, pa.array(escaped, pa.string()))
+        return col
+    sub = col.filter(needs)
+    joined = pc.binary_join(pa.ListArray.from_arrays(pa.array([0, len(sub)], pa.int32()), sub), JOIN_MARK)[0].as_py()
+    if joined.count(JOIN_MARK) == len(sub) - 1:
+        escaped = pc.split_pattern(pa.array([json.dumps(joined, ensure_ascii=False)[1:-1]], pa.string()), JOIN_MARK).values
+    else:
+        escaped = pa.array([json.dumps(v, ensure_ascii=False)[1:-1] for v in sub.to_pylist()], pa.string())
+    return pc.replace_with_mask(col, needs, escaped)
 
 
 def _attributes_json(attrs: list[tuple[str, pa.ChunkedArray]], n: int) -> pa.Array:
@@ -205,13 +215,15 @@ def _attributes_json(attrs: list[tuple[str, pa.ChunkedArray]], n: int) -> pa.Arr
     for name, col in attrs:
         col = col.combine_chunks()
         present = pc.greater(pc.binary_length(col), 0)
-        key = json.dumps(name, ensure_ascii=False) + ": "
-        lead = key if seen is None else pc.if_else(seen, ", " + key, key)
-        pieces.append(pc.if_else(present, pc.binary_join_element_wise(lead, _json_strings(col), ""), ""))
+        key = json.dumps(name, ensure_ascii=False) + ': "'
+        lead = pa.scalar(key) if seen is None else pc.if_else(seen, ", " + key, key)
+        # null where the attribute is empty: the piece is null, then left out of the row's object
+        lead = pc.if_else(present, lead, pa.scalar(None, pa.string()))
+        pieces.append(pc.binary_join_element_wise(lead, _json_escaped(col), '"', ""))
         seen = present if seen is None else pc.or_(seen, present)
     if not pieces:
         return pa.array(["{}"] * n, pa.string())
-    return pc.binary_join_element_wise("{", *pieces, "}", "")
+    return pc.binary_join_element_wise("{", *pieces, "}", "", null_handling="replace", null_replacement="")
 
 
 def _key(t: pa.Table, on: list[str]) -> pa.Array:
@@ -257,7 +269,7 @@ class _RunWriter:
         if self.ordered:
             if self._writer is None:
                 self.runs.append(self.workdir / "run-0.parquet")
-                self._writer = pq.ParquetWriter(self.runs[0], rows.schema)
+                self._writer = pq.ParquetWriter(self.runs[0], rows.schema, **RUN_FORMAT)
             self._writer.write_table(rows)
             return
         self._buffer.append(rows)
@@ -267,10 +279,12 @@ class _RunWriter:
 
     def _flush(self) -> None:
         if self._buffer:
-            rows = pa.concat_tables(self._buffer)
+            rows = pa.concat_tables(self._buffer)  # no copy: chunks
             self._buffer, self._bytes = [], 0
             path = self.workdir / f"run-{len(self.runs)}.parquet"
-            pq.write_table(rows.take(pc.sort_indices(rows, [(REC, "ascending")])), path)
+            order = pc.sort_indices(rows.column(REC).combine_chunks())
+            pq.write_table(rows.take(order), path, row_group_size=RUN_ROW_GROUP, **RUN_FORMAT)
+            del rows, order
             self.runs.append(path)
 
     def close(self) -> pa.Table:
@@ -287,13 +301,17 @@ class _RunWriter:
         return index if self.ordered else index.take(pc.sort_indices(index, [(REC, "ascending")]))
 
 
-def _merge_runs(runs: list[Path], batch_rows: int = 4096) -> Iterator[pa.Table]:
+def _read_run(path: Path, batch_rows: int):
+    return pq.ParquetFile(path, buffer_size=1 << 20, pre_buffer=False).iter_batches(batch_size=batch_rows, use_threads=False)
+
+
+def _merge_runs(runs: list[Path], batch_rows: int = 2048) -> Iterator[pa.Table]:
     """k-way merge of runs sorted by record: the rows of all runs in record order, a few batches in memory at a time."""
     if len(runs) == 1:
-        for batch in pq.ParquetFile(runs[0]).iter_batches(batch_size=8 * batch_rows):
+        for batch in _read_run(runs[0], 4 * batch_rows):
             yield pa.Table.from_batches([batch])
         return
-    iters = [pq.ParquetFile(p).iter_batches(batch_size=batch_rows) for p in runs]
+    iters = [_read_run(p, batch_rows) for p in runs]
     heads = [next(it, None) for it in iters]
     while any(h is not None for h in heads):
         live = [i for i, h in enumerate(heads) if h is not None]
@@ -448,12 +466,13 @@ def _join_and_build(data: DataConfig, pairs: Source, joined: list[_Joined], side
         first = side.filter(missing).slice(0, 5)
         examples = "; ".join(f"{pairs.unit} {line} ({', '.join(f'{c} {v!r}' for c, v in zip(j.spec.on, vals))})"
                              for line, *vals in zip(first.column(LINE).to_pylist(), *(first.column(c).to_pylist() for c in j.spec.on)))
-        noun = j.name[:-1]
+        noun = JOINED_NOUN[j.name]
         errors.append(f"{pairs.path}: {n} pair(s) name a {noun} that {j.source.path} lacks (no row with the same "
                       f"{', '.join(j.spec.on)}), e.g. {examples}; point data.{j.name}.path at the {noun} file of these "
                       f"pairs (and data.{j.name}.on at its key columns), or set data.missing: drop to leave such pairs "
                       "out (counted in the prepare manifest)")
-    raise_problems(errors)
+    if errors:
+        raise DataError("\n".join(errors))
     if missing_any is not None:
         keep = pc.invert(missing_any)
         side = side.filter(keep)
@@ -471,8 +490,8 @@ def _join_and_build(data: DataConfig, pairs: Source, joined: list[_Joined], side
                 side = side.append_column(col, gathered.column(col))
     products = next((j for j in joined if j.name == "products"), None)
     if products is None:
-        for start in range(0, side.num_rows, 32_768):
-            writer.add(plan.build(side.slice(start, 32_768), problems))
+        for start in range(0, side.num_rows, readers.BATCH_ROWS):
+            writer.add(plan.build(side.slice(start, readers.BATCH_ROWS), problems))
         return
     pos = positions["products"].to_numpy(zero_copy_only=False).astype(np.int64)
     order = np.argsort(pos, kind="stable")

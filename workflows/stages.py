@@ -21,7 +21,7 @@ from mpcot.generate import (
 )
 from workflows.artifacts import fingerprint, invalidate, is_fresh, start_attempt, write_json_atomic, write_manifest
 from workflows.config import RunConfig
-from workflows.data import SPLITS, DataError, input_files, scan_pairs, split_codes, split_summary, write_splits
+from workflows.data import JOINED_NOUN, SPLITS, DataError, input_files, scan_pairs, split_codes, split_summary, write_splits
 from workflows.models import resolve_model
 from workflows.runtime import ensure_ray
 
@@ -74,7 +74,7 @@ def prepare(cfg: RunConfig, run_dir: Path) -> dict[str, Path]:
     write_manifest(out, "prepare", key, inputs, t0, rows=counts, queries=queries, label_support=support, warnings=warnings,
                    input_rows=read)
     total = scan.index.num_rows
-    dropped = "".join(f", {n} without a {name[:-1]} dropped" for name, n in scan.missing_dropped.items())
+    dropped = "".join(f", {n} without a {JOINED_NOUN[name]} dropped" for name, n in scan.missing_dropped.items())
     filtered = f" ({scan.filtered_out} of {scan.rows_read} rows filtered out{dropped})" if scan.filtered_out or dropped else ""
     log(f"prepare: {total} pairs{filtered} -> " + ", ".join(f"{k} {v} ({queries[k]} queries)" for k, v in counts.items()))
     for name, s in support.items():
