@@ -40,3 +40,12 @@ class RationaleEmbedder:
         vecs = self.embed(texts)
         emb = pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1), pa.float32()), vecs.shape[1])
         return pa.table({"pair_id": batch.column("pair_id"), "perspective": batch.column("perspective"), "embedding": emb})
+
+
+def embedder_placement(cluster_gpus: float) -> tuple[int, dict]:
+    """(actors, Ray resources of each) for the rationale embedder: one actor per GPU of the cluster, holding one each,
+    when it has GPUs; else one actor on one CPU. What workflows/student_stages.py `_embed` asks Ray for, and what
+    `thinkbroad plan` plans."""
+    if cluster_gpus:
+        return max(1, int(cluster_gpus)), {"num_gpus": 1}
+    return 1, {"num_cpus": 1}

@@ -41,6 +41,8 @@ def test_paper_config_fits_8x80_with_zero3(tmp_path):
     assert teacher.kv_bytes_per_token(2) == 160 * 1024 and "160 KiB per token" in gen.lines[1]
     sft = plan.stage("sft").checks[0]
     assert sft.device == "gpu" and 35 < sft.need_gib < 45 and sft.have_gib == 80
+    embedder = next(c for c in plan.stage("distill").checks if c.what == "rationale embedder")
+    assert embedder.device == "gpu" and embedder.placement.startswith("8 Ray Data actor(s) x 1 GPU")
     text = render(plan, "configs/paper.yaml")
     assert "DOES NOT FIT" not in text and "| **total** |" in text and "$" in text
 

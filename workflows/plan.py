@@ -455,16 +455,33 @@ def _student_check(cfg: RunConfig, backbone: ModelShape, target_dim: int, cluste
     return c
 
 
-def _embedder_check(cfg: RunConfig, embedder: ModelShape, cluster: Cluster) -> Check:
+def _embedder_check(cfg: RunConfig, embedder: ModelShape, cluster: Cluster) -> tuple[Check, int]:
+    """The rationale embedder's actor pool (student/embed.py `embedder_placement`, on the GPUs live when the stage
+    starts: the nodes the cluster keeps) and its memory; returns the check and the number of actors."""
+    from student.embed import embedder_placement
+
     d = cfg.distill
+    actors, resources = embedder_placement(cluster.held_gpus(0))
+    device = "gpu" if "num_gpus" in resources else "cpu"
     weights = embedder.params * DTYPE_BYTES.get(embedder.dtype, 4)
-    act = d.embed_batch_size * 256 * embedder.hidden * 4 * 8  # a forward pass without grad: a few (B, 256, h) tensors
-    c = Check("rationale embedder", "cpu", f"1 Ray Data actor x 1 CPU (no GPU requested), {embedder.params / 1e6:.0f}M "
-              f"parameters in {embedder.dtype}, batch {d.embed_batch_size}",
-              need_gib=(weights + act) / GiB, have_gib=cluster.cpu_memory_gib)
-    c.lines.append(f"host memory: weights {_g(weights)} + activations {_g(act)} GiB")
-    c.summary = f"embedder on 1 CPU, {_g(weights + act)} GiB RAM"
-    return c
+    act = d.embed_batch_size * 256 * embedder.hidden * 4 * 8  # a forward pass without grad: a few (B, 256, h) fp32 tensors
+    c = Check("rationale embedder", device, f"{actors} Ray Data actor(s) x 1 {device.upper()}, "
+              f"{embedder.params / 1e6:.0f}M parameters in {embedder.dtype}, batch {d.embed_batch_size}")
+    if device == "gpu":
+        runtime = cfg.plan.assume.gpu_runtime_gib * GiB
+        mem = cluster.gpu_group.gpu_memory_gib
+        c.need_gib, c.have_gib = (weights + act + runtime) / GiB, mem
+        c.lines.append(f"per GPU: weights {_g(weights)} + activations {_g(act)} + runtime {_g(runtime)} = {c.need_gib:.1f}"
+                       + (f" of {mem:g} GiB" if mem else " GiB"))
+        if mem and c.need_gib > mem:
+            c.fits, c.problem = False, (f"the rationale embedder needs {c.need_gib:.1f} GiB per GPU, the GPUs have {mem:g}: "
+                                        f"lower distill.embed_batch_size (now {d.embed_batch_size})")
+        c.summary = f"embedder on {actors} GPUs"
+    else:
+        c.need_gib, c.have_gib = (weights + act) / GiB, cluster.cpu_memory_gib
+        c.lines.append(f"host memory: weights {_g(weights)} + activations {_g(act)} GiB")
+        c.summary = f"embedder on 1 CPU, {_g(weights + act)} GiB RAM"
+    return c, actors
 
 
 # ---------------------------------------------------------------- work and time
@@ -673,9 +690,11 @@ def make_plan(cfg: RunConfig, run_dir: Path, cluster: Cluster, total_pairs: int 
     target_pairs = min(pairs.counts["train"], d.max_target_pairs or pairs.counts["train"]) + \
         min(pairs.counts["val"], d.fidelity_pairs or pairs.counts["val"])
     texts = target_pairs * K
-    emb_check = _embedder_check(cfg, embedder, cluster)
+    emb_check, emb_actors = _embedder_check(cfg, embedder, cluster)
     emb_tokens = texts * min(256, lengths.rationale_chars / 4 + 2)
-    emb_hours, emb_how = timer.flops(2 * embedder.matmul_params * emb_tokens, "cpu", 1, 1.0)
+    emb_gpus = emb_actors if emb_check.device == "gpu" else 0
+    emb_hours, emb_how = timer.flops(2 * embedder.matmul_params * emb_tokens, emb_check.device, emb_actors,
+                                     cfg.plan.throughput.student_mfu)
     variants = d.main_variants()
     s = d.train
     student_check = _student_check(cfg, backbone, embedder.hidden, cluster)
@@ -687,21 +706,15 @@ def make_plan(cfg: RunConfig, run_dir: Path, cluster: Cluster, total_pairs: int 
     stages.append(StagePlan("distill", [engine["targets"], emb_check, student_check], [
         gen_work(f"targets: {_fmt(target_pairs)} pairs x {K} perspectives", texts, lengths.prompt_mean, shape=targets_teacher),
         Work(f"embed {_fmt(texts)} rationales ({d.embedder})", f"{_fmt(emb_tokens)} tokens, 2 x params FLOPs per token",
-             emb_hours, 0, emb_how + " (1 CPU actor)"),
+             emb_hours, emb_gpus, emb_how),
         Work(f"{len(variants)} students ({len(d.seeds)} seeds) x up to {s.epochs} epochs",
              f"{_fmt(pairs.counts['train'])} train pairs of {lengths.student_mean:.0f} tokens, 6 x params FLOPs per token",
              st_hours, student_gpus, st_how)]))
     stages.append(StagePlan("report"))
-    gpu_hours = sum(w.hours or 0 for st in stages for w in st.work if w.gpus)
     most = max((w.gpus for st in stages for w in st.work), default=0)
     if most and cluster.gpus > most:
         notes.append(f"no stage uses more than {most} of the cluster's {cluster.gpus} GPUs: more engines "
                      "(generation.concurrency) or workers shorten the run at about the same GPU-hours")
-    if cluster.gpus and emb_hours and emb_hours > gpu_hours:
-        on_gpu, _ = timer.flops(2 * embedder.matmul_params * emb_tokens, "gpu", 1, cfg.plan.throughput.student_mfu)
-        notes.append(f"the rationale embedder runs on one CPU (workflows/student_stages.py `_embed` asks Ray for no GPU): "
-                     f"{emb_hours:,.0f} h, more than all GPU work ({gpu_hours:,.0f} h), while {cluster.held_gpus(0)} GPUs "
-                     f"are held; on one GPU it would take about {on_gpu:,.1f} h" if on_gpu else "")
     for stp in stages:
         stp.measured_s = measured.get(stp.name)
     if measured_tps:
