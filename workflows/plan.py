@@ -46,33 +46,41 @@ class Pairs:
     source: str
 
 
-def _sample(table, n: int = SAMPLE_PAIRS) -> list[dict]:
+def _sample(path: Path, n: int = SAMPLE_PAIRS) -> list[dict]:
+    """A spread of n pairs of a split file's first row group (what prompts need; the rest is not read)."""
+    import pyarrow.parquet as pq
+
+    f = pq.ParquetFile(path)
+    if not f.metadata.num_rows:
+        return []
+    table = f.read_row_group(0, columns=[c for c in ("query", "title", "attributes", "label") if c in f.schema_arrow.names])
     step = max(1, table.num_rows // n)
-    rows = table.take(list(range(0, table.num_rows, step))[:n]).to_pylist() if table.num_rows else []
+    rows = table.take(list(range(0, table.num_rows, step))[:n]).to_pylist()
     return [{"query": r["query"], "title": r["title"], "attributes": json.loads(r.get("attributes") or "{}"),
              "label": r["label"]} for r in rows]
+
+
+def _split_sizes(paths: dict[str, Path]) -> tuple[dict[str, int], list[dict]]:
+    import pyarrow.parquet as pq
+
+    return {s: pq.ParquetFile(p).metadata.num_rows for s, p in paths.items()}, _sample(paths["train"])
 
 
 def plan_pairs(cfg: RunConfig, run_dir: Path, total: int | None = None) -> Pairs:
     """Split sizes and a sample of pairs: the run's prepared splits when there, else the data file through the run's
     own `prepare` (into a temporary folder), else the perspectives' few-shot pairs with `total` split by the config's
     fractions. `total` (--pairs) scales the counts to a data set not on this machine."""
-    import pyarrow.parquet as pq
-
     prepared = {s: run_dir / "data" / f"{s}.parquet" for s in SPLITS}
-    tables, source = None, ""
+    counts = None
     if all(p.exists() for p in prepared.values()) and (run_dir / "data" / "manifest.json").exists():
-        tables, source = {s: pq.read_table(p) for s, p in prepared.items()}, f"the prepared splits in {run_dir / 'data'}"
+        (counts, sample), source = _split_sizes(prepared), f"the prepared splits in {run_dir / 'data'}"
     elif Path(cfg.data.path).exists():
         from workflows.stages import prepare
 
         with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
-            paths = prepare(cfg, Path(tmp))
-            tables = {s: pq.read_table(paths[s]) for s in SPLITS}
+            counts, sample = _split_sizes(prepare(cfg, Path(tmp)))
         source = f"{cfg.data.path} split by the config"
-    if tables is not None:
-        counts = {s: t.num_rows for s, t in tables.items()}
-        sample = _sample(tables["train"])
+    if counts is not None:
         if total:
             n = sum(counts.values())
             counts = {s: round(total * c / n) for s, c in counts.items()}
