@@ -9,10 +9,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from hardware.cpu import cpu_info
 from hardware.gpu import GPUS, INSTANCES, GpuKind, kind_from_name, local_gpus
+from workflows.config import read_yaml
 
 GiB = 2**30
 
@@ -117,12 +116,7 @@ def cluster_from_yaml(path: str | Path) -> Cluster:
     """A Ray cluster-launcher YAML (cluster.yaml, or ~/ray_bootstrap_config.yaml on a launched head node): each
     node type with its resources, its instance type's GPUs and memory (hardware/gpu.py) and min/max workers."""
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise PlanError(f"{path}: cluster file not found") from None
-    except yaml.YAMLError as exc:
-        raise PlanError(f"{path}: not valid YAML: {exc}") from None
+    raw = read_yaml(path, PlanError, "cluster file")
     types = (raw or {}).get("available_node_types")
     if not isinstance(types, dict) or not types:
         raise PlanError(f"{path}: no available_node_types; expected a Ray cluster-launcher config (see cluster.yaml)")

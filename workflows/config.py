@@ -222,6 +222,16 @@ def _dump(value: Any) -> Any:
     return value
 
 
+def read_yaml(path: Path, error: type[Exception], what: str) -> Any:
+    """A YAML file's contents; `error` naming the file when it is missing or not YAML."""
+    try:
+        return yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise error(f"{path}: {what} not found") from None
+    except yaml.YAMLError as exc:
+        raise error(f"{path}: not valid YAML: {exc}") from None
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     """Read and validate a run config. Relative data paths resolve against the current directory.
 
@@ -229,12 +239,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     `distill.seeds=[0,1,2]` or `generation.max_pairs=20`.
     """
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    raw = read_yaml(path, ConfigError, "config file")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of settings at the top level")
     for item in overrides or []:
