@@ -258,3 +258,16 @@ def test_tsv_format_reads_a_csv_named_file(tmp_path):
     f.write_text("pair_id\tquery_id\tquery\tproduct_title\tlabel\np0\tq0\tusb c cable\tAnker, 2 m\tE\n")
     table = load_pairs(f, "tsv", load_config(ROOT / "configs" / "local.yaml").data.columns, ["E", "S", "C", "I"])
     assert table.column("title").to_pylist() == ["Anker, 2 m"]
+
+
+def test_pairs_without_labels_are_read_for_scoring(tmp_path):
+    ex, pr, _ = esci_files(tmp_path)
+    pq.write_table(pq.read_table(ex).drop_columns(["esci_label"]), ex)
+    cfg = esci_config(ex, pr)
+    with pytest.raises(DataError, match=r"missing column\(s\) label \(column 'esci_label'\)"):
+        prepare(cfg, tmp_path / "run")
+    from workflows.data import scan_pairs
+
+    scan = scan_pairs(cfg.data, ["E", "S", "C", "I"], tmp_path, require_labels=False)
+    rows = pa.concat_tables(scan.batches()).to_pylist()
+    assert len(rows) == 84 and {r["label"] for r in rows} == {""} and rows[0]["title"] == "Anker cable B0000"

@@ -96,7 +96,6 @@ class Scan:
     filtered_out: int = 0
     missing_dropped: dict[str, int] = field(default_factory=dict)
     joined_duplicates: dict[str, int] = field(default_factory=dict)
-    inputs: list[Path] = field(default_factory=list)
 
     def batches(self) -> Iterator[pa.Table]:
         """The canonical rows in record order (the order of the pairs file)."""
@@ -106,8 +105,9 @@ class Scan:
 class _Plan:
     """How the rows of one batch (pairs file columns + joined columns) become canonical rows."""
 
-    def __init__(self, data: DataConfig, label_codes: list[str], source: Source, origin: dict[str, str]):
-        self.columns, self.codes = data.columns, label_codes
+    def __init__(self, data: DataConfig, label_codes: list[str], source: Source, origin: dict[str, str],
+                 labelled: bool = True):
+        self.columns, self.codes, self.labelled = data.columns, label_codes, labelled
         self.by_lower = {c.lower(): c for c in label_codes}
         self.path, self.unit = source.path, source.unit
         self.origin = origin  # column -> the file it is read from, when that is not the pairs file
@@ -139,12 +139,15 @@ class _Plan:
                lambda i: f"empty query ({self.column_desc(c.query)}); fill it in or remove the row")
         report(_empty(title), ORDER_TITLE,
                lambda i: f"empty product title ({self.column_desc(c.title)}); fill it in or remove the row")
-        codes, unknown = self._codes(label_text)
-        report(_empty(label_text), ORDER_LABEL,
-               lambda i: f"no label ({self.column_desc(c.label)}); give the pair one of {', '.join(self.codes)} or remove the row")
-        report(unknown, ORDER_LABEL,
-               lambda i: f"label {label_text[i].as_py()!r} is not one of {', '.join(self.codes)}; fix the label or add "
-                         "it to `labels` in the config")
+        if self.labelled:
+            codes, unknown = self._codes(label_text)
+            report(_empty(label_text), ORDER_LABEL, lambda i: f"no label ({self.column_desc(c.label)}); give the pair "
+                                                              f"one of {', '.join(self.codes)} or remove the row")
+            report(unknown, ORDER_LABEL,
+                   lambda i: f"label {label_text[i].as_py()!r} is not one of {', '.join(self.codes)}; fix the label or "
+                             "add it to `labels` in the config")
+        else:  # pairs to score, without a label column
+            codes = pa.array([""] * n, pa.string())
         if c.pair_id:
             pair_id = t.column(c.pair_id).combine_chunks()
             report(_empty(pair_id), ORDER_PAIR_ID,
@@ -326,22 +329,25 @@ def _merge_runs(runs: list[Path], batch_rows: int = 2048) -> Iterator[pa.Table]:
         yield merged.take(pc.sort_indices(merged, [(REC, "ascending")]))
 
 
-def scan_pairs(data: DataConfig, label_codes: list[str], workdir: Path) -> Scan:
+def scan_pairs(data: DataConfig, label_codes: list[str], workdir: Path, require_labels: bool = True) -> Scan:
     """Read, filter, join, map columns and validate every pair; raise DataError listing every problem. The canonical
-    rows go to Parquet runs under `workdir` (nothing is written anywhere else)."""
+    rows go to Parquet runs under `workdir` (nothing is written anywhere else). `require_labels=False` (pairs to
+    score): a file without the label column is read with empty labels; one with it is checked as usual."""
     pairs = Source(data.path, data.format, "data.path", "your labelled pairs")
     joined = [_Joined(name, spec, Source(spec.path, spec.format, f"data.{name}.path", f"your {name} file"))
               for name, spec in (("queries", data.queries), ("products", data.products)) if spec]
     fields = _mapped_fields(data.columns)
-    origin = _check_layout(data, fields, pairs, joined)
-    plan = _Plan(data, label_codes, pairs, {col: str(j.source.path) for j in joined for col in j.columns})
+    labelled = require_labels or data.columns.label in pairs.columns or any(
+        data.columns.label in j.source.columns for j in joined)
+    origin = _check_layout(data, fields, pairs, joined, labelled)
+    plan = _Plan(data, label_codes, pairs, {col: str(j.source.path) for j in joined for col in j.columns}, labelled)
     problems = Problems()
     json_fields = {f: col for f, col in fields.items() if col not in origin}
     keys = [c for j in joined for c in j.spec.on]
     wanted = list(dict.fromkeys([col for col in fields.values() if col not in origin]
                                 + keys + list(data.filter) + ([data.split.column] if data.split.column else [])))
     writer = _RunWriter(workdir, ordered=not any(j.name == "products" for j in joined))
-    scan = Scan(pairs.path, pairs.unit, writer.runs, pa.table({}), inputs=[pairs.path] + [j.source.path for j in joined])
+    scan = Scan(pairs.path, pairs.unit, writer.runs, pa.table({}))
     kept_parts = []
     for batch, type_problems in pairs.batches(wanted, json_fields):
         scan.rows_read += batch.num_rows
@@ -369,11 +375,12 @@ def scan_pairs(data: DataConfig, label_codes: list[str], workdir: Path) -> Scan:
     return scan
 
 
-def _check_layout(data: DataConfig, fields: dict[str, str], pairs: Source, joined: list[_Joined]) -> dict[str, str]:
+def _check_layout(data: DataConfig, fields: dict[str, str], pairs: Source, joined: list[_Joined],
+                  labelled: bool = True) -> dict[str, str]:
     """Which file each mapped column is read from (column -> joined file name; absent: the pairs file), after checking
     that required columns, join keys, filter and split columns exist; the Parquet column types too."""
     errors = []
-    required = {"query": data.columns.query, "title": data.columns.title, "label": data.columns.label}
+    required = {"query": data.columns.query, "title": data.columns.title} | ({"label": data.columns.label} if labelled else {})
     for f in ("pair_id", "query_id"):
         if getattr(data.columns, f):
             required[f] = getattr(data.columns, f)
@@ -534,14 +541,14 @@ def _check_duplicate_ids(scan: Scan, columns: ColumnMap, problems: Problems) -> 
             problems.count += 1
 
 
-def load_pairs(path: str | Path, fmt: str, columns: ColumnMap, label_codes: list[str]) -> pa.Table:
+def load_pairs(path: str | Path, fmt: str, columns: ColumnMap, label_codes: list[str], require_labels: bool = True) -> pa.Table:
     """Read, map columns and validate every row of one file; raise DataError listing every problem. In memory: for
     files that fit (the stages stream through `scan_pairs`)."""
     import tempfile
 
     data = DataConfig(path=str(path), format=fmt, columns=columns)
     with tempfile.TemporaryDirectory(prefix="thinkbroad-pairs-") as work:
-        scan = scan_pairs(data, label_codes, Path(work))
+        scan = scan_pairs(data, label_codes, Path(work), require_labels)
         parts = [t.select(PAIR_SCHEMA.names) for t in scan.batches()]
     return pa.concat_tables(parts).cast(PAIR_SCHEMA) if parts else PAIR_SCHEMA.empty_table()
 
