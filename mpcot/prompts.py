@@ -4,6 +4,7 @@ A pair is a plain dict with `query`, `title` and `attributes` (name -> text, abs
 """
 from __future__ import annotations
 
+import hashlib
 import html
 import json
 import re
@@ -99,6 +100,12 @@ def gold_hint(gold: Label | None) -> str:
     if gold is None:
         return ""
     return f"\n\nThe correct label is {gold.title}. Explain from this perspective why it holds."
+
+
+def prompt_hash(messages: list[dict[str, str]]) -> str:
+    """16 hex digits of the SHA-256 of the messages as JSON: a rationale row keeps this instead of its prompt, so a
+    prompt rebuilt later (SFT, DPO) is checked to be the one the teacher was given."""
+    return hashlib.sha256(json.dumps(messages, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
 def render_prompt(tokenizer, messages: list[dict[str, str]], **template_kwargs) -> str:

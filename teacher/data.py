@@ -4,15 +4,16 @@ from __future__ import annotations
 import random
 
 
-def balance_by_label(rows: list[dict], mode: str, cap: int | None, seed: int) -> tuple[list[dict], dict]:
+def balance_by_label(labels: list[str], mode: str, cap: int | None, seed: int) -> tuple[list[int], dict]:
     """Small teachers are biased (SmolLM2 says "E" for most pairs), so their correct rationales are too.
 
-    none: unchanged. cap: at most `cap` rows per label (a seeded sample). upsample: repeat each label's rows
-    (seeded) until it has as many as the most frequent label. Returns the rows and label counts before/after.
+    `labels`: each row's label. none: every row. cap: at most `cap` rows per label (a seeded sample). upsample:
+    repeat each label's rows (seeded) until it has as many as the most frequent label. Returns the indices of the
+    rows to train on, shuffled (seeded), and the label counts before/after.
     """
-    by_label: dict[str, list[dict]] = {}
-    for r in rows:
-        by_label.setdefault(r["label"], []).append(r)
+    by_label: dict[str, list[int]] = {}
+    for i, label in enumerate(labels):
+        by_label.setdefault(label, []).append(i)
     before = {k: len(v) for k, v in sorted(by_label.items())}
     rng = random.Random(seed)
     if mode == "cap":
@@ -24,6 +25,6 @@ def balance_by_label(rows: list[dict], mode: str, cap: int | None, seed: int) ->
         by_label = {k: v + [rng.choice(v) for _ in range(top - len(v))] for k, v in by_label.items()}
     elif mode != "none":
         raise ValueError(f"unknown balance mode {mode!r}")
-    out = [r for k in sorted(by_label) for r in by_label[k]]
+    out = [i for k in sorted(by_label) for i in by_label[k]]
     rng.shuffle(out)
     return out, {"before": before, "after": {k: len(v) for k, v in sorted(by_label.items())}}

@@ -78,3 +78,26 @@ def test_teacher_scores_count_unparsed_as_wrong():
     assert s["all"]["accuracy"] == 0.5 and s["all"]["n"] == 4
     # per-class F1 over the label set: E 2/3, S 0, C 0 (no support, no predictions), I 2/3
     assert s["all"]["macro_f1"] == pytest.approx((2 / 3 + 0 + 0 + 2 / 3) / 4)
+
+
+def test_teacher_scores_are_scikit_learns_counted_in_batches():
+    import random
+
+    from sklearn.metrics import accuracy_score, f1_score
+
+    from teacher.evaluate import score, score_judgements
+
+    rng = random.Random(0)
+    codes = ["E", "S", "C", "I"]
+    for _ in range(100):
+        n = rng.randint(1, 40)
+        gold = [rng.choice(codes[: rng.randint(1, 4)]) for _ in range(n)]
+        pred = [rng.choice([*codes, None]) for _ in range(n)]
+        shown = [p if p is not None else "<unparsed>" for p in pred]
+        s = score(gold, pred, codes)
+        assert s["accuracy"] == accuracy_score(gold, shown)
+        assert s["macro_f1"] == pytest.approx(f1_score(gold, shown, labels=codes, average="macro", zero_division=0), abs=1e-12)
+    rows = [{"perspective": rng.choice("uv"), "gold_label": rng.choice(codes), "predicted_label": rng.choice(codes)} for _ in range(50)]
+    batched = score_judgements(iter(rows), codes)  # an iterator over a dataset's batches is read once
+    assert batched["all"] == score([r["gold_label"] for r in rows], [r["predicted_label"] for r in rows], codes)
+    assert batched["u"]["n"] + batched["v"]["n"] == 50

@@ -33,11 +33,11 @@ def test_generate_killed_midway_resumes_without_loss_or_duplicates(tmp_path):
 
     first = subprocess.Popen(args, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
-    while time.time() < deadline and first.poll() is None and not list(parts.glob("part-*.parquet")):
+    while time.time() < deadline and first.poll() is None and not list(parts.glob("batch-*.parquet")):
         time.sleep(0.05)
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
-    written = sorted(parts.glob("part-*.parquet"))
+    written = sorted(parts.glob("batch-*.parquet"))
     assert written, "the first attempt wrote no part before it was killed"
     rows_before = sum(pq.read_metadata(p).num_rows for p in written)
     assert not (run_dir / "mpcot" / "rationales.parquet").exists(), "killed too late: the run had finished"
@@ -45,11 +45,15 @@ def test_generate_killed_midway_resumes_without_loss_or_duplicates(tmp_path):
     second = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
     out = run_dir / "mpcot"
+    # a Parquet dataset: a folder of parts, in task order, that pyarrow reads whole, by column or file by file
+    assert [p.name for p in (out / "rationales.parquet").iterdir()] == ["part-00000.parquet"]
     table = pq.read_table(out / "rationales.parquet")
     assert table.schema.equals(OUTPUT_SCHEMA)
     total = PAIRS * PERSPECTIVES
     ids = table.column("task_id").to_pylist()
     assert len(ids) == total and len(set(ids)) == total
+    assert table.column("task_index").to_pylist() == list(range(total))
+    assert pq.ParquetFile(out / "rationales.parquet" / "part-00000.parquet").metadata.num_rows == total
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["reused"] == rows_before > 0
     assert manifest["generated_now"] == total - rows_before

@@ -59,6 +59,33 @@ def test_structured_modes_always_parse(llm, tasks, labels, mode):
         assert all(r["raw_output"].split("\nLabel: ")[-1] in {"Exact", "Substitute", "Complement", "Irrelevant"} for r in rows)
 
 
+def test_rationale_rows_rebuild_the_prompts_the_engine_was_given(llm, tasks, labels, tmp_path):
+    """Rows keep the pair's fields and a prompt hash, not the prompt: SFT rebuilds it, and it is the text vLLM got."""
+    import pyarrow.parquet as pq
+
+    from mpcot.generate import consistency_filter
+    from mpcot.prompts import render_prompt
+
+    given = []
+
+    class Recording:
+        def get_tokenizer(self):
+            return llm.get_tokenizer()
+
+        def generate(self, prompts, params, use_tqdm=False):
+            given.extend(prompts)
+            return llm.generate(prompts, params, use_tqdm=use_tqdm)
+
+    gen = GenerationConfig(output_mode="json", temperature=0.8, max_tokens=80, rationale_max_chars=20)
+    out = judge(Recording(), tasks, gen, labels, PERSPECTIVES, "tiny")
+    assert "prompt_messages" not in out.column_names and len(given) == out.num_rows
+    everyone = out.set_column(out.schema.get_field_index("correct"), "correct", pa.array([True] * out.num_rows))
+    pq.write_table(everyone, tmp_path / "rationales.parquet")
+    assert consistency_filter(tmp_path / "rationales.parquet", tmp_path / "sft.parquet", PERSPECTIVES, labels, gen) == out.num_rows
+    sft = pq.read_table(tmp_path / "sft.parquet").to_pylist()
+    assert [render_prompt(llm.get_tokenizer(), r["prompt"]) for r in sft] == given
+
+
 def test_free_text_failures_are_kept_and_flagged(llm, tasks, labels):
     gen = GenerationConfig(output_mode="free_text", temperature=0.8, max_tokens=16)
     out = judge(llm, tasks, gen, labels, PERSPECTIVES, "tiny").to_pylist()

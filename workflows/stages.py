@@ -7,14 +7,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
 from mpcot.generate import (
     GenerationConfig,
     JudgeSpec,
+    PairSource,
+    TaskPlan,
     consistency_filter,
-    expand_tasks,
     generation_stats,
     run_generation,
     write_parquet_atomic,
@@ -84,14 +82,11 @@ def prepare(cfg: RunConfig, run_dir: Path) -> dict[str, Path]:
     return paths
 
 
-def generation_tasks(cfg: RunConfig, split_paths: dict[str, Path]) -> pa.Table:
-    tables = []
-    for split in cfg.generation.splits:
-        pairs = pq.read_table(split_paths[split])
-        if cfg.generation.max_pairs is not None:
-            pairs = pairs.slice(0, cfg.generation.max_pairs)
-        tables.append(expand_tasks(pairs, cfg.perspectives, cfg.generation.samples_per_prompt, split))
-    return pa.concat_tables(tables)
+def generation_tasks(cfg: RunConfig, split_paths: dict[str, Path]) -> TaskPlan:
+    """The generation splits' pairs (the first `max_pairs` of each) x perspectives x samples, streamed from Parquet."""
+    g = cfg.generation
+    return TaskPlan(tuple(PairSource(split, str(split_paths[split]), g.max_pairs) for split in g.splits),
+                    tuple(p.name for p in cfg.perspectives), g.samples_per_prompt)
 
 
 def judge_spec(cfg: RunConfig, model_path: str, model_name: str, perspectives, gen: GenerationConfig) -> JudgeSpec:
@@ -122,13 +117,11 @@ def generate(cfg: RunConfig, run_dir: Path, progress: bool = True) -> Path:
     tasks = generation_tasks(cfg, split_paths)
     model_path = resolve_model(cfg.teacher.model)
     spec = judge_spec(cfg, model_path, cfg.teacher.model, cfg.perspectives, cfg.generation)
-    log(f"generate: {tasks.num_rows} judgements ({len(cfg.perspectives)} perspectives) with {cfg.teacher.model}")
+    log(f"generate: {tasks.num_tasks()} judgements ({len(cfg.perspectives)} perspectives) with {cfg.teacher.model}")
     ensure_ray()
     result = run_generation(tasks, out, spec, cfg.generation, progress=progress)
-    rationales = pq.read_table(result.rationales_path)
-    sft = consistency_filter(rationales)
-    write_parquet_atomic(sft, out / "sft.parquet")
-    stats = generation_stats(rationales, [p.name for p in cfg.perspectives], [lab.name for lab in cfg.labels])
+    sft_rows = consistency_filter(result.rationales_path, out / "sft.parquet", cfg.perspectives, cfg.labels, cfg.generation)
+    stats = generation_stats(result.rationales_path, [p.name for p in cfg.perspectives], [lab.name for lab in cfg.labels])
     stats["throughput"] = {
         "generated_now": result.generated_now,
         "reused_from_earlier_attempt": result.reused,
@@ -136,12 +129,12 @@ def generate(cfg: RunConfig, run_dir: Path, progress: bool = True) -> Path:
         "completion_tokens_per_s": round(result.completion_tokens_now / max(result.seconds, 1e-9), 1),
     }
     write_json_atomic(stats, out / "stats.json")
-    write_manifest(out, "generate", key, inputs, t0, rows=result.rows, sft_rows=sft.num_rows,
+    write_manifest(out, "generate", key, inputs, t0, rows=result.rows, sft_rows=sft_rows,
                    generated_now=result.generated_now, reused=result.reused, model_path=model_path)
     shutil.rmtree(out / "parts", ignore_errors=True)
     o = stats["overall"]
     log(f"generate: {result.rows} rows ({result.generated_now} new, {result.reused} resumed), parse rate "
-        f"{o['parse_rate']:.1%}, accuracy {o['accuracy']:.1%}, {sft.num_rows} SFT rows -> {out}")
+        f"{o['parse_rate']:.1%}, accuracy {o['accuracy']:.1%}, {sft_rows} SFT rows -> {out}")
     return out
 
 

@@ -1,7 +1,6 @@
 """Teacher stages: SFT on consistency-filtered rationales, DPO on conflict samples, and base/SFT/DPO evaluation."""
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from pathlib import Path
@@ -9,10 +8,27 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mpcot.conflicts import add_resampled, mine_conflict_pairs, validate_preferences
-from mpcot.generate import expand_tasks, run_generation, write_parquet_atomic
+from mpcot.conflicts import (
+    count_rows,
+    mine_pair,
+    new_counts,
+    preference_problems,
+    raise_preference_problems,
+    rescue_pair,
+)
+from mpcot.generate import (
+    PAIR_COLUMNS,
+    PairSource,
+    RowBuffer,
+    TaskPlan,
+    atomic_parquet_writer,
+    pair_groups,
+    read_batches,
+    run_generation,
+    task_messages,
+    write_parquet_atomic,
+)
 from mpcot.perspectives import NEUTRAL_PERSPECTIVE
-from mpcot.prompts import build_messages
 from teacher.data import balance_by_label
 from teacher.evaluate import score_judgements
 from teacher.train import TrainJob, train_teacher
@@ -41,17 +57,16 @@ def sft(cfg: RunConfig, run_dir: Path) -> Path:
     invalidate(out)
     start_attempt(out / "ray", key, "sft")
     t0 = time.time()
-    rows = pq.read_table(gen_dir / "sft.parquet").to_pylist()
-    if not rows:
+    labels = pq.read_table(gen_dir / "sft.parquet", columns=["label"]).column("label").to_pylist()
+    if not labels:
         raise RuntimeError(
             f"{gen_dir / 'sft.parquet'} is empty: no rationale matched its gold label. Generate more pairs "
             "(generation.max_pairs) or more samples (generation.samples_per_prompt)"
         )
-    rows, counts = balance_by_label(rows, cfg.sft.balance, cfg.sft.cap_per_label, cfg.sft.seed)
+    rows, counts = balance_by_label(labels, cfg.sft.balance, cfg.sft.cap_per_label, cfg.sft.seed)
     dataset = out / "train.parquet"
-    write_parquet_atomic(pa.Table.from_pylist(
-        [{"prompt": r["prompt"], "completion": r["completion"]} for r in rows],
-        schema=pa.schema([("prompt", _MSG), ("completion", _MSG)])), dataset)
+    conversations = pq.read_table(gen_dir / "sft.parquet", columns=["prompt", "completion"])
+    write_parquet_atomic(conversations.take(pa.array(rows, pa.int64())), dataset)
     log(f"sft: {len(rows)} rows (labels before balancing {counts['before']}, after {counts['after']})")
     ensure_ray()
     result = train_teacher(TrainJob("sft", str(dataset), resolve_model(cfg.teacher.model), str(out), cfg.sft.model_dump()))
@@ -62,59 +77,93 @@ def sft(cfg: RunConfig, run_dir: Path) -> Path:
     return Path(result.model_dir)
 
 
-def _pairs_by_id(cfg: RunConfig, run_dir: Path) -> dict[str, dict]:
-    paths = prepare(cfg, run_dir)
-    out = {}
-    for split in cfg.generation.splits:
-        for p in pq.read_table(paths[split]).to_pylist():
-            out[p["pair_id"]] = p
-    return out
+_PREFERENCE_SCHEMA = pa.schema([("pair_id", pa.string()), ("prompt", _MSG), ("chosen", _MSG), ("rejected", _MSG),
+                                ("chosen_perspective", pa.string()), ("rejected_perspective", pa.string()),
+                                ("source", pa.string())])
+_PAIR_SCHEMA = pa.schema([(name, pa.string()) for name in PAIR_COLUMNS])
+_MINING_COLUMNS = ["pair_id", "query_id", "perspective", "sample_idx", "parse_ok", "correct", "completion", "query",
+                   "title", "attributes", "gold_label"]
 
 
-def _neutral_prompt(cfg: RunConfig, pair: dict) -> list[dict]:
-    shown = {"query": pair["query"], "title": pair["title"], "attributes": json.loads(pair["attributes"] or "{}")}
-    g = cfg.generation
-    return build_messages(shown, NEUTRAL_PERSPECTIVE, cfg.labels, g.output_mode, g.rationale_max_chars, g.max_attribute_chars)
+class _PreferenceTable:
+    """Preference rows into a Parquet writer as they are mined, each with its pair's perspective-neutral prompt,
+    checked on the way (`preference_problems`); `close` raises what was found."""
 
+    def __init__(self, cfg: RunConfig, writer, where: str, counts: dict):
+        self.cfg, self.where, self.counts = cfg, where, counts
+        self.out = RowBuffer(writer, _PREFERENCE_SCHEMA)
+        self.rows = self.n_errors = 0
+        self.errors: list[str] = []
 
-def preferences(cfg: RunConfig, run_dir: Path, sft_model: Path) -> tuple[Path, dict]:
-    """Mine conflict samples into RUN_DIR/teacher/dpo/preferences.parquet (pass@k resampling with the SFT model)."""
-    gen_dir = run_dir / "mpcot"
-    out = run_dir / "teacher" / "dpo"
-    mining = mine_conflict_pairs(pq.read_table(gen_dir / "rationales.parquet").to_pylist())
-    pairs = _pairs_by_id(cfg, run_dir)
-    resampled: list[dict] = []
-    k = cfg.dpo.pass_k
-    if mining.need_resample and k > 0:
-        need = pa.Table.from_pylist([pairs[pid] for pid in mining.need_resample])
-        tasks = expand_tasks(need, [NEUTRAL_PERSPECTIVE], k, "resample")
-        gen = cfg.generation.model_copy(update={"temperature": cfg.dpo.resample_temperature, "samples_per_prompt": k})
-        log(f"dpo: {len(mining.need_resample)} conflict pairs with no correct rationale; resampling each up to {k} times")
-        ensure_ray()
-        spec = judge_spec(cfg, str(sft_model), "sft", [NEUTRAL_PERSPECTIVE], gen)
-        start_attempt(out / "resample" / "parts", cfg.section_hash("teacher", "generation", "sft", "dpo"), "dpo resample")
-        result = run_generation(tasks, out / "resample", spec, gen)
-        resampled = pq.read_table(result.rationales_path).to_pylist()
-    mined = add_resampled(mining, resampled, k)
-    rows = [
-        {
+    def add(self, pair: dict, found: list[dict]) -> None:
+        if not found:
+            return
+        g = self.cfg.generation
+        prompt = task_messages(pair, NEUTRAL_PERSPECTIVE, self.cfg.labels, g)
+        errors = preference_problems([{**r, "prompt": prompt} for r in found], self.where, start=self.rows)
+        self.n_errors += len(errors)
+        self.errors += errors[: max(0, 20 - len(self.errors))]
+        self.out.add([{
             "pair_id": r["pair_id"],
-            "prompt": _neutral_prompt(cfg, pairs[r["pair_id"]]),
+            "prompt": prompt,
             "chosen": [{"role": "assistant", "content": r["chosen"]}],
             "rejected": [{"role": "assistant", "content": r["rejected"]}],
             "chosen_perspective": r["chosen_perspective"],
             "rejected_perspective": r["rejected_perspective"],
             "source": r["source"],
-        }
-        for r in mined.rows
-    ]
-    validate_preferences([{**r, "chosen": r["chosen"][0]["content"], "rejected": r["rejected"][0]["content"]} for r in rows],
-                         where=str(out / "preferences.parquet"))
-    schema = pa.schema([("pair_id", pa.string()), ("prompt", _MSG), ("chosen", _MSG), ("rejected", _MSG),
-                        ("chosen_perspective", pa.string()), ("rejected_perspective", pa.string()), ("source", pa.string())])
+        } for r in found])
+        self.rows += len(found)
+        count_rows(self.counts, found)
+
+    def close(self) -> None:
+        self.out.flush()
+        raise_preference_problems(self.errors, self.n_errors, self.rows, self.where)
+
+
+def _needing_resample(rationales: Path):
+    """The pairs no perspective got right, with their wrong rationales, in rationale order (the order of the
+    resampling tasks, so the resampled rows come in it too)."""
+    scratch = new_counts()
+    for rows in pair_groups(rationales, _MINING_COLUMNS):
+        _, wrong = mine_pair(rows[0]["pair_id"], rows, scratch)
+        if wrong is not None:
+            yield rows, wrong
+
+
+def preferences(cfg: RunConfig, run_dir: Path, sft_model: Path) -> tuple[Path, dict]:
+    """Mine conflict samples into RUN_DIR/teacher/dpo/preferences.parquet (pass@k resampling with the SFT model),
+    streaming over the rationales pair by pair: the driver holds one pair's rows and one batch of output rows."""
+    rationales = run_dir / "mpcot" / "rationales.parquet"
+    out = run_dir / "teacher" / "dpo"
     path = out / "preferences.parquet"
-    write_parquet_atomic(pa.Table.from_pylist(rows, schema=schema), path)
-    return path, mined.counts
+    need_path = out / "resample" / "pairs.parquet"
+    counts = new_counts()
+    k = cfg.dpo.pass_k
+    with atomic_parquet_writer(path, _PREFERENCE_SCHEMA) as writer:
+        table = _PreferenceTable(cfg, writer, str(path), counts)
+        with atomic_parquet_writer(need_path, _PAIR_SCHEMA) as need_writer:
+            need = RowBuffer(need_writer, _PAIR_SCHEMA)
+            for rows in pair_groups(rationales, _MINING_COLUMNS):
+                found, wrong = mine_pair(rows[0]["pair_id"], rows, counts)
+                table.add(rows[0], found)
+                if wrong is not None:
+                    need.add([{**{c: rows[0][c] for c in PAIR_COLUMNS if c != "label"}, "label": rows[0]["gold_label"]}])
+            need.flush()
+        if counts["need_resample"] and k > 0:
+            gen = cfg.generation.model_copy(update={"temperature": cfg.dpo.resample_temperature, "samples_per_prompt": k})
+            log(f"dpo: {counts['need_resample']} conflict pairs with no correct rationale; resampling each up to {k} times")
+            ensure_ray()
+            spec = judge_spec(cfg, str(sft_model), "sft", [NEUTRAL_PERSPECTIVE], gen)
+            start_attempt(out / "resample" / "parts", cfg.section_hash("teacher", "generation", "sft", "dpo"), "dpo resample")
+            plan = TaskPlan((PairSource("resample", str(need_path)),), (NEUTRAL_PERSPECTIVE.name,), k)
+            result = run_generation(plan, out / "resample", spec, gen)
+            tried = pair_groups(result.rationales_path, ["pair_id", "perspective", "sample_idx", "parse_ok", "correct", "completion"])
+            for (rows, wrong), tries in zip(_needing_resample(rationales), tried, strict=True):
+                table.add(rows[0], rescue_pair(rows[0]["pair_id"], wrong, tries, k, counts))
+        else:
+            counts["skipped_no_correct"] = counts["need_resample"]
+        table.close()
+    return path, counts
 
 
 def dpo(cfg: RunConfig, run_dir: Path) -> Path:
@@ -158,22 +207,22 @@ def teacher_eval(cfg: RunConfig, run_dir: Path) -> Path:
         return result_path
     invalidate(out)
     t0 = time.time()
-    pairs = pq.read_table(split_path)
-    if cfg.teacher_eval.max_pairs:
-        pairs = pairs.slice(0, cfg.teacher_eval.max_pairs)
     perspectives = list(cfg.perspectives) + [NEUTRAL_PERSPECTIVE]
-    tasks = expand_tasks(pairs, perspectives, 1, cfg.teacher_eval.split)
+    source = PairSource(cfg.teacher_eval.split, str(split_path), cfg.teacher_eval.max_pairs or None)
+    tasks = TaskPlan((source,), tuple(p.name for p in perspectives), 1)
+    n_pairs = tasks.pair_counts()[0]
     gen = cfg.generation.model_copy(update={"temperature": 0.0, "samples_per_prompt": 1})
     ensure_ray()
-    report = {"split": cfg.teacher_eval.split, "pairs": pairs.num_rows, "models": {}}
+    report = {"split": cfg.teacher_eval.split, "pairs": n_pairs, "models": {}}
     codes = [lab.name for lab in cfg.labels]
     for tag, path in models.items():
-        log(f"teacher eval: {tag} on {pairs.num_rows} {cfg.teacher_eval.split} pairs x {len(perspectives)} prompts")
+        log(f"teacher eval: {tag} on {n_pairs} {cfg.teacher_eval.split} pairs x {len(perspectives)} prompts")
         start_attempt(out / tag / "parts", key + tag, f"teacher eval ({tag})")
         res = run_generation(tasks, out / tag, judge_spec(cfg, path, tag, perspectives, gen), gen)
-        report["models"][tag] = score_judgements(pq.read_table(res.rationales_path).to_pylist(), codes)
+        judged = read_batches(res.rationales_path, ["perspective", "gold_label", "predicted_label"])
+        report["models"][tag] = score_judgements((r for batch in judged for r in batch.to_pylist()), codes)
     write_json_atomic(report, result_path)
-    write_manifest(out, "teacher_eval", key, inputs, t0, pairs=pairs.num_rows)
+    write_manifest(out, "teacher_eval", key, inputs, t0, pairs=n_pairs)
     for tag in models:
         shutil.rmtree(out / tag / "parts", ignore_errors=True)
     log("teacher eval:\n" + eval_table(report))
