@@ -1,25 +1,40 @@
-"""Benchmark: bounded load on the Serve endpoint at 127.0.0.1 — for each client count C (default 1, then 32), C
-concurrent clients for T seconds, each sending 16-item requests — vs the same serving path in-process, measured
-before and after the load (the faster counts): the time of one 16-item request and the saturated items/s of
-max-batch calls. Writes JSON, prints one line with the CPU, its flags and the load average.
+"""Benchmark: the Serve endpoint at 127.0.0.1 under load, overload, a replica kill, a redeploy and a soak.
 
-    .venv/bin/python bench/serve_load.py [STUDENT_OR_RUN_DIR] [--backend auto|torch|onnxruntime]
-        [--precision auto|fp32|bf16|fp16|int8] [--clients 1,32] [--seconds 30] [--items 16] [--no-access-log]
+Phases (one server; each phase optional but the first):
+  load       for each client count C (default 1, then 32), C clients for T seconds sending 16-item requests, back
+             to back (a refused client waits the Retry-After it got, as the README tells callers) — against the same
+             serving path in-process, timed before and after the load (the faster counts): one 16-item request, and
+             the saturated items/s of max-batch calls. After the 1-client phase, the per-phase timing of
+             /v1/model: where the time between in-process and served goes.
+  overload   (--overload F) requests arriving at F x the requests/s of the busiest load phase, whatever the answers
+             (open loop): accepted p50/p99 against serve.latency_budget_ms, how fast refusals come, other errors.
+  kill       (--kill) C clients; one model replica is SIGKILLed a third into the phase: errors, requests retried
+             by the ingress, the longest wait, the seconds until the deployment runs every replica again.
+  redeploy   (--redeploy) C clients; a third into the phase another student is deployed in place of this one:
+             failed requests, and when the answers switched to the new student's digest.
+  soak       (--soak SECONDS) C clients for that long: model replica RSS every 10 s, p50/p99, errors per minute.
+
+    .venv/bin/python bench/serve_load.py [STUDENT_OR_RUN_DIR] [--backend ...] [--precision ...] [--clients 1,32]
+        [--seconds 30] [--items 16] [--replicas 1] [--replica-cpus N] [--budget-ms 500] [--no-access-log]
+        [--overload 4] [--kill] [--redeploy] [--soak SECONDS] [--phase-clients 4]
 
 Without a target it serves the best student of runs/local if there is one, else a random MiniLM student.
-Goals: 1-client p50 <= 1.5 x in-process + 10 ms; saturated items/s >= 0.8 x in-process on the same path.
+Goals: 1-client p50 <= 1.5 x in-process + 10 ms; saturated items/s >= 0.8 x in-process on the same path; at 4x the
+saturating load accepted p99 <= the budget, refusals within 100 ms, no other 5xx; kill: no errors, no wait > 2 s;
+redeploy: 0 failed requests; soak: RSS growth <= 10% after warm-up, 0 errors, last-minute p99 <= 1.2 x the first.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import socket
+import signal
 import statistics
 import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 # as in the replica (serve/app.py): idle OpenMP threads sleep, so the in-process reference runs the same way
@@ -29,13 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _tiny_student(folder: Path) -> Path:
+def _tiny_student(folder: Path, seed: int = 0) -> Path:
     import torch
     from transformers import AutoTokenizer
 
@@ -43,47 +52,91 @@ def _tiny_student(folder: Path) -> Path:
     from workflows.models import MINILM, resolve_model
 
     enc = resolve_model(MINILM)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = LRKDStudent.from_encoder(enc, StudentConfig(labels=["E", "S", "C", "I"], extractor="poly", mode="unified",
                                                         perspectives=["user_intent", "structured_analysis", "business_rules"]))
     model.save_pretrained(folder, tokenizer=AutoTokenizer.from_pretrained(enc))
     return folder
 
 
-def load_phase(url: str, body: dict, clients: int, seconds: float, items: int, max_requests: int) -> dict:
-    """`clients` threads post `body` until `seconds` pass or `max_requests` are sent; latencies and throughput."""
-    import requests
+class Recorder:
+    """Posts `body` to `url` from many threads; keeps (start, end, status, kind, digest, retry_after) per request.
+    kind: ok | refused (503/429 with the service's JSON reason) | error (anything else, connection errors too)."""
 
-    latencies, errors, lock = [], [], threading.Lock()
-    stop_at = time.time() + seconds
+    def __init__(self, url: str, body: dict, items: int):
+        self.url, self.payload, self.items = url, json.dumps(body), items
+        self.records: list[tuple] = []
+        self.lock, self.local = threading.Lock(), threading.local()
 
-    def client():
-        s = requests.Session()
-        while time.time() < stop_at:
-            with lock:
-                if len(latencies) + len(errors) >= max_requests:
-                    return
-            t = time.perf_counter()
-            try:
-                r = s.post(url, json=body, timeout=60)
-                ok = r.status_code == 200 and len(r.json()["results"]) == items
-            except requests.RequestException:
-                ok = False
-            with lock:
-                (latencies if ok else errors).append(1000 * (time.perf_counter() - t))
+    def post(self, scheduled: float | None = None) -> tuple:
+        import requests
 
-    t0 = time.time()
-    threads = [threading.Thread(target=client) for _ in range(clients)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    wall = time.time() - t0
-    lat = sorted(latencies)
-    return {"clients": clients, "seconds": seconds, "requests_ok": len(lat), "errors": len(errors),
-            "requests_per_s": len(lat) / wall, "items_per_s": len(lat) * items / wall,
-            "p50_ms": lat[len(lat) // 2] if lat else float("nan"),
-            "p99_ms": lat[min(len(lat) - 1, int(len(lat) * 0.99))] if lat else float("nan")}
+        s = getattr(self.local, "session", None) or requests.Session()
+        self.local.session = s
+        start = scheduled or time.perf_counter()  # open loop: from when the request was due, queueing included
+        digest, retry, kind, status = None, None, "error", 0
+        try:
+            r = s.post(self.url, data=self.payload, headers={"content-type": "application/json"}, timeout=60)
+            status = r.status_code
+            body = r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
+            if status == 200 and len(body.get("results", [])) == self.items:
+                kind, digest = "ok", body["model_digest"]
+            elif status in (429, 503) and "reason" in body:
+                kind, retry = "refused", float(r.headers.get("Retry-After", 1))
+        except Exception:  # connection reset, timeout, bad JSON: an error like any other
+            pass
+        rec = (start, time.perf_counter(), status, kind, digest, retry)
+        with self.lock:
+            self.records.append(rec)
+        return rec
+
+    def closed_loop(self, clients: int, seconds: float, max_requests: int = 1_000_000) -> tuple[float, float]:
+        """`clients` threads send back to back for `seconds` (a refused one sleeps its Retry-After first)."""
+        t0 = time.perf_counter()
+        stop = t0 + seconds
+
+        def client():
+            while time.perf_counter() < stop and len(self.records) < max_requests:
+                rec = self.post()
+                if rec[3] == "refused":
+                    time.sleep(min(rec[5], max(0.0, stop - time.perf_counter())))
+
+        threads = [threading.Thread(target=client) for _ in range(clients)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        return t0, time.perf_counter()
+
+    def open_loop(self, rate: float, seconds: float, workers: int = 256) -> tuple[float, float]:
+        """Requests due every 1/rate s for `seconds`, sent by a pool whatever the answers."""
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(workers) as pool:
+            k = 0
+            while (due := t0 + k / rate) < t0 + seconds:
+                time.sleep(max(0.0, due - time.perf_counter()))
+                pool.submit(self.post, due)
+                k += 1
+        return t0, time.perf_counter()
+
+
+def _pct(values: list[float], q: float) -> float:
+    v = sorted(values)
+    return v[min(len(v) - 1, int(len(v) * q))] if v else float("nan")
+
+
+def summarize(records: list[tuple], items: int, span: tuple[float, float] | None = None) -> dict:
+    """Counts, accepted latency percentiles (ms) and items/s over the span, refusal latencies, error statuses."""
+    wall = (span[1] - span[0]) if span else max(1e-9, max(r[1] for r in records) - min(r[0] for r in records))
+    ok = [1000 * (r[1] - r[0]) for r in records if r[3] == "ok"]
+    refused = [1000 * (r[1] - r[0]) for r in records if r[3] == "refused"]
+    errors = [r[2] for r in records if r[3] == "error"]
+    return {"requests": len(records), "ok": len(ok), "refused": len(refused), "errors": len(errors),
+            "error_statuses": {str(c): errors.count(c) for c in sorted(set(errors))},
+            "requests_per_s": len(ok) / wall, "items_per_s": len(ok) * items / wall,
+            "p50_ms": _pct(ok, 0.5), "p99_ms": _pct(ok, 0.99), "max_ms": max(ok, default=float("nan")),
+            "mean_ms": statistics.fmean(ok) if ok else float("nan"),
+            "refused_p99_ms": _pct(refused, 0.99), "refused_max_ms": max(refused, default=float("nan"))}
 
 
 def in_process(scorer, texts: list[tuple[str, str]], batch: int, repeats: int = 20) -> tuple[float, float]:
@@ -101,17 +154,127 @@ def in_process(scorer, texts: list[tuple[str, str]], batch: int, repeats: int = 
     return 1000 * statistics.median(one), batch / statistics.median(full)
 
 
+def model_replicas() -> dict[str, int]:
+    """Running model replicas: actor name -> pid."""
+    import ray
+    from ray.util.state import list_actors
+
+    # this Ray instance's address: other Ray instances on the machine would make "auto" ambiguous
+    actors = list_actors(address=ray.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE")], limit=1000)
+    return {a.name: a.pid for a in actors if "StudentModel" in (a.class_name or "")}
+
+
+def running_replicas() -> int:
+    from ray import serve
+
+    status = serve.status().applications["thinkbroad"].deployments["StudentModel"]
+    return status.replica_states.get("RUNNING", 0)
+
+
+def kill_phase(rec: Recorder, clients: int, seconds: float, replicas: int) -> dict:
+    """SIGKILL one model replica a third into a closed-loop phase; how the service answered and when it recovered."""
+    victim_name, victim_pid = sorted(model_replicas().items())[0]
+    out = {}
+
+    def kill():
+        time.sleep(seconds / 3)
+        os.kill(victim_pid, signal.SIGKILL)
+        out["killed_at"] = time.perf_counter()
+        while running_replicas() < replicas or victim_name in model_replicas():
+            time.sleep(0.1)
+        out["back_at"] = time.perf_counter()
+
+    th = threading.Thread(target=kill)
+    th.start()
+    span = rec.closed_loop(clients, seconds)
+    th.join(timeout=120)
+    s = summarize(rec.records, rec.items, span)
+    killed = out["killed_at"]
+    around = [r for r in rec.records if r[1] >= killed and r[0] <= killed + 5]  # answered after it, sent within 5 s
+    return {**s, "clients": clients, "replicas": replicas, "killed_pid": victim_pid,
+            "longest_wait_ms": max(1000 * (r[1] - r[0]) for r in rec.records),
+            "longest_wait_around_kill_ms": max((1000 * (r[1] - r[0]) for r in around), default=float("nan")),
+            "back_after_s": out.get("back_at", float("nan")) - killed}
+
+
+def redeploy_phase(rec: Recorder, clients: int, seconds: float, deploy) -> dict:
+    """Deploy another student a third into a closed-loop phase; failed requests and when the digest switched."""
+    out = {}
+
+    def redeploy():
+        time.sleep(seconds / 3)
+        out["started"] = time.perf_counter()
+        out["digest"] = deploy()
+        out["finished"] = time.perf_counter()
+
+    th = threading.Thread(target=redeploy)
+    th.start()
+    span = rec.closed_loop(clients, seconds)
+    th.join()
+    s = summarize(rec.records, rec.items, span)
+    new = [r for r in rec.records if r[4] == out["digest"]]
+    old = [r for r in rec.records if r[3] == "ok" and r[4] != out["digest"]]
+    t0 = out["started"]
+    return {**s, "clients": clients, "new_digest": out["digest"], "deploy_s": out["finished"] - t0,
+            "first_new_answer_s": min(r[1] for r in new) - t0 if new else None,
+            "last_old_answer_s": max(r[1] for r in old) - t0 if old else None, "answers_new": len(new),
+            "answers_old": len(old)}
+
+
+def soak_phase(rec: Recorder, clients: int, seconds: float) -> dict:
+    """Steady load; model replica RSS every 10 s; per minute p50/p99, errors, refusals."""
+    import psutil
+
+    rss, stop = [], threading.Event()
+    t0 = time.perf_counter()
+
+    def sample():
+        while not stop.wait(10):
+            mem = {}
+            for name, pid in model_replicas().items():
+                try:
+                    mem[name] = psutil.Process(pid).memory_info().rss / 2**20
+                except psutil.Error:
+                    pass
+            rss.append((time.perf_counter() - t0, mem))
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    span = rec.closed_loop(clients, seconds)
+    stop.set()
+    minutes = []
+    for m in range(int(seconds // 60) or 1):
+        part = [r for r in rec.records if t0 + 60 * m <= r[1] < t0 + 60 * (m + 1)]
+        if part:
+            s = summarize(part, rec.items, (t0 + 60 * m, min(t0 + 60 * (m + 1), span[1])))
+            minutes.append({"minute": m + 1, **{k: s[k] for k in ("ok", "refused", "errors", "p50_ms", "p99_ms", "items_per_s")}})
+    warm = [x for x in rss if x[0] >= min(60.0, seconds / 5)]  # after a minute (or a fifth of a short soak)
+    first, last = (warm[0][1], warm[-1][1]) if warm else ({}, {})
+    growth = max((last[k] / first[k] - 1 for k in first if k in last), default=float("nan"))
+    return {**summarize(rec.records, rec.items, span), "clients": clients, "seconds": seconds, "per_minute": minutes,
+            "rss_mib": [(round(t, 1), {k[-8:]: round(v, 1) for k, v in m.items()}) for t, m in rss],
+            "rss_growth_after_warmup": growth,
+            "p99_last_over_first_minute": minutes[-1]["p99_ms"] / minutes[0]["p99_ms"] if minutes else float("nan")}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("target", nargs="?", default=None)
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "onnxruntime"])
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16", "int8"])
     p.add_argument("--clients", default="1,32", help="comma list: one load phase per client count, same server")
-    p.add_argument("--seconds", type=float, default=30.0)
+    p.add_argument("--seconds", type=float, default=30.0, help="per phase (the soak has its own)")
     p.add_argument("--items", type=int, default=16)
-    p.add_argument("--replica-cpus", type=float, default=float(os.cpu_count() or 1))
+    p.add_argument("--replicas", type=int, default=1)
+    p.add_argument("--replica-cpus", type=float, default=None, help="CPUs per model replica (default: cores / replicas)")
+    p.add_argument("--budget-ms", type=float, default=500.0, help="serve.latency_budget_ms (0: no load shedding)")
     p.add_argument("--no-access-log", action="store_true", help="serve.access_log: false (no log line per request)")
-    p.add_argument("--max-requests", type=int, default=100_000, help="hard cap on requests per phase, whatever the time")
+    p.add_argument("--overload", type=float, default=None, metavar="F", help="open-loop phase at F x the saturated rate")
+    p.add_argument("--kill", action="store_true", help="SIGKILL one model replica under load")
+    p.add_argument("--redeploy", action="store_true", help="deploy another student under load")
+    p.add_argument("--soak", type=float, default=None, metavar="SECONDS", help="steady load for this long")
+    p.add_argument("--phase-clients", type=int, default=4, help="clients of the kill, redeploy and soak phases")
+    p.add_argument("--max-requests", type=int, default=100_000, help="hard cap on requests per load phase")
     p.add_argument("--output", default=str(ROOT / "bench" / "results" / "serve_load.json"))
     args = p.parse_args()
 
@@ -119,10 +282,13 @@ def main() -> int:
     from ray import serve
 
     from hardware.cpu import machine
+    from serve.app import build_app
     from serve.config import ServeConfig
     from serve.launch import ensure_export, find_student, run_local
     from serve.scorer import StudentScorer
     from student.data import product_text
+    from student.export import weights_digest
+    from workflows.runtime import free_port
 
     tmp = tempfile.TemporaryDirectory()
     if args.target:
@@ -134,19 +300,53 @@ def main() -> int:
     pairs = [json.loads(x) for x in (ROOT / "data" / "esci_us_subset.jsonl").read_text().splitlines()[: args.items]]
     body = {"query": pairs[0]["query"], "items": [{"id": r["product_id"], "title": r["product_title"]} for r in pairs]}
 
-    # the replica gets the machine's cores, like the in-process reference (Ray gives an actor one thread per CPU)
-    settings = ServeConfig(port=_free_port(), max_batch_size=64, batch_wait_timeout_s=0.005, num_cpus=args.replica_cpus,
-                           backend=args.backend, precision=args.precision, access_log=not args.no_access_log)
+    cores = float(os.cpu_count() or 1)
+    # a replica's CPUs are its torch/onnxruntime threads (Ray sets OMP_NUM_THREADS), like the in-process reference's
+    settings = ServeConfig(port=free_port(), max_batch_size=64, replicas=args.replicas,
+                           num_cpus=args.replica_cpus or cores / args.replicas, backend=args.backend,
+                           precision=args.precision, access_log=not args.no_access_log,
+                           latency_budget_ms=args.budget_ms or None)
     ensure_export(student, settings)
-    # the same path in-process, with the scorer the replica runs
     local = StudentScorer(str(student), settings.device, settings.backend, settings.precision)
     path = f"{local.backend} {local.precision}"
     texts = [(body["query"], product_text(i["title"], "{}")) for i in body["items"]]
     before = in_process(local, texts, settings.max_batch_size)
 
-    url = run_local(student, settings, block=False) + "/v1/relevance"
+    base = run_local(student, settings, block=False)
+    url = base + "/v1/relevance"
     requests.post(url, json=body, timeout=60).raise_for_status()  # warm-up
-    phases = [load_phase(url, body, int(c), args.seconds, args.items, args.max_requests) for c in args.clients.split(",")]
+    phases, breakdown = [], None
+    for c in (int(x) for x in args.clients.split(",")):
+        rec = Recorder(url, body, args.items)
+        span = rec.closed_loop(c, args.seconds, args.max_requests)
+        phases.append({"clients": c, "seconds": args.seconds, **summarize(rec.records, args.items, span)})
+        if c == 1:
+            timing = requests.get(base + "/v1/model", timeout=30).json()["timing_ms"]
+            client_mean = phases[-1]["mean_ms"]
+            breakdown = {"client_mean_ms": client_mean, **{k: v["mean"] for k, v in timing.items() if k != "requests"},
+                         "proxy_http_client": client_mean - timing["ingress_total"]["mean"]}
+    busiest = max(phases, key=lambda ph: ph["clients"])
+    extra = {}
+    if args.overload:
+        rate = args.overload * busiest["requests_per_s"]
+        rec = Recorder(url, body, args.items)
+        span = rec.open_loop(rate, args.seconds)
+        extra["overload"] = {"factor": args.overload, "rate_per_s": rate, **summarize(rec.records, args.items, span)}
+    if args.kill:
+        extra["kill"] = kill_phase(Recorder(url, body, args.items), args.phase_clients, args.seconds, args.replicas)
+    if args.redeploy:
+        other = _tiny_student(Path(tmp.name) / "other", seed=1)
+
+        def deploy() -> str:
+            ensure_export(other, settings)
+            serve.run(build_app({"student_dir": str(other), "settings": settings.model_dump()}), name="thinkbroad",
+                      route_prefix="/")
+            return weights_digest(other)
+
+        extra["redeploy"] = redeploy_phase(Recorder(url, body, args.items), args.phase_clients, args.seconds, deploy)
+    if args.soak:
+        extra["soak"] = soak_phase(Recorder(url, body, args.items), args.phase_clients, args.soak)
+    counts = requests.get(base + "/v1/model", timeout=30).json()["requests"]
     serve.shutdown()
     # the reference again after the load, and the faster of the two counts: a shared machine's noise then lowers
     # the served/in-process ratio rather than flattering it
@@ -154,10 +354,11 @@ def main() -> int:
     del local
     forward_ms, local_items_per_s = min(before[0], after[0]), max(before[1], after[1])
     one = next((ph for ph in phases if ph["clients"] == 1), None)
-    busiest = max(phases, key=lambda ph: ph["clients"])
     summary = {
-        "student": str(student), "path": path, "replica_cpus": args.replica_cpus, "items_per_request": args.items,
-        **machine(), "omp_wait_policy": os.environ["OMP_WAIT_POLICY"], "phases": phases,
+        "student": str(student), "path": path, "replicas": args.replicas, "replica_cpus": settings.num_cpus,
+        "items_per_request": args.items, **machine(), "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
+        "latency_budget_ms": settings.latency_budget_ms, "phases": phases, "phase_breakdown_ms_1_client": breakdown,
+        **extra, "ingress_counts": counts,
         "in_process_forward_ms": forward_ms, "in_process_items_per_s": local_items_per_s,
         "in_process_before_after": {"forward_ms": [before[0], after[0]], "items_per_s": [before[1], after[1]]},
         "access_log": settings.access_log, "max_ongoing_requests": settings.ongoing_requests(),
@@ -168,15 +369,46 @@ def main() -> int:
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=2) + "\n")
-    cells = [f"{ph['clients']} client(s): {ph['items_per_s']:.0f} items/s, p50 {ph['p50_ms']:.1f} ms, p99 {ph['p99_ms']:.1f} ms, "
-             f"{ph['errors']} errors" for ph in phases]
-    log = "on" if settings.access_log else "off"
-    print(f"serve load ({path}, access log {log}, {args.items} items/request, {args.seconds:g} s per phase): " + "; ".join(cells)
-          + f"; in-process {forward_ms:.1f} ms per request (goal 1-client p50 <= {summary['goal_p50_ms']:.1f} ms), "
-          f"{local_items_per_s:.0f} items/s at batch {settings.max_batch_size} (served/in-process "
-          f"{summary['saturated_vs_in_process']:.2f}x, goal >= 0.8x); {summary['cpu']}; load {summary['load_average']} -> {out}")
+    print(one_line(summary, args))
     tmp.cleanup()
     return 0
+
+
+def one_line(s: dict, args) -> str:
+    cells = [f"{ph['clients']} client(s): {ph['items_per_s']:.0f} items/s, p50 {ph['p50_ms']:.1f} ms, p99 "
+             f"{ph['p99_ms']:.1f} ms, {ph['refused']} refused, {ph['errors']} errors" for ph in s["phases"]]
+    log = "on" if s["access_log"] else "off"
+    line = (f"serve load ({s['path']}, {s['replicas']} replica(s) x {s['replica_cpus']:g} CPU, access log {log}, "
+            f"budget {s['latency_budget_ms']} ms, {args.items} items/request, {args.seconds:g} s per phase): "
+            + "; ".join(cells) + f"; in-process {s['in_process_forward_ms']:.1f} ms per request (goal 1-client p50 <= "
+            f"{s['goal_p50_ms']:.1f} ms), {s['in_process_items_per_s']:.0f} items/s at batch 64 (served/in-process "
+            f"{s['saturated_vs_in_process']:.2f}x, goal >= 0.8x)")
+    if s["phase_breakdown_ms_1_client"]:
+        b = s["phase_breakdown_ms_1_client"]
+        line += ("; 1 client, mean ms: " + ", ".join(f"{k} {b[k]:.1f}" for k in (
+            "client_mean_ms", "proxy_http_client", "parse", "validate", "queue", "tokenize", "model", "post", "hop",
+            "respond") if k in b))
+    if "overload" in s:
+        o = s["overload"]
+        line += (f"; overload {o['factor']:g}x ({o['rate_per_s']:.0f} req/s): {o['ok']} ok p50 {o['p50_ms']:.0f} ms p99 "
+                 f"{o['p99_ms']:.0f} ms, {o['refused']} refused (p99 {o['refused_p99_ms']:.0f} ms, max "
+                 f"{o['refused_max_ms']:.0f} ms), {o['errors']} errors {o['error_statuses']}")
+    if "kill" in s:
+        k = s["kill"]
+        line += (f"; kill 1 of {k['replicas']} replicas under {k['clients']} clients: {k['errors']} errors, "
+                 f"{k['refused']} refused, longest wait {k['longest_wait_ms']:.0f} ms, back after {k['back_after_s']:.1f} s")
+    if "redeploy" in s:
+        r = s["redeploy"]
+        line += (f"; redeploy under {r['clients']} clients: {r['errors']} errors, {r['refused']} refused, p99 "
+                 f"{r['p99_ms']:.0f} ms, new digest answering after {r['first_new_answer_s'] or float('nan'):.1f} s, "
+                 f"last old answer {r['last_old_answer_s'] or float('nan'):.1f} s")
+    if "soak" in s:
+        k = s["soak"]
+        line += (f"; soak {k['seconds']:g} s x {k['clients']} clients: {k['ok']} ok, {k['errors']} errors, "
+                 f"{k['refused']} refused, RSS growth after warm-up {100 * k['rss_growth_after_warmup']:.1f}%, p99 last/first "
+                 f"minute {k['p99_last_over_first_minute']:.2f}")
+    line += f"; ingress counts {s['ingress_counts']}; {s['cpu']}; load {s['load_average']} -> {args.output}"
+    return line
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import yaml
@@ -69,11 +70,26 @@ def ensure_export(student_dir: Path, settings: ServeConfig) -> dict | None:
     return report
 
 
+def http_options(settings: ServeConfig) -> dict:
+    """Ray Serve's proxy options: the bind address and the request timeout derived from the latency budget."""
+    options = {"host": settings.host, "port": settings.port}
+    if settings.timeout_s() is not None:
+        options["request_timeout_s"] = settings.timeout_s()
+    return options
+
+
+def check_api_key(settings: ServeConfig) -> None:
+    """With serve.api_key_env set, its variable must hold a key here: local replicas inherit this environment."""
+    if settings.api_key_env and not os.environ.get(settings.api_key_env):
+        raise ValueError(f"serve.api_key_env is {settings.api_key_env}, but that environment variable is empty or not "
+                         "set; export it (the key clients send as `Authorization: Bearer <key>`) and start again")
+
+
 def serve_deploy_config(student_dir: Path, settings: ServeConfig) -> str:
     """YAML for `serve deploy` (the student folder must be readable at that path on the cluster's nodes)."""
     return yaml.safe_dump({
         "proxy_location": "EveryNode",
-        "http_options": {"host": settings.host, "port": settings.port},
+        "http_options": http_options(settings),
         "applications": [{
             "name": "thinkbroad",
             "route_prefix": "/",
@@ -93,9 +109,10 @@ def run_local(student_dir: Path, settings: ServeConfig, block: bool = True) -> s
     from serve.scorer import resolve_path
     from workflows.runtime import ensure_ray
 
+    check_api_key(settings)
     path = resolve_path(settings.device, settings.backend, settings.precision, ensure_export(student_dir, settings))
     ensure_ray()
-    serve.start(http_options={"host": settings.host, "port": settings.port})
+    serve.start(http_options=http_options(settings))
     serve.run(build_app({"student_dir": str(student_dir), "settings": settings.model_dump()}), name="thinkbroad", route_prefix="/")
     url = f"http://{settings.host}:{settings.port}"
     print(f"[thinkbroad] serving {student_dir} on {path[1]} {path[2]} ({path[0]}) at {url}  (POST {url}/v1/relevance, docs at {url}/docs; Ctrl-C stops)", flush=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from hardware.cpu import PrecisionError, cpu_info, require_native_bf16, threads
-from student.export import FP32, INT8, TORCH_BF16, export_status
+from student.export import FP32, INT8, TORCH_BF16, export_status, weights_digest
 
 # CPU paths, fastest first as measured on our development CPU, each with the parity row that must pass to use it
 CPU_ORDER = (("onnxruntime", "int8", INT8), ("torch", "bf16", TORCH_BF16), ("onnxruntime", "fp32", FP32))
@@ -79,6 +79,7 @@ class StudentScorer:
         if not self.tok.is_fast:  # the Rust tokenizer reports truncation from the one tokenisation we do
             raise ValueError(f"{student_dir}: serving needs a fast tokenizer (tokenizer.json)")
         export = export_status(self.dir)
+        self.digest = export["weights_sha256"] if export else weights_digest(self.dir)  # what /v1/model names
         self.device, self.backend, self.precision = resolve_path(device, backend, precision, export)
         if self.backend == "onnxruntime":
             self._load_onnx(export)
@@ -121,17 +122,23 @@ class StudentScorer:
             outs = self.wrapper(*(enc[n].to(self.device) for n in self.inputs))
         return [o.float().cpu().numpy() for o in outs]
 
-    def score(self, pairs: list[tuple[str, str]]) -> list[dict]:
-        """Score (query, product text) pairs in one forward pass, tokenising each pair once."""
+    def score(self, pairs: list[tuple[str, str]], phases: dict | None = None) -> list[dict]:
+        """Score (query, product text) pairs in one forward pass, tokenising each pair once. `phases`, when given,
+        gets the seconds spent tokenising, in the model and building the results."""
+        import time
+
         from student.data import encode_pairs
 
+        t0 = time.perf_counter()
         enc = encode_pairs(self.tok, [q for q, _ in pairs], [p for _, p in pairs], self.max_length)
+        t1 = time.perf_counter()
         outs = self.forward(enc)
+        t2 = time.perf_counter()
         logits = outs[0] - outs[0].max(-1, keepdims=True)
         probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
         expected = probs @ self.grades
         dominant = outs[1].argmax(-1) if len(outs) > 1 else None
-        return [
+        results = [
             {
                 "label": self.labels[int(p.argmax())],
                 "probabilities": dict(zip(self.labels, map(float, p))),
@@ -141,9 +148,12 @@ class StudentScorer:
             }
             for i, p in enumerate(probs)
         ]
+        if phases is not None:
+            phases.update(tokenize_s=t1 - t0, model_s=t2 - t1, post_s=time.perf_counter() - t2)
+        return results
 
     def info(self) -> dict:
         """What /v1/model reports about the loaded model and the path it runs on."""
-        return {"model": self.name, "labels": self.labels, "perspectives": self.perspectives, "extractor": self.extractor,
+        return {"model": self.name, "digest": self.digest, "labels": self.labels, "perspectives": self.perspectives, "extractor": self.extractor,
                 "mode": self.mode, "max_length": self.max_length, "encoder": self.encoder, "device": self.device,
                 "backend": self.backend, "precision": self.precision, "file": self.file}

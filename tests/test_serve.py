@@ -1,49 +1,79 @@
-"""The Serve application on 127.0.0.1 with a tiny student (on the default path: onnxruntime, exported at start):
-valid, malformed, concurrent and batched requests."""
+"""The Serve application on 127.0.0.1 with tiny students, on one Ray Serve instance: the main app (default path:
+onnxruntime, exported at start; an API key) for valid, malformed, concurrent and batched requests and access
+control; a 1-replica app with a small latency budget for a flood; a 2-replica app for a replica kill and a redeploy
+under load."""
 import json
-import socket
+import os
+import signal
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
 
+from workflows.runtime import free_port
+
 pytestmark = pytest.mark.ray
 
+KEY_ENV, KEY = "THINKBROAD_TEST_API_KEY", "test-key-0123456789"
+os.environ[KEY_ENV] = KEY  # before the module's Ray starts: the replicas inherit this environment
+AUTH = {"Authorization": f"Bearer {KEY}"}
+FAST = {"num_cpus": 0.25, "backend": "torch", "precision": "fp32"}  # no export; four apps' replicas fit in 2 CPUs
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, ray_local):
+def tiny_student(folder, seed: int = 0):
     import torch
-    from ray import serve
     from transformers import AutoTokenizer
 
-    from serve.config import ServeConfig
-    from serve.launch import run_local
     from student.model import LRKDStudent, StudentConfig
     from workflows.models import TINY_BERT, resolve_model
 
     enc = resolve_model(TINY_BERT)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = LRKDStudent.from_encoder(enc, StudentConfig(labels=["E", "S", "C", "I"], extractor="poly", mode="unified",
                                                         perspectives=["user_intent", "structured_analysis", "business_rules"],
                                                         target_dim=8, poly_codes=6, max_length=32))
     model.centroids.copy_(torch.randn(3, 8))
-    folder = tmp_path_factory.mktemp("student")
     model.save_pretrained(folder, tokenizer=AutoTokenizer.from_pretrained(enc))
-    settings = ServeConfig(port=_free_port(), max_items=20, max_field_chars=500, max_batch_size=16, batch_wait_timeout_s=0.05)
-    url = run_local(folder, settings, block=False)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, ray_local):
+    from ray import serve
+
+    from serve.config import ServeConfig
+    from serve.launch import run_local
+
+    # the proxy's request timeout is one per Ray instance (set by the first app): generous on a busy CI machine
+    settings = ServeConfig(port=free_port(), max_items=20, max_field_chars=500, max_batch_size=16,
+                           batch_wait_timeout_s=0.05, num_cpus=0.25, api_key_env=KEY_ENV, request_timeout_s=60)
+    url = run_local(tiny_student(tmp_path_factory.mktemp("student")), settings, block=False)
     yield url
     serve.shutdown()
 
 
-def post(url, body, raw=False):
+def deploy(base_url: str, name: str, student, **settings) -> str:
+    """Another app on the same Serve instance, under /<name>; returns its URL."""
+    from ray import serve
+
+    from serve.app import build_app
+    from serve.config import ServeConfig
+
+    config = ServeConfig(**FAST, **settings).model_dump()
+    serve.run(build_app({"student_dir": str(student), "settings": config}), name=name, route_prefix=f"/{name}")
+    return f"{base_url}/{name}"
+
+
+def post(url, body, raw=False, headers=AUTH):
     data = body if raw else json.dumps(body)
-    return requests.post(f"{url}/v1/relevance", data=data, headers={"content-type": "application/json"}, timeout=60)
+    return requests.post(f"{url}/v1/relevance", data=data, headers={"content-type": "application/json", **headers},
+                         timeout=60)
+
+
+def model_info(url) -> dict:
+    return requests.get(f"{url}/v1/model", headers=AUTH, timeout=30).json()
 
 
 ITEMS = [{"id": "a", "title": "Panasonic WhisperCeiling fan 110 CFM", "brand": "Panasonic"},
@@ -67,7 +97,7 @@ def test_valid_request_returns_a_label_per_item(server):
 
 def test_health_model_info_and_openapi(server):
     assert requests.get(f"{server}/healthz", timeout=10).json() == {"status": "ok"}
-    info = requests.get(f"{server}/v1/model", timeout=10).json()
+    info = model_info(server)
     assert info["labels"] == ["E", "S", "C", "I"] and info["extractor"] == "poly"
     # auto on CPU: exported at start; without a run's labelled pairs neither int8 nor bf16 is judged -> onnxruntime fp32
     assert (info["backend"], info["precision"], info["file"]) == ("onnxruntime", "fp32", "model.onnx")
@@ -114,12 +144,153 @@ def test_fifty_concurrent_requests_all_succeed_and_batching_matches_single_items
 def test_a_replica_holds_enough_requests_to_fill_a_batch(server):
     """Ray Serve's default of 5 requests per replica would cap a batch of 1-item requests at 5 items (the router
     holds the rest back with backoff); serve.max_ongoing_requests defaults to 2 x max_batch_size = 32 here."""
-    before = requests.get(f"{server}/v1/model", timeout=10).json()
+    before = model_info(server)
     assert before["max_ongoing_requests"] == 32
     with ThreadPoolExecutor(max_workers=24) as pool:
         replies = list(pool.map(lambda i: post(server, {"query": "fan", "items": [ITEMS[i % 3]]}), range(48)))
     assert all(r.status_code == 200 for r in replies)
-    after = requests.get(f"{server}/v1/model", timeout=10).json()["batches"]
+    after = model_info(server)["batches"]
     assert after["items"] - before["batches"]["items"] == 48
     assert after["largest"] > 5, after
     assert after["forwards"] - before["batches"]["forwards"] < 24, after
+
+
+def test_answers_name_the_model_digest_and_v1_model_times_each_phase(server):
+    r = post(server, {"query": "fan", "items": ITEMS})
+    info = model_info(server)
+    assert r.json()["model_digest"] == info["digest"] and len(info["digest"]) == 64
+    timing = info["timing_ms"]
+    assert timing["requests"] >= 1
+    for phase in ("parse", "validate", "queue", "tokenize", "model", "post", "hop", "respond", "ingress_total"):
+        assert timing[phase]["mean"] >= 0, phase
+    assert timing["ingress_total"]["mean"] >= timing["model"]["mean"] + timing["tokenize"]["mean"]
+    assert info["requests"]["ok"] >= 1 and info["latency_budget_ms"] == 500
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Bearer {KEY}x"},
+                                     {"Authorization": KEY}])
+def test_without_the_right_key_v1_gets_401_before_the_body_is_read(server, headers):
+    for r in (post(server, {"query": "fan", "items": ITEMS}, headers=headers),
+              post(server, "{not json", raw=True, headers=headers),
+              requests.get(f"{server}/v1/model", headers=headers, timeout=10)):
+        assert r.status_code == 401, r.text
+        assert "Authorization: Bearer" in r.json()["error"] and r.headers["WWW-Authenticate"] == "Bearer"
+    assert requests.get(f"{server}/healthz", timeout=10).status_code == 200  # stays open for load balancers
+    assert post(server, {"query": "fan", "items": ITEMS}).status_code == 200
+
+
+def test_serving_with_an_api_key_variable_that_is_unset_is_refused(monkeypatch):
+    from serve.config import ServeConfig
+    from serve.launch import check_api_key
+
+    monkeypatch.delenv("THINKBROAD_UNSET_KEY", raising=False)
+    with pytest.raises(ValueError, match="THINKBROAD_UNSET_KEY"):
+        check_api_key(ServeConfig(api_key_env="THINKBROAD_UNSET_KEY"))
+    check_api_key(ServeConfig())  # no key asked for: nothing to check
+
+
+def load(url: str, seconds: float, threads: int, items: int, stop_at=None) -> list[tuple]:
+    """`threads` clients post back to back for `seconds` (or until stop_at() is true): (start, end, status, body)."""
+    body = {"query": "bathroom fan", "items": [{"id": str(i), "title": f"{ITEMS[i % 3]['title']} {i}"} for i in range(items)]}
+    out, end = [], time.perf_counter() + seconds
+
+    def client():
+        s = requests.Session()
+        while time.perf_counter() < end and not (stop_at and stop_at()):
+            t = time.perf_counter()
+            r = s.post(f"{url}/v1/relevance", json=body, timeout=60)
+            out.append((t, time.perf_counter(), r.status_code, r.json(), r.headers.get("Retry-After")))
+
+    with ThreadPoolExecutor(threads) as pool:
+        for f in [pool.submit(client) for _ in range(threads)]:
+            f.result()
+    return out
+
+
+def test_a_flood_gets_fast_503s_with_a_reason_and_no_other_error(server, tmp_path_factory):
+    url = deploy(server, "flood", tiny_student(tmp_path_factory.mktemp("flood")), latency_budget_ms=20,
+                 max_batch_size=16, max_items=20)
+    answers = load(url, seconds=3, threads=8, items=20)
+    statuses = [a[2] for a in answers]
+    refused = [a for a in answers if a[2] == 503]
+    assert set(statuses) <= {200, 503}, sorted(set(statuses))
+    assert refused and statuses.count(200) > 0, (len(refused), len(answers))
+    for start, end, _, body, retry_after in refused:
+        assert body["reason"] == "latency_budget" and "serve.latency_budget_ms" in body["error"], body
+        assert retry_after is not None and int(retry_after) >= 1
+        assert end - start <= 0.1, f"refused after {1000 * (end - start):.0f} ms"
+    counts = requests.get(f"{url}/v1/model", timeout=30).json()["requests"]
+    assert counts["refused_latency_budget"] == len(refused)
+    from ray import serve
+
+    serve.delete("flood")
+
+
+def model_pids(app: str) -> dict[str, int]:
+    import ray
+    from ray.util.state import list_actors
+
+    alive = list_actors(address=ray.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE")], limit=1000)
+    return {a.name: a.pid for a in alive
+            if a.class_name == f"ServeReplica:{app}:StudentModel"}
+
+
+@pytest.fixture(scope="module")
+def fault_app(server, tmp_path_factory):
+    # each forward waits 0.5 s for a batch to fill, so both replicas hold requests whenever one is killed
+    settings = {"replicas": 2, "batch_wait_timeout_s": 0.5, "max_batch_size": 16}
+    url = deploy(server, "fault", tiny_student(tmp_path_factory.mktemp("fault")), **settings)
+    return url, settings
+
+
+def test_a_killed_replica_of_two_leaves_the_service_answering_and_loses_no_request(fault_app):
+    url, _ = fault_app
+    pids = model_pids("fault")
+    assert len(pids) == 2
+    killed = []
+
+    def kill():
+        time.sleep(1.0)
+        os.kill(next(iter(pids.values())), signal.SIGKILL)
+        killed.append(time.perf_counter())
+
+    threading.Thread(target=kill).start()
+    answers = load(url, seconds=4, threads=4, items=3)
+    assert killed
+    assert [a[2] for a in answers if a[2] != 200] == []  # the requests the dead replica held were retried
+    assert sum(a[0] > killed[0] for a in answers) >= 4  # and the other replica kept answering
+    assert model_info_noauth(url)["requests"]["retried_replica_died"] >= 1
+
+
+def model_info_noauth(url) -> dict:
+    return requests.get(f"{url}/v1/model", timeout=30).json()
+
+
+def test_a_redeploy_under_load_drops_nothing_and_switches_to_the_new_student(fault_app, tmp_path_factory):
+    from ray import serve
+
+    from serve.app import build_app
+    from serve.config import ServeConfig
+    from student.export import weights_digest
+
+    url, settings = fault_app
+    new = tiny_student(tmp_path_factory.mktemp("new"), seed=1)
+    old_digest = model_info_noauth(url)["digest"]
+    done = []
+
+    def redeploy():
+        time.sleep(1.0)
+        config = ServeConfig(**FAST, **settings).model_dump()
+        serve.run(build_app({"student_dir": str(new), "settings": config}), name="fault", route_prefix="/fault")
+        done.append(time.perf_counter())
+
+    th = threading.Thread(target=redeploy)
+    th.start()
+    answers = load(url, seconds=90, threads=4, items=3, stop_at=lambda: done and time.perf_counter() > done[0] + 1.0)
+    th.join()
+    assert done, "the redeploy did not finish in 90 s"
+    assert [a[2] for a in answers if a[2] != 200] == []
+    digests = [a[3]["model_digest"] for a in answers]
+    assert digests[0] == old_digest and weights_digest(new) != old_digest
+    assert set(digests[-4:]) == {weights_digest(new)}
+    assert model_info_noauth(url)["digest"] == weights_digest(new)

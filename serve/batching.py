@@ -1,0 +1,144 @@
+"""Items of concurrent requests scored together, off the event loop. No Ray import (unit-tested on its own).
+
+A forward starts as soon as the model is free, with the queued items up to `max_batch_size`: a lone request does
+not wait for company, and while one forward runs the next batch gathers. `wait_s` (serve.batch_wait_timeout_s) lets
+an idle model wait that long after the oldest queued item arrived for a batch to fill; under load the oldest item
+has waited longer than that already. Ray's `@serve.batch` differs in three ways that cost here: it takes one
+coroutine per item (100 per request at serve.max_items), waits `batch_wait_timeout_s` before every batch that is not
+full, and fixes the next batch while one runs, so batches alternate between a few items and many.
+
+The forward runs in one worker thread, so the event loop keeps accepting, refusing and answering health checks
+while the model computes. The batcher knows how many items are queued and how long an item takes, which is what
+load shedding by a latency budget needs (`expected_s`).
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+
+@dataclass
+class _Job:
+    items: list
+    future: asyncio.Future
+    submitted: float
+    taken: int = 0  # items handed to forwards so far (a job larger than a batch spans several)
+    done: int = 0
+    results: list = field(default_factory=list)
+    started: float | None = None  # when its first item entered a forward
+    phases: dict = field(default_factory=dict)  # seconds per phase of the forwards it was in
+
+
+class Batcher:
+    """`forward(items, phases) -> results` (one result per item, in order; it may add seconds per phase to `phases`)
+    runs in a worker thread on batches of at most `max_batch_size` items taken from the submitted jobs in order."""
+
+    def __init__(self, forward: Callable[[list, dict], list], max_batch_size: int, wait_s: float = 0.0,
+                 seconds_per_item: float | None = None):
+        self.forward, self.max_batch_size, self.wait_s = forward, max_batch_size, wait_s
+        self.queued = 0  # items submitted and not yet scored (waiting or in the running forward)
+        # per item, from the forwards at least half full (smaller ones are dominated by their fixed cost); seeded by
+        # a timed forward at start
+        self.seconds_per_item = seconds_per_item
+        self.stats = {"forwards": 0, "items": 0, "largest": 0}
+        self._jobs: deque[_Job] = deque()
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="forward")
+        self._wakeup: asyncio.Event | None = None
+        self._loop_task: asyncio.Task | None = None
+
+    def expected_s(self, items: int) -> float:
+        """Seconds until `items` more would be scored: every queued item first, at the measured rate."""
+        return (self.queued + items) * (self.seconds_per_item or 0.0)
+
+    async def submit(self, items: list) -> tuple[list, dict]:
+        """Score `items`; returns (results, timing) with timing = {queue_s, compute_s, **phase seconds}.
+        Cancelling the caller drops its items that no forward has taken yet."""
+        if not items:
+            return [], {}
+        loop = asyncio.get_running_loop()
+        if self._loop_task is None or self._loop_task.done():
+            self._wakeup = asyncio.Event()
+            self._loop_task = loop.create_task(self._run())
+        job = _Job(items, loop.create_future(), time.perf_counter(), results=[None] * len(items))
+        self._jobs.append(job)
+        self.queued += len(items)
+        self._wakeup.set()
+        try:
+            await job.future
+        except asyncio.CancelledError:
+            self.queued -= len(items) - job.taken  # the taken ones leave the count when their forward ends
+            raise
+        now = time.perf_counter()
+        return job.results, {"queue_s": job.started - job.submitted, "compute_s": now - job.started, **job.phases}
+
+    async def run_in_worker(self, fn: Callable, *args) -> Any:
+        """Run `fn` on the forward thread, after the forward in progress (health checks use it)."""
+        return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
+
+    def _take(self) -> list[tuple[_Job, int, int]]:
+        """Up to max_batch_size items from the queued jobs in order: [(job, start, stop)]."""
+        parts, room = [], self.max_batch_size
+        while self._jobs and room:
+            job = self._jobs[0]
+            if job.future.done():  # cancelled while queued
+                self._jobs.popleft()
+                continue
+            n = min(room, len(job.items) - job.taken)
+            parts.append((job, job.taken, job.taken + n))
+            job.taken += n
+            room -= n
+            if job.taken == len(job.items):
+                self._jobs.popleft()
+        return parts
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            while not any(not j.future.done() for j in self._jobs):
+                self._jobs.clear()
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            if self.wait_s:
+                pending = sum(len(j.items) - j.taken for j in self._jobs if not j.future.done())
+                left = self._jobs[0].submitted + self.wait_s - time.perf_counter()
+                if pending < self.max_batch_size and left > 0:
+                    await asyncio.sleep(left)
+            parts = self._take()
+            if not parts:
+                continue
+            items = [x for job, a, b in parts for x in job.items[a:b]]
+            start, phases = time.perf_counter(), {}
+            for job, _, _ in parts:
+                job.started = job.started or start
+            try:
+                results = await loop.run_in_executor(self._worker, self.forward, items, phases)
+                error = None
+            except Exception as exc:  # every job in this batch fails with it; the loop goes on
+                results, error = None, exc
+            took = time.perf_counter() - start
+            self.queued -= len(items)  # a job cancelled meanwhile took only its untaken items off
+            s = self.stats
+            s["forwards"], s["items"], s["largest"] = s["forwards"] + 1, s["items"] + len(items), max(s["largest"], len(items))
+            if error is None and len(items) * 2 >= self.max_batch_size:
+                per_item = took / len(items)
+                self.seconds_per_item = per_item if self.seconds_per_item is None else 0.8 * self.seconds_per_item + 0.2 * per_item
+            i = 0
+            for job, a, b in parts:
+                if job.future.done():
+                    i += b - a
+                    continue
+                if error is not None:
+                    self.queued -= len(job.items) - job.taken  # its later items will not be scored
+                    job.future.set_exception(error)
+                    continue
+                job.results[a:b] = results[i:i + b - a]
+                i += b - a
+                for k, v in phases.items():
+                    job.phases[k] = job.phases.get(k, 0.0) + v
+                job.done += b - a
+                if job.done == len(job.items):
+                    job.future.set_result(None)

@@ -1,0 +1,149 @@
+"""The serving batcher (serve/batching.py) on a fake forward: no Ray, no model."""
+import asyncio
+import threading
+import time
+
+import pytest
+
+from serve.batching import Batcher
+
+
+class SlowForward:
+    """Doubles each item after `seconds`; records the batches it saw and the thread it ran on."""
+
+    def __init__(self, seconds: float = 0.0, fail_on: object = None):
+        self.seconds, self.fail_on, self.batches, self.threads = seconds, fail_on, [], set()
+
+    def __call__(self, items: list, phases: dict) -> list:
+        self.threads.add(threading.get_ident())
+        self.batches.append(list(items))
+        time.sleep(self.seconds)
+        if self.fail_on in items:
+            raise RuntimeError("model broke")
+        phases["model_s"] = self.seconds
+        return [2 * x for x in items]
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_a_lone_request_does_not_wait_and_the_forward_runs_off_the_event_loop():
+    fwd = SlowForward()
+
+    async def main():
+        b = Batcher(fwd, max_batch_size=8, wait_s=0.0)
+        t = time.perf_counter()
+        results, timing = await b.submit([1, 2, 3])
+        return results, timing, time.perf_counter() - t, threading.get_ident()
+
+    results, timing, took, loop_thread = run(main())
+    assert results == [2, 4, 6]
+    assert took < 0.05 and timing["queue_s"] < 0.01
+    assert timing["model_s"] == 0.0 and timing["compute_s"] >= 0
+    assert loop_thread not in fwd.threads
+
+
+def test_requests_arriving_during_a_forward_share_the_next_batch():
+    fwd = SlowForward(seconds=0.05)
+
+    async def main():
+        b = Batcher(fwd, max_batch_size=16, seconds_per_item=0.01)
+        first = asyncio.create_task(b.submit([0]))
+        await asyncio.sleep(0.01)  # the first forward is running now
+        assert b.queued == 1
+        rest = [asyncio.create_task(b.submit([i, i + 100])) for i in range(1, 5)]
+        await asyncio.sleep(0)
+        assert b.queued == 9 and b.expected_s(1) == pytest.approx(0.1)  # the queue and the new item, 10 ms each
+        return await first, await asyncio.gather(*rest), b
+
+    first, rest, b = run(main())
+    assert first[0] == [0]
+    assert [r[0] for r in rest] == [[2 * i, 2 * i + 200] for i in range(1, 5)]
+    assert fwd.batches == [[0], [1, 101, 2, 102, 3, 103, 4, 104]]
+    assert rest[0][1]["queue_s"] >= 0.03  # waited for the first forward
+    assert b.queued == 0 and b.stats == {"forwards": 2, "items": 9, "largest": 8}
+    assert b.seconds_per_item == pytest.approx(0.8 * 0.01 + 0.2 * 0.05 / 8, rel=0.2)  # the 8-item forward counted
+
+
+def test_a_request_larger_than_a_batch_spans_forwards_in_order():
+    fwd = SlowForward()
+
+    async def main():
+        b = Batcher(fwd, max_batch_size=4)
+        return await b.submit(list(range(10)))
+
+    results, _ = run(main())
+    assert results == [2 * i for i in range(10)]
+    assert [len(x) for x in fwd.batches] == [4, 4, 2]
+
+
+def test_wait_s_lets_an_idle_model_gather_a_batch():
+    fwd = SlowForward()
+
+    async def main():
+        b = Batcher(fwd, max_batch_size=8, wait_s=0.05)
+        tasks = []
+        for i in range(3):
+            tasks.append(asyncio.create_task(b.submit([i])))
+            await asyncio.sleep(0.01)
+        return await asyncio.gather(*tasks)
+
+    run(main())
+    assert fwd.batches == [[0, 1, 2]]
+
+
+def test_a_cancelled_request_leaves_the_queue_and_is_never_scored():
+    fwd = SlowForward(seconds=0.05)
+
+    async def main():
+        b = Batcher(fwd, max_batch_size=8)
+        busy = asyncio.create_task(b.submit([1]))
+        await asyncio.sleep(0.01)
+        gone = asyncio.create_task(b.submit([7, 7, 7]))
+        await asyncio.sleep(0)
+        assert b.queued == 4
+        gone.cancel()
+        await asyncio.sleep(0)
+        assert b.queued == 1
+        kept = await b.submit([2])
+        await busy
+        return kept, b
+
+    kept, b = run(main())
+    assert kept[0] == [4]
+    assert all(7 not in batch for batch in fwd.batches)
+    assert b.queued == 0
+
+
+def test_a_failed_forward_fails_its_requests_and_the_batcher_goes_on():
+    fwd = SlowForward(seconds=0.02, fail_on=13)
+
+    async def main():
+        b = Batcher(fwd, max_batch_size=8)
+        first = asyncio.create_task(b.submit([1]))
+        await asyncio.sleep(0.005)
+        bad = asyncio.create_task(b.submit([13, 14]))
+        await first
+        with pytest.raises(RuntimeError, match="model broke"):
+            await bad
+        return await b.submit([3]), b
+
+    (results, _), b = run(main())
+    assert results == [6] and b.queued == 0
+
+
+def test_run_in_worker_waits_for_the_forward_in_progress():
+    fwd = SlowForward(seconds=0.05)
+
+    async def main():
+        b = Batcher(fwd, max_batch_size=8)
+        job = asyncio.create_task(b.submit([1]))
+        await asyncio.sleep(0.01)
+        t = time.perf_counter()
+        out = await b.run_in_worker(lambda: "probe")
+        await job
+        return out, time.perf_counter() - t
+
+    out, waited = run(main())
+    assert out == "probe" and waited >= 0.03
