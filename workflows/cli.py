@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--print-config", action="store_true", help="print a `serve deploy` config YAML and exit")
     sv.add_argument("--backend", default=None, choices=["auto", "torch", "onnxruntime"], help="overrides serve.backend")
     sv.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16", "fp16", "int8"], help="overrides serve.precision")
+    sv.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config value (YAML), e.g. --set serve.replicas=2; repeatable")
     x = sub.add_parser("export", help="export a trained student to ONNX for other serving stacks (into its folder)")
     x.add_argument("target", help="a student folder, or a run dir (its best LRKD variant)")
     x.add_argument("--format", default="onnx", choices=["onnx"])
@@ -144,10 +146,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve(args) -> int:
-    from serve.config import ServeConfig
-    from serve.launch import ensure_export, find_student, run_local, serve_deploy_config
+    from serve.launch import check_api_key, ensure_export, find_student, run_local, serve_deploy_config
+    from workflows.config import load_serve_config
 
-    settings = load_config(args.config).serve if args.config else ServeConfig()
+    settings = load_serve_config(args.config, args.overrides)
     given = {"host": args.host, "port": args.port, "backend": args.backend, "precision": args.precision}
     settings = settings.model_copy(update={k: v for k, v in given.items() if v is not None})
     try:
@@ -159,6 +161,11 @@ def _serve(args) -> int:
         ensure_export(student, settings)  # the replicas on the cluster read the exported files from the same path
         print(serve_deploy_config(student, settings))
         return 0
+    try:
+        check_api_key(settings)
+    except ValueError as exc:
+        print(f"thinkbroad: error: {exc}", file=sys.stderr)
+        return 2
     run_local(student, settings)
     return 0
 
