@@ -282,9 +282,8 @@ def main() -> int:
     from ray import serve
 
     from hardware.cpu import machine
-    from serve.app import build_app
     from serve.config import ServeConfig
-    from serve.launch import ensure_export, find_student, run_local
+    from serve.launch import deploy, ensure_export, find_student, run_local
     from serve.scorer import StudentScorer
     from student.data import product_text
     from student.export import weights_digest
@@ -337,13 +336,11 @@ def main() -> int:
     if args.redeploy:
         other = _tiny_student(Path(tmp.name) / "other", seed=1)
 
-        def deploy() -> str:
-            ensure_export(other, settings)
-            serve.run(build_app({"student_dir": str(other), "settings": settings.model_dump()}), name="thinkbroad",
-                      route_prefix="/")
+        def redeploy() -> str:  # what SIGHUP to `thinkbroad serve` does
+            deploy(other, settings)
             return weights_digest(other)
 
-        extra["redeploy"] = redeploy_phase(Recorder(url, body, args.items), args.phase_clients, args.seconds, deploy)
+        extra["redeploy"] = redeploy_phase(Recorder(url, body, args.items), args.phase_clients, args.seconds, redeploy)
     if args.soak:
         extra["soak"] = soak_phase(Recorder(url, body, args.items), args.phase_clients, args.soak)
     counts = requests.get(base + "/v1/model", timeout=30).json()["requests"]

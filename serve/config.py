@@ -48,7 +48,7 @@ class ServeConfig(BaseModel):
                                             "per-caller queue); more are refused at once; default max_ongoing_requests")
     overload_status: Literal[503, 429] = Field(503, description="status of a refusal for overload (both with Retry-After)")
     request_timeout_s: float | None = Field(None, gt=0, description="the HTTP proxy gives up on a request after this "
-                                            "(408); default twice the latency budget, at least 1 s")
+                                            "(408); default 4 x the latency budget, at least 2 s")
     health_check_period_s: float = Field(5.0, gt=0, description="seconds between a replica's health checks (one tiny forward)")
     health_check_timeout_s: float = Field(10.0, gt=0, description="a health check slower than this restarts the replica")
     max_surge_percent: int = Field(100, ge=0, le=100, description="extra replicas started before old ones stop on a "
@@ -73,7 +73,7 @@ class ServeConfig(BaseModel):
         """http_options.request_timeout_s: the given one, else from the latency budget (None: no budget, no timeout)."""
         if self.request_timeout_s is not None:
             return self.request_timeout_s
-        return None if self.latency_budget_ms is None else max(1.0, math.ceil(2 * self.latency_budget_ms) / 1000)
+        return None if self.latency_budget_ms is None else max(2.0, math.ceil(4 * self.latency_budget_ms) / 1000)
 
     def max_replicas(self) -> int:
         return self.autoscaling.max_replicas if self.autoscaling else self.replicas

@@ -99,27 +99,49 @@ def serve_deploy_config(student_dir: Path, settings: ServeConfig) -> str:
     }, sort_keys=False)
 
 
-def run_local(student_dir: Path, settings: ServeConfig, block: bool = True) -> str:
-    """Start Serve on the current Ray (local unless RAY_ADDRESS is set) and return the base URL."""
-    import time
-
+def deploy(student_dir: Path, settings: ServeConfig, name: str = "thinkbroad", route_prefix: str = "/") -> tuple:
+    """Deploy the app on the running Serve instance and wait until it serves; on an app already running under
+    `name` this is a redeploy: new replicas start (serve.max_surge_percent) and the old ones finish what they hold
+    before they stop. Returns the (device, backend, precision) path."""
     from ray import serve
 
     from serve.app import build_app
     from serve.scorer import resolve_path
+
+    path = resolve_path(settings.device, settings.backend, settings.precision, ensure_export(student_dir, settings))
+    serve.run(build_app({"student_dir": str(student_dir), "settings": settings.model_dump()}), name=name,
+              route_prefix=route_prefix)
+    return path
+
+
+def run_local(student_dir: Path, settings: ServeConfig, block: bool = True, reload=None) -> str:
+    """Start Serve on the current Ray (local unless RAY_ADDRESS is set) and return the base URL. While it blocks,
+    SIGHUP redeploys without dropping requests: the student folder `reload()` returns (default: the same one)."""
+    import signal
+    import threading
+
+    from ray import serve
+
     from workflows.runtime import ensure_ray
 
     check_api_key(settings)
-    path = resolve_path(settings.device, settings.backend, settings.precision, ensure_export(student_dir, settings))
     ensure_ray()
     serve.start(http_options=http_options(settings))
-    serve.run(build_app({"student_dir": str(student_dir), "settings": settings.model_dump()}), name="thinkbroad", route_prefix="/")
+    path = deploy(student_dir, settings)
     url = f"http://{settings.host}:{settings.port}"
-    print(f"[thinkbroad] serving {student_dir} on {path[1]} {path[2]} ({path[0]}) at {url}  (POST {url}/v1/relevance, docs at {url}/docs; Ctrl-C stops)", flush=True)
+    print(f"[thinkbroad] serving {student_dir} on {path[1]} {path[2]} ({path[0]}) at {url}  (POST {url}/v1/relevance, "
+          f"docs at {url}/docs; kill -HUP {os.getpid()} redeploys, Ctrl-C stops)", flush=True)
     if block:
+        hup = threading.Event()
+        signal.signal(signal.SIGHUP, lambda *_: hup.set())
         try:
             while True:
-                time.sleep(3600)
+                if hup.wait(3600):
+                    hup.clear()
+                    student_dir = reload() if reload else student_dir
+                    print(f"[thinkbroad] redeploying {student_dir} ...", flush=True)
+                    path = deploy(student_dir, settings)
+                    print(f"[thinkbroad] serving {student_dir} on {path[1]} {path[2]} ({path[0]})", flush=True)
         except KeyboardInterrupt:
             serve.shutdown()
     return url

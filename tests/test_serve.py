@@ -56,13 +56,10 @@ def server(tmp_path_factory, ray_local):
 
 def deploy(base_url: str, name: str, student, **settings) -> str:
     """Another app on the same Serve instance, under /<name>; returns its URL."""
-    from ray import serve
-
-    from serve.app import build_app
     from serve.config import ServeConfig
+    from serve.launch import deploy as deploy_app
 
-    config = ServeConfig(**FAST, **settings).model_dump()
-    serve.run(build_app({"student_dir": str(student), "settings": config}), name=name, route_prefix=f"/{name}")
+    deploy_app(student, ServeConfig(**FAST, **settings), name=name, route_prefix=f"/{name}")
     return f"{base_url}/{name}"
 
 
@@ -266,11 +263,7 @@ def model_info_noauth(url) -> dict:
     return requests.get(f"{url}/v1/model", timeout=30).json()
 
 
-def test_a_redeploy_under_load_drops_nothing_and_switches_to_the_new_student(fault_app, tmp_path_factory):
-    from ray import serve
-
-    from serve.app import build_app
-    from serve.config import ServeConfig
+def test_a_redeploy_under_load_drops_nothing_and_switches_to_the_new_student(server, fault_app, tmp_path_factory):
     from student.export import weights_digest
 
     url, settings = fault_app
@@ -278,10 +271,9 @@ def test_a_redeploy_under_load_drops_nothing_and_switches_to_the_new_student(fau
     old_digest = model_info_noauth(url)["digest"]
     done = []
 
-    def redeploy():
+    def redeploy():  # what SIGHUP to `thinkbroad serve` does (serve/launch.py run_local)
         time.sleep(1.0)
-        config = ServeConfig(**FAST, **settings).model_dump()
-        serve.run(build_app({"student_dir": str(new), "settings": config}), name="fault", route_prefix="/fault")
+        deploy(server, "fault", new, **settings)
         done.append(time.perf_counter())
 
     th = threading.Thread(target=redeploy)
@@ -294,3 +286,34 @@ def test_a_redeploy_under_load_drops_nothing_and_switches_to_the_new_student(fau
     assert digests[0] == old_digest and weights_digest(new) != old_digest
     assert set(digests[-4:]) == {weights_digest(new)}
     assert model_info_noauth(url)["digest"] == weights_digest(new)
+
+
+def test_serve_takes_set_and_its_print_config_carries_replicas_autoscaling_and_the_timeout(tmp_path, capsys):
+    import yaml
+
+    from serve.app import build_app
+    from workflows.cli import main
+
+    student = str(tiny_student(tmp_path / "s"))
+    given = ["serve", student, "--print-config", "--backend", "torch", "--precision", "fp32", "--set",
+             "serve.autoscaling={min_replicas: 1, max_replicas: 3}", "--set", "serve.latency_budget_ms=300",
+             "--set", "serve.health_check_period_s=2", "--set", "serve.overload_status=429"]
+    assert main(given) == 0
+    config = yaml.safe_load(capsys.readouterr().out)
+    assert config["http_options"] == {"host": "127.0.0.1", "port": 8000, "request_timeout_s": 2.0}
+    settings = config["applications"][0]["args"]["settings"]
+    assert settings["autoscaling"] == {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 8.0}
+    assert (settings["latency_budget_ms"], settings["overload_status"]) == (300, 429)
+    # what Ray Serve gets from those settings (private attributes: Ray has no public view of a bound app's options)
+    ingress = build_app(config["applications"][0]["args"])._bound_deployment
+    model = ingress.init_args[0]._bound_deployment
+    assert model._deployment_config.autoscaling_config.max_replicas == 3
+    assert model._deployment_config.health_check_period_s == 2
+    assert model.max_queued_requests == 128 and ingress.backpressure_config.status_code == 429
+
+    assert main(["serve", student, "--print-config", "--set", "serve.replica=2"]) == 2
+    assert "--set serve.replica=2: serve.replica: unknown key" in capsys.readouterr().err
+    assert main(["serve", student, "--print-config", "--set", "distill.seeds=[1]"]) == 2
+    assert "without --config only serve.* keys apply" in capsys.readouterr().err
+    assert main(["serve", student, "--print-config", "--set", "serve.autoscaling={min_replicas: 3, max_replicas: 2}"]) == 2
+    assert "min_replicas (3) is above max_replicas (2)" in capsys.readouterr().err

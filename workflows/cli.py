@@ -166,7 +166,7 @@ def _serve(args) -> int:
     except ValueError as exc:
         print(f"thinkbroad: error: {exc}", file=sys.stderr)
         return 2
-    run_local(student, settings)
+    run_local(student, settings, reload=lambda: find_student(args.target))  # SIGHUP: a run dir's best student anew
     return 0
 
 
