@@ -28,6 +28,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ray import serve
+from ray.exceptions import ActorDiedError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 from serve.batching import Batcher
 from serve.config import ServeConfig
@@ -203,9 +205,6 @@ class RelevanceService:
     async def _call_model(self, pairs: list[tuple[str, str]]) -> dict:
         """The model's answer; a replica that dies holding the request (its work is lost, never answered) is
         retried on another one, at most twice. Overload and unavailability become HTTPError 503/429."""
-        from ray.exceptions import ActorDiedError
-        from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
-
         s = self.settings
         for attempt in range(3):
             try:

@@ -103,12 +103,24 @@ def deploy(student_dir: Path, settings: ServeConfig, name: str = "thinkbroad", r
     """Deploy the app on the running Serve instance and wait until it serves; on an app already running under
     `name` this is a redeploy: new replicas start (serve.max_surge_percent) and the old ones finish what they hold
     before they stop. Returns the (device, backend, precision) path."""
+    import math
+
+    import ray
     from ray import serve
 
     from serve.app import build_app
     from serve.scorer import resolve_path
 
     path = resolve_path(settings.device, settings.backend, settings.precision, ensure_export(student_dir, settings))
+    if settings.max_surge_percent and name in serve.status().applications:
+        # surge replicas that cannot get CPUs never start, and the redeploy would wait for them for ever
+        need = math.ceil(settings.max_surge_percent * settings.max_replicas() / 100) * settings.num_cpus
+        free = ray.available_resources().get("CPU", 0.0)
+        if need > free + 1e-6:
+            print(f"[thinkbroad] redeploy: the extra replicas of serve.max_surge_percent need {need:g} free CPUs, "
+                  f"Ray has {free:g}; replacing the replicas one after another instead (as with 0: with one replica, requests "
+                  "wait for the new one up to serve.request_timeout_s)", flush=True)
+            settings = settings.model_copy(update={"max_surge_percent": 0})
     serve.run(build_app({"student_dir": str(student_dir), "settings": settings.model_dump()}), name=name,
               route_prefix=route_prefix)
     return path
