@@ -164,7 +164,7 @@ class StudentModel:
 
     async def score(self, pairs: list[tuple[str, str]]) -> dict:
         b = self.batcher
-        if self.budget_ms is not None and b.queued and 1000 * b.expected_s(len(pairs)) > QUEUE_SHARE * self.budget_ms:
+        if self.budget_ms is not None and b.over_budget(len(pairs), QUEUE_SHARE * self.budget_ms / 1000):
             drain = b.expected_s(0)
             return {"refused": {
                 "reason": "latency_budget", "retry_after_s": round(drain, 3),

@@ -54,6 +54,11 @@ class Batcher:
         """Seconds until `items` more would be scored: every queued item first, at the measured rate."""
         return (self.queued + items) * (self.seconds_per_item or 0.0)
 
+    def over_budget(self, items: int, budget_s: float) -> bool:
+        """Whether `items` more would be scored later than `budget_s` from now. Never when nothing is queued: a
+        request that can start at once is served, however large."""
+        return self.queued > 0 and self.expected_s(items) > budget_s
+
     async def submit(self, items: list) -> tuple[list, dict]:
         """Score `items`; returns (results, timing) with timing = {queue_s, compute_s, **phase seconds}.
         Cancelling the caller drops its items that no forward has taken yet."""
