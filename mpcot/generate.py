@@ -94,23 +94,14 @@ TASK_SCHEMA = pa.schema(
     ]
 )
 
-# A rationale row keeps what rebuilds its prompt (the pair's query, title and attributes; the perspective; the config)
-# and the prompt's hash, not the prompt itself: the messages were 1.4 KB of a row's 2 KB.
+# A rationale row is its task (which keeps what rebuilds the prompt: the pair's query, title and attributes; the
+# perspective; the config) plus the judgement and the prompt's hash, not the prompt: its messages were 1.4 KB of a
+# row's 2 KB.
 OUTPUT_SCHEMA = pa.schema(
     [
-        ("task_id", pa.string()),
-        ("task_index", pa.int64()),
-        ("pair_id", pa.string()),
-        ("query_id", pa.string()),
-        ("split", pa.string()),
-        ("perspective", pa.string()),
-        ("sample_idx", pa.int32()),
-        ("query", pa.string()),
-        ("title", pa.string()),
-        ("attributes", pa.string()),
+        *TASK_SCHEMA,
         ("rationale", pa.string()),
         ("predicted_label", pa.string()),
-        ("gold_label", pa.string()),
         ("parse_ok", pa.bool_()),
         ("parse_error", pa.string()),
         ("correct", pa.bool_()),
@@ -303,8 +294,7 @@ def judge(llm, tasks: pa.Table, gen: GenerationConfig, labels: list[Label], pers
     for t, m, o, text, ct, parsed in zip(rows_in, messages, outs, raw, completion_tokens, parsed_all):
         rows.append(
             {
-                **{k: t[k] for k in ("task_id", "task_index", "pair_id", "query_id", "split", "perspective", "sample_idx",
-                                     "query", "title", "attributes", "gold_label")},
+                **{k: t[k] for k in TASK_SCHEMA.names},
                 "rationale": parsed.rationale,
                 "predicted_label": parsed.label,
                 "parse_ok": parsed.ok,
