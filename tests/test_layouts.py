@@ -271,3 +271,12 @@ def test_pairs_without_labels_are_read_for_scoring(tmp_path):
     scan = scan_pairs(cfg.data, ["E", "S", "C", "I"], tmp_path, require_labels=False)
     rows = pa.concat_tables(scan.batches()).to_pylist()
     assert len(rows) == 84 and {r["label"] for r in rows} == {""} and rows[0]["title"] == "Anker cable B0000"
+
+
+def test_an_unclosed_quote_is_named_by_the_line_it_opens(tmp_path):
+    f = tmp_path / "pairs.csv"
+    f.write_text("pair_id,query_id,query,product_title,label\np0,q0,a,t,E\np1,q0,b,\"unclosed title,E\np2,q0,c,t,E\n"
+                 + "x" * (17 << 20) + "\n")
+    with pytest.raises(DataError, match=rf"^{f} line 3: field larger than field limit \(16777216\) in the record starting "
+                                        r"here; look for a quote"):
+        load_pairs(f, "auto", load_config(ROOT / "configs" / "local.yaml").data.columns, ["E"])

@@ -26,6 +26,7 @@ BATCH_ROWS = 8192  # ~12 MB of product text at ESCI's lengths; the checks' tempo
 MAX_REPORTED = 20
 TEXT_FIELDS = ("query", "title")  # the text every model reads: strings only, never a repr of bytes or objects
 SAMPLED_RECORDS = 1000  # a JSONL file's columns are the keys of its first records
+csv.field_size_limit(max(csv.field_size_limit(), 16 << 20))  # long descriptions; memory is bounded by the batch anyway
 # what str.strip() strips, so that Arrow trims strings exactly as Python does
 PY_WHITESPACE = "".join(chr(c) for c in range(sys.maxunicode + 1) if chr(c).isspace())
 
@@ -290,6 +291,7 @@ class Source:
         """CSV/TSV as spreadsheets write it: quoted fields may hold the delimiter, quotes and line breaks. A record
         spanning lines is reported at its first line; fewer fields than the header leave the rest missing."""
         self.parse_errors = []
+        end = 0
         try:
             with self._text_stream() as fh:
                 reader = csv.reader(fh, delimiter=self.delimiter, dialect=csv.excel)
@@ -310,6 +312,9 @@ class Source:
             self._raise_not_utf8()
         except OSError as exc:
             raise DataError(f"{self.path}: cannot read as {self.fmt}: {exc}") from None
+        except csv.Error as exc:  # e.g. a field over the size limit: an unclosed quote swallowing the rest of the file
+            raise DataError(f"{self.path} line {end + 1}: {exc} in the record starting here; look for a quote (\") that "
+                            "opens a field and is never closed") from None
 
     def _raise_not_utf8(self):
         """Name the first byte that is not UTF-8 by its line (read again in chunks: the error came mid-stream)."""
