@@ -328,7 +328,7 @@ def main() -> int:
     # rounds: the in-process reference, then each client count, again and again: on a machine shared with other
     # jobs the load changes by the minute, and a ratio means something only between measurements this close
     clients = [int(x) for x in args.clients.split(",")]
-    recs, walls, rounds, breakdown = {c: Recorder(url, body, args.items) for c in clients}, dict.fromkeys(clients, 0.0), [], None
+    recs, walls, rounds, breakdown = {c: Recorder(url, body, args.items) for c in clients}, dict.fromkeys(clients, 0.0), [], {}
     for r in range(args.rounds):
         forward_ms, items_per_s = in_process(local, texts, settings.max_batch_size)
         row = {"in_process_forward_ms": forward_ms, "in_process_items_per_s": items_per_s, "load": os.getloadavg()[0]}
@@ -338,10 +338,11 @@ def main() -> int:
             walls[c] += span[1] - span[0]
             part = summarize(recs[c].records[n0:], args.items, span)
             row[f"{c}_clients"] = {k: part[k] for k in ("p50_ms", "p99_ms", "items_per_s", "refused", "errors")}
-            if c == 1 and r == 0:  # /v1/model times the latest 1000 answered requests: this phase's
+            if r == 0:  # /v1/model times the latest 1000 answered requests: this phase's
                 timing = requests.get(base + "/v1/model", timeout=30).json()["timing_ms"]
-                breakdown = {"client_mean_ms": part["mean_ms"], **{k: v["mean"] for k, v in timing.items() if k != "requests"},
-                             "proxy_http_client": part["mean_ms"] - timing["ingress_total"]["mean"]}
+                breakdown[c] = {"client_mean_ms": part["mean_ms"], "client_p99_ms": part["p99_ms"],
+                                **{k: {"mean": v["mean"], "p99": v["p99"]} for k, v in timing.items() if k != "requests"},
+                                "proxy_http_client_mean": part["mean_ms"] - timing["ingress_total"]["mean"]}
         rounds.append(row)
     del local
     phases = [{"clients": c, "seconds": args.seconds, **summarize(recs[c].records, args.items, (0.0, walls[c]))}
@@ -373,7 +374,7 @@ def main() -> int:
     summary = {
         "student": str(student), "path": path, "replicas": args.replicas, "replica_cpus": settings.num_cpus,
         "items_per_request": args.items, **machine(), "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
-        "latency_budget_ms": settings.latency_budget_ms, "phases": phases, "phase_breakdown_ms_1_client": breakdown,
+        "latency_budget_ms": settings.latency_budget_ms, "phases": phases, "phase_breakdown_ms": breakdown,
         **extra, "ingress_counts": counts,
         "rounds": rounds, "in_process_forward_ms": med(r["in_process_forward_ms"] for r in rounds),
         "in_process_items_per_s": med(r["in_process_items_per_s"] for r in rounds),
@@ -401,11 +402,10 @@ def one_line(s: dict, args) -> str:
             f"{s['goal_p50_ms']:.1f} ms; p50/goal per round, median {s['p50_over_goal'] or float('nan'):.2f}), "
             f"{s['in_process_items_per_s']:.0f} items/s at batch 64 (served/in-process per round, median "
             f"{s['saturated_vs_in_process']:.2f}x, goal >= 0.8x; {len(s['rounds'])} rounds)")
-    if s["phase_breakdown_ms_1_client"]:
-        b = s["phase_breakdown_ms_1_client"]
-        line += ("; 1 client, mean ms: " + ", ".join(f"{k} {b[k]:.1f}" for k in (
-            "client_mean_ms", "proxy_http_client", "parse", "validate", "queue", "tokenize", "model", "post", "hop",
-            "respond") if k in b))
+    for c, b in s["phase_breakdown_ms"].items():
+        line += (f"; {c} client(s), mean ms: client {b['client_mean_ms']:.1f}, proxy+HTTP {b['proxy_http_client_mean']:.1f}, "
+                 + ", ".join(f"{k} {b[k]['mean']:.1f}" for k in ("parse", "validate", "queue", "tokenize", "model", "post",
+                                                                "hop", "respond") if k in b))
     if "overload" in s:
         o = s["overload"]
         line += (f"; overload {o['factor']:g}x ({o['rate_per_s']:.0f} req/s): {o['ok']} ok p50 {o['p50_ms']:.0f} ms p99 "

@@ -41,14 +41,18 @@ class Batcher:
                  seconds_per_item: float | None = None):
         self.forward, self.max_batch_size, self.wait_s = forward, max_batch_size, wait_s
         self.queued = 0  # items submitted and not yet scored (waiting or in the running forward)
-        # per item, from the forwards at least half full (smaller ones are dominated by their fixed cost); seeded by
-        # a timed forward at start
-        self.seconds_per_item = seconds_per_item
+        # seconds per item: the slowest of the latest 8 forwards at least half full (smaller ones are dominated by
+        # their fixed cost), so a machine slowing down shrinks the queue at once; seeded by a timed forward at start
+        self._per_item: deque[float] = deque([seconds_per_item] if seconds_per_item else [], maxlen=8)
         self.stats = {"forwards": 0, "items": 0, "largest": 0}
         self._jobs: deque[_Job] = deque()
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="forward")
         self._wakeup: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
+
+    @property
+    def seconds_per_item(self) -> float | None:
+        return max(self._per_item) if self._per_item else None
 
     def expected_s(self, items: int) -> float:
         """Seconds until `items` more would be scored: every queued item first, at the measured rate."""
@@ -129,8 +133,7 @@ class Batcher:
             s = self.stats
             s["forwards"], s["items"], s["largest"] = s["forwards"] + 1, s["items"] + len(items), max(s["largest"], len(items))
             if error is None and len(items) * 2 >= self.max_batch_size:
-                per_item = took / len(items)
-                self.seconds_per_item = per_item if self.seconds_per_item is None else 0.8 * self.seconds_per_item + 0.2 * per_item
+                self._per_item.append(took / len(items))
             i = 0
             for job, a, b in parts:
                 if job.future.done():

@@ -69,7 +69,7 @@ def test_requests_arriving_during_a_forward_share_the_next_batch():
     assert fwd.batches == [[0], [1, 101, 2, 102, 3, 103, 4, 104]]
     assert rest[0][1]["queue_s"] >= 0.05  # waited for the first forward
     assert b.queued == 0 and b.stats == {"forwards": 2, "items": 9, "largest": 8}
-    assert b.seconds_per_item != 0.01 and b.seconds_per_item >= 0.8 * 0.01 + 0.2 * 0.05 / 8  # the 8-item forward
+    assert b.seconds_per_item == max(0.01, b._per_item[-1]) and b._per_item[-1] >= 0.05 / 8  # the 8-item forward
 
 
 def test_a_request_larger_than_a_batch_spans_forwards_in_order():
@@ -182,3 +182,16 @@ def test_over_budget_counts_the_queue_and_never_refuses_when_nothing_is_queued()
 
     verdicts, after = run(main())
     assert verdicts == (False, False, True) and after is False
+
+
+def test_the_rate_is_the_slowest_of_the_latest_eight_full_forwards():
+    fwd = SlowForward()
+
+    async def main():
+        b = Batcher(fwd, max_batch_size=4, seconds_per_item=1.0)  # a slow start is forgotten after 8 forwards
+        for _ in range(8):
+            await b.submit([1, 2, 3, 4])
+        return b
+
+    b = run(main())
+    assert len(b._per_item) == 8 and b.seconds_per_item < 0.1 and b.seconds_per_item == max(b._per_item)
