@@ -5,6 +5,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from student.score import ScoreConfig
 from student.train import StudentTrainConfig, Variant
 
 EXTRACTORS = ("mlp", "poly", "gat")
@@ -37,6 +38,7 @@ class DistillConfig(_Strict):
     embed_batch_size: int = Field(64, ge=1)
     backbone: str = Field("all-minilm-l6-v2", description="student encoder: a built-in name or a local BERT-class folder")
     train: StudentTrainConfig = Field(default_factory=StudentTrainConfig)
+    score: ScoreConfig = Field(default_factory=ScoreConfig, description="validation/test scoring on Ray Data actors")
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
     extractors: list[Literal["mlp", "poly", "gat"]] = Field(default_factory=lambda: list(EXTRACTORS))
     modes: list[Literal["average", "multi_teacher", "unified"]] = Field(default_factory=lambda: list(MODES))

@@ -36,10 +36,14 @@ class RationaleEmbedder:
         return F.normalize(pooled, dim=-1).float().cpu().numpy()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        """The batch with an `embedding` column (fixed_size_list<float32>[D]) of its `rationale` text; each distinct
+        text is embedded once (unparsed rows embed as empty text)."""
         texts = [t or "" for t in batch.column("rationale").to_pylist()]
-        vecs = self.embed(texts)
-        emb = pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1), pa.float32()), vecs.shape[1])
-        return pa.table({"pair_id": batch.column("pair_id"), "perspective": batch.column("perspective"), "embedding": emb})
+        position = {t: i for i, t in enumerate(dict.fromkeys(texts))}
+        vecs = self.embed(list(position))
+        rows = vecs[[position[t] for t in texts]]
+        emb = pa.FixedSizeListArray.from_arrays(pa.array(rows.reshape(-1), pa.float32()), vecs.shape[1])
+        return batch.append_column("embedding", emb)
 
 
 def embedder_placement(cluster_gpus: float) -> tuple[int, dict]:

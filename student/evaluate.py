@@ -1,38 +1,120 @@
-"""Student evaluation: accuracy, macro-F1, per-class F1, confusion matrix, per-perspective attribution, latent
-fidelity to the teacher's reasoning; the mean +- std over seeds, and the paired bootstrap verdict of one variant
-against another."""
+"""Student evaluation: accuracy, macro-F1, per-class F1, confusion matrix, per-perspective attribution, nDCG@10,
+latent fidelity to the teacher's reasoning (per pair, so scoring actors compute it batch by batch); the mean +- std
+over seeds, and the paired bootstrap verdict of one variant against another."""
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 
 from student.train import predict
 
 
-def evaluate(model, data: dict, tok, labels: list[str], perspectives: list[str], max_length: int, device="cpu",
-             out: dict | None = None) -> dict:
-    """Metrics of `model` on `data` (or of its predictions `out` from `predict`), with the per-pair predictions
-    that paired comparisons resample."""
-    out = out or predict(model, data, tok, max_length, device=device)
-    gold = data["label"].numpy()
-    pred = out["probs"].argmax(-1).numpy()
+def classification_metrics(gold: np.ndarray, pred: np.ndarray, labels: list[str], perspectives: list[str],
+                           dominant: np.ndarray | None = None) -> dict:
+    """Accuracy, macro-F1, per-class F1, the confusion matrix and the per-pair predictions that paired comparisons
+    resample, from gold and predicted label indices; with `dominant` (the perspective whose centroid each pair's
+    latent is closest to, -1 for none) the attribution counted per gold class."""
     idx = list(range(len(labels)))
     result = {
         "n": int(len(gold)),
         "predictions": pred.tolist(),
-        "accuracy": float(accuracy_score(gold, pred)),
+        "accuracy": float(accuracy_score(gold, pred)) if len(gold) else 0.0,
         "macro_f1": float(f1_score(gold, pred, labels=idx, average="macro", zero_division=0)),
         "per_class_f1": dict(zip(labels, map(float, f1_score(gold, pred, labels=idx, average=None, zero_division=0)))),
         "confusion": {"labels": labels, "matrix": confusion_matrix(gold, pred, labels=idx).tolist()},
     }
-    if out["perspective_scores"] is not None:
-        # which perspective's centroid the latent is closest to, counted per gold class
-        dominant = out["perspective_scores"].argmax(-1).numpy()
+    if dominant is not None and (dominant >= 0).any():
         result["attribution"] = {
             lab: {p: int(((gold == c) & (dominant == k)).sum()) for k, p in enumerate(perspectives)}
             for c, lab in enumerate(labels)
         }
     return result
+
+
+def evaluate(model, table, tok, labels: list[str], perspectives: list[str], max_length: int, device="cpu",
+             out: dict | None = None) -> dict:
+    """Metrics of `model` on an examples table (student/data.py; or of its predictions `out` from `predict`), in
+    this process: for small tables (tests, benchmarks). The stage scores on Ray Data workers (student/score.py)."""
+    out = out or predict(model, table, tok, max_length, device=device)
+    gold = table.column("label").to_numpy()
+    dominant = out["perspective_scores"].argmax(-1).numpy() if out["perspective_scores"] is not None else None
+    return classification_metrics(gold, out["probs"].argmax(-1).numpy(), labels, perspectives, dominant)
+
+
+def ndcg_at_k(query_ids, gains: np.ndarray, scores: np.ndarray, k: int = 10) -> dict:
+    """Mean nDCG@k over queries, each query's pairs ranked by `scores` (ties: input order), with graded `gains`
+    (ESCI: E 1.0, S 0.1, C 0.01, I 0). Queries with no gain above 0 have no ideal ranking and are counted apart."""
+    q = np.asarray(pa.array(query_ids).dictionary_encode().indices.to_numpy(zero_copy_only=False))
+    gains, scores = np.asarray(gains, np.float64), np.asarray(scores, np.float64)
+    if not len(q):
+        return {f"ndcg@{k}": None, "queries": 0, "queries_without_relevant": 0}
+    disc = 1.0 / np.log2(np.arange(2, k + 2))
+
+    def dcg(order_key: np.ndarray) -> np.ndarray:
+        order = np.lexsort((np.arange(len(q)), -order_key, q))  # by query, then the key descending
+        qs = q[order]
+        starts = np.r_[0, np.flatnonzero(np.diff(qs)) + 1]
+        rank = np.arange(len(qs)) - np.repeat(starts, np.diff(np.r_[starts, len(qs)]))
+        keep = rank < k
+        out = np.zeros(q.max() + 1)
+        np.add.at(out, qs[keep], gains[order][keep] * disc[rank[keep]])
+        return out
+
+    actual, ideal = dcg(scores), dcg(gains)
+    present = np.zeros(q.max() + 1, bool)
+    present[q] = True
+    has = present & (ideal > 0)
+    return {f"ndcg@{k}": float((actual[has] / ideal[has]).mean()) if has.any() else None,
+            "queries": int(has.sum()), "queries_without_relevant": int((present & ~has).sum())}
+
+
+def fidelity_rows(projected: np.ndarray, targets: np.ndarray, mask: np.ndarray, trivial: np.ndarray,
+                  mode: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per pair and projection head: cosine of the student's P(z) with the teacher's embedding, cosine of the
+    trivial predictor (that perspective's mean training target) with it, and whether the pair has that target.
+    projected (N, P, D), targets (N, K, D), mask (N, K), trivial (P, D). In average mode (P = 1) the one
+    projection is compared with the pair's mean target."""
+    if mode == "average":
+        m = mask[..., None]
+        targets = ((targets * m).sum(1) / np.maximum(m.sum(1), 1))[:, None]
+        mask = (mask.sum(1, keepdims=True) > 0).astype(np.float32)
+
+    def cos(a, b):
+        return (a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-8)
+
+    return cos(projected, targets), cos(np.broadcast_to(trivial, targets.shape), targets), mask > 0
+
+
+def fidelity_summary(student_cos: np.ndarray, trivial_cos: np.ndarray, has: np.ndarray, names: list[str]) -> dict:
+    """latent_fidelity's report from per-pair cosines (fidelity_rows, possibly computed batch by batch)."""
+    result = {}
+    for k, name in enumerate(names):
+        rows = has[:, k]
+        if not rows.any():
+            continue
+        s, t = student_cos[rows, k], trivial_cos[rows, k]
+        result[name] = {"n": int(rows.sum()), "student_cos": float(s.mean()), "trivial_cos": float(t.mean()),
+                        "gain": float((s - t).mean()), "share_beating_trivial": float((s > t).mean())}
+    if result:
+        result["mean_gain"] = float(np.mean([v["gain"] for v in result.values()]))
+    return result
+
+
+def trivial_targets(train_targets: np.ndarray, train_mask: np.ndarray, mode: str) -> np.ndarray:
+    """The trivial predictor's answer per projection head: each perspective's mean training target (P = K), or in
+    average mode the mean over training pairs of their mean target (P = 1)."""
+    if mode == "average":
+        m = train_mask[..., None]
+        mean = (train_targets * m).sum(1) / np.maximum(m.sum(1), 1)
+        has = train_mask.sum(1) > 0
+        return mean[has].mean(0, keepdims=True) if has.any() else np.zeros((1, train_targets.shape[-1]), np.float32)
+    out = np.zeros(train_targets.shape[1:], np.float32)
+    for k in range(train_targets.shape[1]):
+        rows = train_mask[:, k] > 0
+        if rows.any():
+            out[k] = train_targets[rows, k].mean(0)
+    return out
 
 
 def latent_fidelity(projected, targets, target_mask, train_targets, train_mask, mode: str,
@@ -43,34 +125,16 @@ def latent_fidelity(projected, targets, target_mask, train_targets, train_mask, 
     them, target_mask (N, K). Per perspective: mean cosine between P(z) (slot k's projection in unified mode,
     head k in multi_teacher) and the teacher's embedding, against the trivial predictor that always answers that
     perspective's mean training target. In average mode the one projection is compared with the mean target.
+    Perspectives without a target in both sets are left out.
     """
-    import torch
-    import torch.nn.functional as F
-
-    def mean_target(t, m):
-        return (t * m.unsqueeze(-1)).sum(1) / m.sum(1, keepdim=True).clamp(min=1)
-
-    if mode == "average":
-        targets, target_mask = mean_target(targets, target_mask).unsqueeze(1), (target_mask.sum(1, keepdim=True) > 0).float()
-        train_targets, train_mask = mean_target(train_targets, train_mask).unsqueeze(1), (train_mask.sum(1, keepdim=True) > 0).float()
-        names = ["average"]
-    else:
-        names = list(perspectives)
-    result = {}
-    for k, name in enumerate(names):
-        rows = target_mask[:, k] > 0
-        train_rows = train_mask[:, k] > 0
-        if not rows.any() or not train_rows.any():
-            continue
-        trivial = train_targets[train_rows, k].mean(0, keepdim=True)
-        student = F.cosine_similarity(projected[rows, k], targets[rows, k], dim=-1)
-        baseline = F.cosine_similarity(trivial.expand_as(targets[rows, k]), targets[rows, k], dim=-1)
-        result[name] = {"n": int(rows.sum()), "student_cos": float(student.mean()), "trivial_cos": float(baseline.mean()),
-                        "gain": float((student - baseline).mean()),
-                        "share_beating_trivial": float((student > baseline).float().mean())}
-    if result:
-        result["mean_gain"] = float(torch.tensor([v["gain"] for v in result.values()]).mean())
-    return result
+    arr = lambda x: np.asarray(x, dtype=np.float32)  # noqa: E731
+    train_targets, train_mask = arr(train_targets), arr(train_mask)
+    trivial = trivial_targets(train_targets, train_mask, mode)
+    s, t, has = fidelity_rows(arr(projected), arr(targets), arr(target_mask), trivial, mode)
+    names = ["average"] if mode == "average" else list(perspectives)
+    if mode != "average":  # a perspective with no training target has no trivial predictor
+        has = has & (train_mask.sum(0) > 0)[None, :]
+    return fidelity_summary(s, t, has, names)
 
 
 def macro_f1_fast(gold: np.ndarray, pred: np.ndarray, num_classes: int) -> np.ndarray:
@@ -133,6 +197,8 @@ def aggregate(runs: list[dict], labels: list[str]) -> dict:
             "accuracy": stat([r["metrics"]["accuracy"] for r in rs]),
             "macro_f1": stat([r["metrics"]["macro_f1"] for r in rs]),
             **({"val_macro_f1": stat([r["metrics"]["val"]["macro_f1"] for r in rs])} if all("val" in r["metrics"] for r in rs) else {}),
+            **({"ndcg@10": stat([r["metrics"]["ranking"]["ndcg@10"] for r in rs])}
+               if all((r["metrics"].get("ranking") or {}).get("ndcg@10") is not None for r in rs) else {}),
             "per_class_f1": {lab: stat([r["metrics"]["per_class_f1"][lab] for r in rs]) for lab in labels},
         }
     return out

@@ -1,30 +1,43 @@
-"""LRKD student training on Ray Train (`TorchTrainer`, DDP across N workers), with early stopping on validation
-macro-F1, a checkpoint per epoch (resume continues after the last finished epoch) and the best model exported
-as a student folder.
+"""LRKD student training on Ray Train (`TorchTrainer`, DDP across N workers) fed by Ray Data, with early stopping on
+validation macro-F1, a checkpoint per epoch (resume continues after the last finished epoch) and the best model
+exported as a student folder.
+
+Data: each job names an examples dataset (student/data.py's columns) for train and one for validation; the trainer
+gets them as Ray Datasets (`datasets=`, the train ones split across workers with `DataConfig`), and each worker
+streams its shard with `iter_torch_batches`: a seeded local shuffle buffer per epoch, tokenisation in the collate
+function, and batches of similar token length inside each chunk of `length_window` batches. `train_loop_config`
+carries settings and paths only. Validation is split across the workers by a hash of the pair id and gathered.
 
 Several students train one after another in one worker group (`train_students`, since starting a group costs
 ~20 s); its Ray Train state and latest checkpoint (weights + the job and epoch it belongs to) live in the `storage`
 folder given. Each student's folder (`out_dir`):
   trained.json  written when its training finished (early stop or last epoch)
-  best/     the best epoch's student folder (student_config.json, model.safetensors, tokenizer) and
-            selection.json (that epoch, its val macro-F1 and the val logits it was chosen on)
+  best/     the best epoch's student folder (student_config.json, model.safetensors, tokenizer),
+            selection.json (that epoch and its val macro-F1) and val_logits.parquet (pair_id, the logits it was
+            chosen on)
   history.json  per-epoch train loss parts, validation macro-F1, and the guidance diagnostics: CE, guidance,
                 lambda * guidance / CE and the ratio of the guidance term's gradient norm to CE's on the encoder
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
 import time
+import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 TRAINED = "trained.json"
+VAL_LOGITS = "val_logits.parquet"
 
 
 class StudentTrainConfig(BaseModel):
@@ -47,6 +60,8 @@ class StudentTrainConfig(BaseModel):
     poly_codes: int = Field(16, ge=1)
     kd_temperature: float = Field(1.0, gt=0)
     guidance: str = Field("l2", pattern="^(l2|cosine)$", description="latent term: squared L2 summed over dimensions, or 1 - cos")
+    length_window: int = Field(32, ge=1, description="batches per chunk sorted by token length (less padding); 1 = no grouping")
+    shuffle_buffer: int = Field(4096, ge=1, description="rows in each worker's seeded local shuffle buffer (at least one chunk)")
 
 
 @dataclass
@@ -74,37 +89,35 @@ def _device(accelerator: str) -> str:
     return accelerator
 
 
-def _batches(data: dict, idx: list[int], tok, max_length: int, device) -> dict:
-    from student.data import encode_pairs
-
-    enc = encode_pairs(tok, [data["query"][i] for i in idx], [data["product"][i] for i in idx], max_length)
-    out = {k: v.to(device) for k, v in enc.items()}
-    for key in ("label", "targets", "target_mask", "teacher_probs", "has_votes"):
-        out[key] = data[key][idx].to(device)
-    return out
+def _to(batch: dict, device) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
 
 
-def predict(model, data: dict, tok, max_length: int, batch_size: int = 64, device="cpu") -> dict:
-    """Logits, probabilities, perspective scores and projected latents (B, P, D) for every row of `data`
-    (eval mode, no grad). The one evaluation path: training's validation, reloads and test all call it."""
+def predict(model, table: pa.Table, tok, max_length: int, batch_size: int = 64, device="cpu") -> dict:
+    """Logits, probabilities, perspective scores and projected latents (N, P, D) for every row of an examples
+    table, in its order (eval mode, no grad). The one prediction path: training's validation, the scoring actors
+    and the tests all call it."""
+    from student.data import Collator
+
     model.eval()
-    # batches of similar length pad less; the outputs go back to the input order
-    order = sorted(range(len(data["query"])), key=pair_lengths(tok, data, max_length).__getitem__)
-    logits, scores, projected = [], [], []
+    collate = Collator(tok, max_length, len(model.cfg.labels), len(model.cfg.perspectives), batch_size, seed=0)
+    n = table.num_rows
+    logits = np.zeros((n, len(model.cfg.labels)), np.float32)
+    scores = projected = None
     with torch.no_grad():
-        for start in range(0, len(order), batch_size):
-            b = _batches(data, order[start : start + batch_size], tok, max_length, device)
-            out = model(b["input_ids"], b["attention_mask"], b.get("token_type_ids"))
-            logits.append(out["logits"].float().cpu())
+        for b in collate(table):
+            rows = b.pop("rows").numpy()
+            out = model(b["input_ids"].to(device), b["attention_mask"].to(device),
+                        b["token_type_ids"].to(device) if "token_type_ids" in b else None)
+            logits[rows] = out["logits"].float().cpu().numpy()
             if out["z"] is not None:
-                scores.append(model.perspective_scores(out).float().cpu())
-                projected.append(out["projected"].float().cpu())
-    inverse = torch.empty(len(order), dtype=torch.long)
-    inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
-    logits = torch.cat(logits)[inverse]
-    return {"logits": logits, "probs": logits.softmax(-1),
-            "perspective_scores": torch.cat(scores)[inverse] if scores else None,
-            "projected": torch.cat(projected)[inverse] if projected else None}
+                s, p = model.perspective_scores(out).float().cpu().numpy(), out["projected"].float().cpu().numpy()
+                if scores is None:
+                    scores, projected = np.zeros((n, s.shape[1]), np.float32), np.zeros((n, *p.shape[1:]), np.float32)
+                scores[rows], projected[rows] = s, p
+    t = torch.from_numpy(logits)
+    return {"logits": t, "probs": t.softmax(-1), "perspective_scores": None if scores is None else torch.from_numpy(scores),
+            "projected": None if projected is None else torch.from_numpy(projected)}
 
 
 def loss_diagnostics(model, batch: dict, variant: "Variant", guidance: str, class_weights=None) -> dict:
@@ -133,17 +146,47 @@ def loss_diagnostics(model, batch: dict, variant: "Variant", guidance: str, clas
     return result
 
 
-def pair_lengths(tok, data: dict, max_length: int) -> list[int]:
-    """Token length of each (query, product) pair as the model sees it."""
-    enc = tok(data["query"], data["product"], truncation="longest_first", max_length=max_length)
-    return [len(ids) for ids in enc["input_ids"]]
-
-
 def _lr_factor(step: int, total: int, warmup: int) -> float:
     """Linear warm-up to the peak, then linear decay to 0 at the last step."""
     if step < warmup:
         return (step + 1) / warmup
     return max(0.0, (total - step) / max(total - warmup, 1))
+
+
+def perspective_mask(kept: list[str] | None, perspectives: list[str]) -> np.ndarray:
+    """1 for the perspectives whose targets a variant reads (all when `kept` is None; one for a single-perspective
+    variant), 0 for the others: multiplied into target_mask in training and in fidelity scoring."""
+    return np.array([float(kept is None or p in kept) for p in perspectives], np.float32)
+
+
+def steps_per_epoch(rows: int, world: int, batch_size: int) -> int:
+    """Optimizer steps per epoch on every rank: the train split gives each of `world` workers rows // world rows
+    (an equal split), cut into batches of at most `batch_size`."""
+    return max(1, math.ceil((rows // world) / batch_size))
+
+
+def share(pair_ids: list[str], world: int, rank: int) -> np.ndarray:
+    """The rows of a validation batch this rank scores: a stable hash of the pair id, so every rank sees the same
+    assignment whatever order the rows arrive in."""
+    return np.array([zlib.crc32(p.encode()) % world == rank for p in pair_ids], dtype=bool)
+
+
+def _lockstep(batches, device):
+    """Yields batches while every rank has one (one tiny all-reduce per step): DDP's gradient all-reduce would
+    hang if one rank ran a step the others do not."""
+    import torch.distributed as dist
+
+    it = iter(batches)
+    while True:
+        b = next(it, None)
+        if dist.is_available() and dist.is_initialized():
+            flag = torch.tensor([0 if b is None else 1], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            if flag.item() == 0:
+                return
+        elif b is None:
+            return
+        yield b
 
 
 def _train_loop(cfg: dict) -> None:
@@ -163,27 +206,63 @@ def _train_loop(cfg: dict) -> None:
         _train_job(cfg, job, state if state and state["job"] == job["out_dir"] else None)
 
 
+def _validate(model, shard, tok, settings: "StudentTrainConfig", rank: int, world: int, device) -> tuple[list, np.ndarray, np.ndarray]:
+    """This rank's share of the validation rows, predicted, then gathered from every rank: (pair ids, logits,
+    gold labels), sorted by pair id, identical on every rank."""
+    import torch.distributed as dist
+
+    ids, logits, gold = [], [], []
+    for table in shard.iter_batches(batch_size=max(settings.batch_size * 16, 256), batch_format="pyarrow"):
+        mine = table.filter(pa.array(share(table.column("pair_id").to_pylist(), world, rank)))
+        if mine.num_rows:
+            out = predict(model, mine, tok, settings.max_length, batch_size=max(settings.batch_size, 64), device=device)
+            ids += mine.column("pair_id").to_pylist()
+            logits.append(out["logits"].numpy())
+            gold.append(mine.column("label").to_numpy())
+    parts = [(ids, np.concatenate(logits) if logits else np.zeros((0, len(model.cfg.labels)), np.float32),
+              np.concatenate(gold) if gold else np.zeros(0, np.int64))]
+    if world > 1 and dist.is_initialized():
+        gathered = [None] * world
+        dist.all_gather_object(gathered, parts[0])
+        parts = gathered
+    all_ids = [p for part in parts for p in part[0]]
+    order = np.argsort(np.array(all_ids, dtype=object), kind="stable") if all_ids else np.zeros(0, np.int64)
+    return ([all_ids[i] for i in order], np.concatenate([p[1] for p in parts])[order], np.concatenate([p[2] for p in parts])[order])
+
+
+def _chunk_collate(collator):
+    """iter_torch_batches' collate function: one chunk (a pyarrow Table) -> a list of tensor batches
+    (student.data.Collator). Built on first use: importing Ray Data costs a second the CLI need not pay."""
+    from ray.data.collate_fn import ArrowBatchCollateFn
+
+    class ChunkCollate(ArrowBatchCollateFn):
+        def __call__(self, batch):
+            return collator(batch)
+
+    return ChunkCollate()
+
+
 def _train_job(cfg: dict, job: dict, resume: dict | None) -> None:
     import ray.train
     import ray.train.torch
     from sklearn.metrics import f1_score
     from transformers import AutoTokenizer
 
-    from student.data import class_weights, length_grouped_batches
+    from student.data import Collator, class_weights
     from student.model import LRKDStudent, StudentConfig, logit_kd_loss, lrkd_loss
 
     settings = StudentTrainConfig(**cfg["settings"])
     variant = Variant(**job["variant"])
-    data = cfg["datasets"][job["data"]]
+    data = cfg["data"][job["data"]]
     out_dir = Path(job["out_dir"])
     torch.manual_seed(variant.seed)
     rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
     tok = AutoTokenizer.from_pretrained(cfg["encoder_path"])
-    train, val = data["train"], data["val"]
+    n_labels, k = len(cfg["labels"]), len(cfg["perspectives"])
     student_cfg = StudentConfig(labels=cfg["labels"], perspectives=cfg["perspectives"],
                                 extractor=variant.extractor if variant.kind == "lrkd" else "none", mode=variant.mode,
                                 latent_dim=settings.latent_dim, poly_codes=settings.poly_codes,
-                                target_dim=int(train["targets"].shape[-1]), max_length=settings.max_length,
+                                target_dim=int(data["target_dim"]), max_length=settings.max_length,
                                 sep_token_id=tok.sep_token_id)
     model = LRKDStudent.from_encoder(cfg["encoder_path"], student_cfg)
     model.centroids.copy_(torch.tensor(data["centroids"]))
@@ -194,7 +273,7 @@ def _train_job(cfg: dict, job: dict, resume: dict | None) -> None:
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": variant.kind == "lrkd"})
     device = ray.train.torch.get_device()
     core = model.module if hasattr(model, "module") else model
-    weights = class_weights(train["label"], len(cfg["labels"]), settings.class_weighting)
+    weights = class_weights(data["label_counts"], n_labels, settings.class_weighting)
     weights = weights.to(device) if weights is not None else None
     encoder_ids = {id(p) for p in core.encoder.parameters()}
     groups = [{"params": [p for p in core.parameters() if id(p) in encoder_ids], "lr": settings.learning_rate},
@@ -203,24 +282,36 @@ def _train_job(cfg: dict, job: dict, resume: dict | None) -> None:
     peaks = [g["lr"] for g in opt.param_groups]
     # epochs since the best one (history comes back with a resumed checkpoint)
     stale = len(history) - 1 - max(range(len(history)), key=lambda i: (history[i]["val_macro_f1"], -i)) if history else 0
-    lengths = pair_lengths(tok, train, settings.max_length)
-    steps_per_epoch = len(length_grouped_batches(lengths, settings.batch_size, world, 0)[0])
-    total_steps = steps_per_epoch * settings.epochs
+    per_epoch = steps_per_epoch(data["rows"], world, settings.batch_size)
+    total_steps = per_epoch * settings.epochs
     warmup = max(1, round(settings.warmup_ratio * total_steps)) if settings.warmup_ratio > 0 else 0
-    # the diagnostics batch: the first pairs with teacher targets (the same every epoch)
-    with_targets = [i for i in range(len(lengths)) if train["target_mask"][i].sum() > 0] or list(range(len(lengths)))
-    probe = _batches(train, with_targets[: settings.batch_size], tok, settings.max_length, device)
+    # the diagnostics batch: the first pairs with teacher targets (the same every epoch), written by the stage
+    keep = torch.from_numpy(perspective_mask(variant.target_perspectives, cfg["perspectives"]))
+    probe = Collator(tok, settings.max_length, n_labels, k, settings.batch_size, sort=False)(pq.read_table(data["probe"]))[0]
+    probe.pop("rows")
+    probe["target_mask"] = probe["target_mask"] * keep
+    probe = _to(probe, device)
+    train_shard = ray.train.get_dataset_shard(data["train"])
+    val_shard = ray.train.get_dataset_shard(data["val"])
+    chunk = settings.batch_size * settings.length_window
     for epoch in range(start_epoch, settings.epochs):
         t0 = time.time()
         diag = loss_diagnostics(core, probe, variant, settings.guidance, weights) if rank == 0 else {}
         model.train()
-        mine = length_grouped_batches(lengths, settings.batch_size, world, variant.seed * 1000 + epoch)[rank]
+        epoch_seed = variant.seed * 1000 + epoch
+        collate = Collator(tok, settings.max_length, n_labels, k, settings.batch_size, seed=epoch_seed + 7919 * rank,
+                           sort=settings.length_window > 1)
+        chunks = train_shard.iter_torch_batches(batch_size=chunk, collate_fn=_chunk_collate(collate), prefetch_batches=2,
+                                                local_shuffle_buffer_size=max(settings.shuffle_buffer, chunk),
+                                                local_shuffle_seed=epoch_seed)
         sums: dict[str, float] = {}
-        steps = 0
-        for i, idx in enumerate(mine):
+        steps, pairs = 0, 0
+        for i, b in enumerate(_lockstep((b for batches in chunks for b in batches), device)):
             for group, peak in zip(opt.param_groups, peaks):
-                group["lr"] = peak * _lr_factor(epoch * steps_per_epoch + i, total_steps, warmup)
-            b = _batches(train, idx, tok, settings.max_length, device)
+                group["lr"] = peak * _lr_factor(epoch * per_epoch + i, total_steps, warmup)
+            b.pop("rows")
+            b["target_mask"] = b["target_mask"] * keep
+            b = _to(b, device)
             out = model(b["input_ids"], b["attention_mask"], b.get("token_type_ids"))
             if variant.kind == "logit_kd":
                 loss, parts = logit_kd_loss(out, b["label"], b["teacher_probs"], variant.kd_alpha,
@@ -232,13 +323,15 @@ def _train_job(cfg: dict, job: dict, resume: dict | None) -> None:
             loss.backward()
             opt.step()
             steps += 1
-            for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + v
-        val_out = predict(core, val, tok, settings.max_length, device=device)
-        pred = val_out["probs"].argmax(-1)
-        f1 = float(f1_score(val["label"].numpy(), pred.numpy(), average="macro", labels=list(range(len(cfg["labels"]))), zero_division=0))
-        history.append({"epoch": epoch, "val_macro_f1": f1, **{f"train_{k}": v / max(steps, 1) for k, v in sums.items()},
-                        **{f"diag_{k}": v for k, v in diag.items()}, "seconds": round(time.time() - t0, 1)})
+            pairs += int(b["label"].shape[0])
+            for key, v in parts.items():
+                sums[key] = sums.get(key, 0.0) + v
+        train_seconds = time.time() - t0
+        val_ids, val_logits, val_gold = _validate(core, val_shard, tok, settings, rank, world, device)
+        f1 = float(f1_score(val_gold, val_logits.argmax(-1), average="macro", labels=list(range(n_labels)), zero_division=0))
+        history.append({"epoch": epoch, "val_macro_f1": f1, **{f"train_{key}": v / max(steps, 1) for key, v in sums.items()},
+                        **{f"diag_{key}": v for key, v in diag.items()}, "steps": steps, "train_pairs": pairs * world,
+                        "train_seconds": round(train_seconds, 2), "seconds": round(time.time() - t0, 1)})
         improved = f1 > best
         if improved:
             best, stale = f1, 0
@@ -247,17 +340,19 @@ def _train_job(cfg: dict, job: dict, resume: dict | None) -> None:
         done = stale >= settings.patience or epoch == settings.epochs - 1
         if rank == 0:
             print(f"[thinkbroad] student [{job['index']}/{len(cfg['jobs'])}] {variant.name} seed {variant.seed}: epoch "
-                  f"{epoch + 1}/{settings.epochs}, val macro-F1 {f1:.3f}, {history[-1]['seconds']} s" + (", done" if done else ""), flush=True)
+                  f"{epoch + 1}/{settings.epochs}, val macro-F1 {f1:.3f}, {history[-1]['seconds']} s "
+                  f"({pairs * world / max(train_seconds, 1e-9):.0f} pairs/s)" + (", done" if done else ""), flush=True)
         metrics = {"job": variant.name, "seed": variant.seed, "epoch": epoch, "val_macro_f1": f1, "best_val_macro_f1": best}
         with tempfile.TemporaryDirectory() as tmp:
             if rank == 0:
                 from safetensors.torch import save_file
 
-                save_file({k: v.detach().cpu().contiguous() for k, v in core.state_dict().items()}, os.path.join(tmp, "model.safetensors"))
+                save_file({key: v.detach().cpu().contiguous() for key, v in core.state_dict().items()}, os.path.join(tmp, "model.safetensors"))
                 Path(tmp, "state.json").write_text(json.dumps({"job": job["out_dir"], "epoch": epoch, "best": best, "history": history}))
                 if improved:
-                    selection = {"epoch": epoch, "val_macro_f1": f1, "val_logits": val_out["logits"].tolist()}
-                    _save_atomic(core, tok, out_dir / "best", selection)
+                    logits = pa.table({"pair_id": pa.array(val_ids, pa.string()),
+                                       "logits": pa.FixedSizeListArray.from_arrays(pa.array(val_logits.reshape(-1)), n_labels)})
+                    _save_atomic(core, tok, out_dir / "best", {"epoch": epoch, "val_macro_f1": f1, "val_pairs": len(val_ids)}, logits)
                 (out_dir / "history.json").write_text(json.dumps(history, indent=1))
                 if done:  # before the report: a kill after it must not retrain this job
                     (out_dir / TRAINED).write_text(json.dumps({"epochs": len(history), "best_val_macro_f1": best}))
@@ -266,13 +361,30 @@ def _train_job(cfg: dict, job: dict, resume: dict | None) -> None:
             break
 
 
-def _save_atomic(model, tok, path: Path, selection: dict) -> None:
+def _save_atomic(model, tok, path: Path, selection: dict, val_logits: pa.Table) -> None:
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, tokenizer=tok)
     (tmp / "selection.json").write_text(json.dumps(selection))
+    pq.write_table(val_logits, tmp / VAL_LOGITS)
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)
+
+
+@dataclass
+class StudentData:
+    """The examples a job trains on: `train` and `val` examples datasets (Parquet folders, student/data.py's
+    columns), the per-perspective centroids of the train targets (attribution at inference), the train label
+    counts (class weights), the rows of `train`, the target width, and `probe`: a small Parquet file whose first
+    batch is the guidance diagnostics' batch."""
+
+    train: str
+    val: str
+    centroids: list
+    label_counts: list[int]
+    rows: int
+    target_dim: int
+    probe: str
 
 
 @dataclass
@@ -284,13 +396,15 @@ class StudentJob:
     data: str
 
 
-def train_students(jobs: list[StudentJob], datasets: dict[str, dict], settings: StudentTrainConfig, encoder_path: str,
-                   labels: list[str], perspectives: list[str], storage: str | Path) -> None:
-    """Train the jobs one after another in one Ray Train worker group (DDP over `settings.num_workers`).
+def train_students(jobs: list[StudentJob], datasets: dict[str, StudentData], settings: StudentTrainConfig,
+                   encoder_path: str, labels: list[str], perspectives: list[str], storage: str | Path) -> None:
+    """Train the jobs one after another in one Ray Train worker group (DDP over `settings.num_workers`), each
+    streaming its `datasets[job.data]` through Ray Data.
 
-    datasets: key -> {"train", "val" (example dicts), "centroids"}. A job whose folder has trained.json is
-    skipped; rerunning the same jobs with the same `storage` resumes the interrupted one at its last epoch."""
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    A job whose folder has trained.json is skipped; rerunning the same jobs with the same `storage` resumes the
+    interrupted one at its last epoch."""
+    import ray
+    from ray.train import CheckpointConfig, DataConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     if all((Path(j.out_dir) / TRAINED).exists() for j in jobs):
@@ -298,26 +412,49 @@ def train_students(jobs: list[StudentJob], datasets: dict[str, dict], settings: 
     for j in jobs:
         Path(j.out_dir).mkdir(parents=True, exist_ok=True)
     device = _device(settings.accelerator)
+    used = {j.data for j in jobs}
+    # Ray Data's budget is the cluster minus what training holds: CPU training workers hold every core of a small
+    # machine, so the ingest reads are light (no CPU slot of their own; the tokenising runs in the collate
+    # function inside each worker); GPU workers leave the node's CPUs to the reads.
+    from student.examples import read_parquet
+
+    light = device == "cpu"
+    ray_datasets, split, data = {}, [], {}
+    for i, key in enumerate(sorted(used)):
+        d = datasets[key]
+        names = {"train": f"train_{i}", "val": f"val_{i}"}
+        ray_datasets[names["train"]] = read_parquet(d.train, light, settings.num_workers).randomize_block_order()
+        ray_datasets[names["val"]] = read_parquet(d.val, light, settings.num_workers)
+        split.append(names["train"])
+        data[key] = asdict(d) | names | {"probe": str(Path(d.probe).resolve())}
     trainer = TorchTrainer(
         _train_loop,
-        train_loop_config={
-            "jobs": [{"variant": asdict(j.variant), "out_dir": str(Path(j.out_dir).resolve()), "data": j.data, "index": i}
-                     for i, j in enumerate(jobs, 1)],
-            "datasets": datasets, "settings": settings.model_dump(), "encoder_path": str(Path(encoder_path).resolve()),
-            "labels": labels, "perspectives": perspectives,
-        },
+        train_loop_config=train_loop_config(jobs, data, settings, encoder_path, labels, perspectives),
         scaling_config=ScalingConfig(num_workers=settings.num_workers, use_gpu=device == "gpu",
                                      resources_per_worker=None if device == "gpu" else {"CPU": settings.cpus_per_worker}),
         torch_config=TorchConfig(backend="nccl" if device == "gpu" else "gloo"),
+        datasets=ray_datasets,
+        dataset_config=DataConfig(datasets_to_split=split),
         run_config=RunConfig(name="students", storage_path=str(Path(storage).resolve()), checkpoint_config=CheckpointConfig(num_to_keep=1)),
     )
     trainer.fit()
 
 
-def train_student(variant: Variant, settings: StudentTrainConfig, train: dict, val: dict, encoder_path: str,
-                  labels: list[str], perspectives: list[str], centroids: list, out_dir: str | Path) -> list[dict]:
+def train_loop_config(jobs: list[StudentJob], data: dict, settings: StudentTrainConfig, encoder_path: str,
+                      labels: list[str], perspectives: list[str]) -> dict:
+    """What each training worker is given: settings, paths and the names of its Ray datasets; never the data."""
+    return {
+        "jobs": [{"variant": asdict(j.variant), "out_dir": str(Path(j.out_dir).resolve()), "data": j.data, "index": i}
+                 for i, j in enumerate(jobs, 1)],
+        "data": data, "settings": settings.model_dump(), "encoder_path": str(Path(encoder_path).resolve()),
+        "labels": labels, "perspectives": perspectives,
+    }
+
+
+def train_student(variant: Variant, settings: StudentTrainConfig, data: StudentData, encoder_path: str,
+                  labels: list[str], perspectives: list[str], out_dir: str | Path) -> list[dict]:
     """Train one variant into out_dir (rerunning resumes it). Returns the per-epoch history."""
     out = Path(out_dir)
-    train_students([StudentJob(variant, str(out), "data")], {"data": {"train": train, "val": val, "centroids": centroids}},
-                   settings, encoder_path, labels, perspectives, out / "ray")
+    train_students([StudentJob(variant, str(out), "data")], {"data": data}, settings, encoder_path, labels, perspectives,
+                   out / "ray")
     return json.loads((out / "history.json").read_text())

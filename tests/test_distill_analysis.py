@@ -118,20 +118,38 @@ def test_served_student_is_chosen_on_validation_only(tmp_path):
     assert find_student(_run_dir(tmp_path, val, flipped)) == chosen
 
 
-def test_single_perspective_variant_reads_only_that_perspectives_targets():
+def test_single_perspective_variant_reads_only_that_perspectives_targets(tmp_path):
+    """The variant trained on one perspective's targets masks the others in training (perspective_mask, multiplied
+    into target_mask) and in its fidelity on validation (the scoring actor counts only that perspective)."""
+    import numpy as np
     import torch
+    from transformers import AutoTokenizer
 
+    from conftest import ROOT
     from student.config import DistillConfig
-    from workflows.student_stages import StudentData
+    from student.data import column_matrix, examples_table
+    from student.model import LRKDStudent, StudentConfig
+    from student.score import StudentPredictor
+    from student.train import perspective_mask
+    from workflows.models import TINY_BERT, resolve_model
 
-    data = object.__new__(StudentData)  # no run dir: examples() is what the stage built from the targets
-    data.persp = ["user_intent", "structured_analysis", "business_rules"]
-    data.cfg = type("Cfg", (), {"distill": DistillConfig()})()
-    full = {"targets": torch.ones(2, 3, 4), "target_mask": torch.ones(2, 3)}
-    data.examples = lambda source: (dict(full), dict(full), {}, [[0.0] * 4] * 3)
+    persp = ["user_intent", "structured_analysis", "business_rules"]
     d = DistillConfig(seeds=[0])
-    alone = d.ablation_variants(data.persp)[-2]  # structured_analysis alone
-    assert alone.name == "lrkd-poly-unified-only_structured_analysis"
-    train, val, _, _ = data.for_variant(alone)
-    assert train["target_mask"].tolist() == [[0, 1, 0], [0, 1, 0]] and val["target_mask"].tolist() == [[0, 1, 0], [0, 1, 0]]
-    assert data.for_variant(d.lrkd("poly", "unified", 0.1, 0))[0]["target_mask"].sum() == 6
+    alone = d.ablation_variants(persp)[-2]  # structured_analysis alone
+    assert alone.name == "lrkd-poly-unified-only_structured_analysis" and alone.target_perspectives == ["structured_analysis"]
+    assert perspective_mask(alone.target_perspectives, persp).tolist() == [0, 1, 0]
+    assert perspective_mask(d.lrkd("poly", "unified", 0.1, 0).target_perspectives, persp).tolist() == [1, 1, 1]
+
+    encoder = resolve_model(TINY_BERT)
+    model = LRKDStudent.from_encoder(encoder, StudentConfig(labels=["E", "S", "C", "I"], perspectives=persp, target_dim=4))
+    model.save_pretrained(tmp_path / "s", tokenizer=AutoTokenizer.from_pretrained(encoder))
+    rows = [json.loads(x) for x in (ROOT / "data" / "esci_us_subset.jsonl").read_text().splitlines()[:6]]
+    pairs = [{"pair_id": r["pair_id"], "query": r["query"], "title": r["product_title"], "label": r["label"]} for r in rows]
+    targets = {(p["pair_id"], k): np.ones(4, np.float32) for p in pairs for k in persp}
+    table = examples_table(pairs, ["E", "S", "C", "I"], persp, targets, target_dim=4)
+    trivial = np.full((3, 4), 0.5, np.float32).tolist()
+    one = StudentPredictor(str(tmp_path / "s"), trivial=trivial, keep=alone.target_perspectives)(table)
+    assert column_matrix(one, "has_target").tolist() == [[0, 1, 0]] * 6
+    every = StudentPredictor(str(tmp_path / "s"), trivial=trivial)(table)
+    assert column_matrix(every, "has_target").tolist() == [[1, 1, 1]] * 6
+    assert torch.equal(torch.tensor(column_matrix(one, "student_cos")), torch.tensor(column_matrix(every, "student_cos")))

@@ -120,8 +120,8 @@ def test_guidance_sends_the_encoder_a_real_share_of_the_gradient(encoder_path, e
     import json
 
     from conftest import ROOT
-    from student.data import build_examples
-    from student.train import Variant, _batches, loss_diagnostics
+    from student.data import Collator, examples_table
+    from student.train import Variant, loss_diagnostics
     from transformers import AutoTokenizer
 
     rows = [json.loads(x) for x in (ROOT / "data" / "esci_us_subset.jsonl").read_text().splitlines()[:16]]
@@ -129,8 +129,8 @@ def test_guidance_sends_the_encoder_a_real_share_of_the_gradient(encoder_path, e
     gen = torch.Generator().manual_seed(0)
     vecs = F.normalize(torch.randn(len(pairs), 3, 384, generator=gen), dim=-1).numpy()
     targets = {(p["pair_id"], k): vecs[i, j] for i, p in enumerate(pairs) for j, k in enumerate(PERSP)}
-    data = build_examples(pairs, LABELS, PERSP, targets, target_dim=384)
-    b = _batches(data, list(range(len(pairs))), AutoTokenizer.from_pretrained(encoder_path), 64, "cpu")
+    data = examples_table(pairs, LABELS, PERSP, targets, target_dim=384)
+    b = Collator(AutoTokenizer.from_pretrained(encoder_path), 64, len(LABELS), len(PERSP), len(pairs), sort=False)(data)[0]
     m = student(encoder_path, extractor, mode, target_dim=384)
     diag = loss_diagnostics(m, b, Variant("x", "lrkd", extractor, mode, lam=0.1), "l2")
     assert diag["grad_ratio"] >= 0.05, diag

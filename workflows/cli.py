@@ -70,6 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
                        ("distill", "LRKD: teacher rationale targets, then every student variant side by side"),
                        ("ablate", "student ablation: extractor x mode x lambda -> ablation.csv/.md/.png")):
         _with_config(sub, name, text)
+    sc = sub.add_parser("score", help="score a pair file with a trained student on Ray Data workers -> Parquet parts (+ metrics when labelled)")
+    sc.add_argument("pairs", help="pairs to score: any file `prepare` reads (labelled or not)")
+    sc.add_argument("--student", required=True, help="a student folder, or a run dir (its best LRKD student on validation)")
+    sc.add_argument("--output", required=True, help="the output Parquet folder (resumable: a rerun scores only what is missing)")
+    sc.add_argument("--config", default=None, help="run config whose data mapping, joins, filter, labels and distill.score to use")
+    sc.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    sc.add_argument("--no-progress", action="store_true", help="no progress bar")
     e = _with_config(sub, "eval", "evaluate a trained student folder on the test split")
     e.add_argument("--student", required=True, help="a student folder (student_config.json + model.safetensors)")
     sv = sub.add_parser("serve", help="serve a trained student over HTTP on Ray Serve")
@@ -103,6 +110,20 @@ def main(argv: list[str] | None = None) -> int:
             return _serve(args)
         if args.command == "export":
             return _export(args)
+        if args.command == "score":
+            from workflows.student_stages import score_file
+
+            cfg = load_config(args.config, args.overrides) if args.config else None
+            if args.overrides and not args.config:
+                print("thinkbroad: error: --set needs --config (the config it overrides)", file=sys.stderr)
+                return 2
+            try:
+                metrics = score_file(args.pairs, args.student, args.output, cfg, progress=not args.no_progress)
+            except FileNotFoundError as exc:  # not a student folder or run dir
+                print(f"thinkbroad: error: {exc}", file=sys.stderr)
+                return 2
+            print(json.dumps(metrics, indent=2))
+            return 0
         from workflows import stages
 
         cfg = load_config(args.config, args.overrides)

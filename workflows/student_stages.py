@@ -1,6 +1,11 @@
 """Student stages: distillation targets (teacher rationales -> frozen embeddings, with an informativeness probe),
 LRKD training of every variant side by side, evaluation (test once, validation for selection and latent
-fidelity), paired verdicts against lambda = 0, and the ablation sweep."""
+fidelity), paired verdicts against lambda = 0, and the ablation sweep.
+
+At scale: targets are a Parquet folder of one row per (pair, perspective) that has one; the examples each student
+streams are built from the splits and the targets with Ray Data (student/examples.py) and handed to Ray Train as
+datasets; validation and test are scored by an actor pool (student/score.py). The driver holds paths, counts
+and metrics."""
 from __future__ import annotations
 
 import csv
@@ -14,13 +19,14 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from mpcot.generate import expand_tasks, run_generation, write_parquet_atomic
+from mpcot.generate import PairSource, TaskPlan, run_generation, write_parquet_atomic
 from student.config import DistillConfig
-from student.data import build_examples
-from student.evaluate import aggregate, evaluate, latent_fidelity, paired_bootstrap
-from student.train import TRAINED, Variant, predict
+from student.evaluate import aggregate, paired_bootstrap
+from student.examples import batches, keep_mask
+from student.train import TRAINED, Variant
 from workflows.artifacts import (fingerprint, invalidate, is_fresh, start_attempt, write_json_atomic, write_manifest,
                                  write_text_atomic)
 from workflows.config import RunConfig
@@ -72,28 +78,45 @@ def stratified_sample(table: pa.Table, n: int | None, seed: int) -> pa.Table:
     return table.take(pa.array(np.sort(keep), pa.int64()))
 
 
-def target_pairs(cfg: RunConfig, paths: dict[str, Path]) -> dict[str, pa.Table]:
-    """The train pairs that get targets (for the guidance term) and the val pairs that get them (for latent
-    fidelity only), each a stratified sample."""
+def _sample_ids(path: Path, n: int | None, seed: int) -> pa.Array | None:
+    """The pair ids of a stratified sample of n pairs of a split (only pair_id and label are read); None = all."""
+    if n is None or n >= pq.ParquetFile(path).metadata.num_rows:
+        return None
+    return stratified_sample(pq.read_table(path, columns=["pair_id", "label"]), n, seed).column("pair_id")
+
+
+def target_pairs(cfg: RunConfig, paths: dict[str, Path]) -> dict[str, pa.Array | None]:
+    """The ids of the train pairs that get targets (for the guidance term) and of the val pairs that get them (for
+    latent fidelity only), each a stratified sample; None where every pair of the split does."""
     d = cfg.distill
-    return {"train": stratified_sample(pq.read_table(paths["train"]), d.max_target_pairs, cfg.seed),
-            "val": stratified_sample(pq.read_table(paths["val"]), d.fidelity_pairs, cfg.seed + 1)}
+    return {"train": _sample_ids(paths["train"], d.max_target_pairs, cfg.seed),
+            "val": _sample_ids(paths["val"], d.fidelity_pairs, cfg.seed + 1)}
+
+
+def _sampled_pairs(path: Path, ids: pa.Array | None, out: Path) -> Path:
+    """The split file itself when every pair is wanted, else its sampled pairs written to `out` (read in batches)."""
+    if ids is None:
+        return path
+    write_parquet_atomic(pa.concat_tables([b.filter(pc.is_in(b.column("pair_id"), value_set=ids)) for b in batches(path)]), out)
+    return out
 
 
 def targets(cfg: RunConfig, run_dir: Path, source: str | None = None, teacher: str | None = None) -> Path:
-    """RUN_DIR/student/targets/<source>[-<teacher>teacher]/targets.parquet: one row per (pair, perspective) of the
-    sampled train and val pairs: the rationale, its labels and flags, and its L2-normalised embedding.
+    """RUN_DIR/student/targets/<source>[-<teacher>teacher]/targets.parquet/ (a Parquet folder): one row per
+    (pair, perspective) of the sampled train and val pairs: the rationale, its labels and flags, and its
+    L2-normalised embedding (`embedding`, fixed_size_list<float32>[D]).
 
     teacher / gold_conditioned: the teacher (`distill.teacher`, or `teacher` for the ablation) writes one greedy
     rationale per perspective, told the gold label when gold_conditioned; label_text: every perspective's target is
-    the embedding of the gold label's description. The manifest holds the informativeness probe.
+    the embedding of the gold label's description (the label texts are embedded once). The manifest holds the
+    informativeness probe.
     """
     d: DistillConfig = cfg.distill
     source, teacher = source or d.target_source, teacher or d.teacher
     llm = source != "label_text"
     out = run_dir / "student" / "targets" / (source + (_teacher_tag(cfg, teacher) if llm else ""))
+    path = out / "targets.parquet"
     split_paths = prepare(cfg, run_dir)
-    pairs = target_pairs(cfg, split_paths)
     teacher_path, teacher_name = _teacher_model(cfg, run_dir, teacher) if llm else ("", "")
     key = targets_key(cfg, teacher if llm else "", source)
     inputs = {"train": fingerprint(split_paths["train"]), "val": fingerprint(split_paths["val"])}
@@ -101,69 +124,116 @@ def targets(cfg: RunConfig, run_dir: Path, source: str | None = None, teacher: s
         inputs["teacher"] = fingerprint(teacher_path)
     if is_fresh(out, key, inputs):
         log(f"targets [{source}]: up to date ({out})")
-        return out / "targets.parquet"
+        return path
     invalidate(out)
     t0 = time.time()
     ensure_ray()
+    ids = target_pairs(cfg, split_paths)
     if llm:
-        rationales = _teacher_rationales(cfg, pairs, out, key, source, teacher_path, teacher_name)
+        rows = _teacher_rationales(cfg, split_paths, ids, out, key, source, teacher_path, teacher_name)
     else:
-        rationales = _label_text_rows(cfg, pairs)
-    table = _embed(cfg, rationales)
-    path = out / "targets.parquet"
-    write_parquet_atomic(table, path)
-    probe = informativeness(table, [p.name for p in cfg.perspectives], d.target_filter)
+        rows = _label_text_rows(cfg, split_paths, ids)
+    n = _embed(cfg, rows, path)
+    probe = _remote(informativeness)(str(path), [p.name for p in cfg.perspectives], d.target_filter)
     write_json_atomic(probe, out / "probe.json")
-    write_manifest(out, "targets", key, inputs, t0, rows=table.num_rows, source=source, teacher=teacher_name or None,
-                   embedder=d.embedder, pairs={s: t.num_rows for s, t in pairs.items()}, probe=probe)
+    counts = {s: len(ids[s]) if ids[s] is not None else pq.ParquetFile(split_paths[s]).metadata.num_rows for s in ("train", "val")}
+    write_manifest(out, "targets", key, inputs, t0, rows=n, source=source, teacher=teacher_name or None,
+                   embedder=d.embedder, pairs=counts, probe=probe)
     shutil.rmtree(out / "parts", ignore_errors=True)
-    log(f"targets [{source}]: {table.num_rows} rationale embeddings ({d.embedder}) -> {path}")
+    shutil.rmtree(out / "rationales.parquet", ignore_errors=True)
+    for split in ("train", "val"):
+        (out / f"pairs-{split}.parquet").unlink(missing_ok=True)
+    log(f"targets [{source}]: {n} rationale embeddings ({d.embedder}) -> {path}")
     log(f"targets [{source}]: probe (5-fold logistic regression, embeddings -> gold label, macro-F1 vs majority): "
         + ", ".join(f"{k} {v['macro_f1']:.2f} vs {v['majority_macro_f1']:.2f}" if "macro_f1" in v else f"{k}: {v['note']}"
                     for k, v in probe.items()))
     return path
 
 
-def _teacher_rationales(cfg: RunConfig, pairs: dict[str, pa.Table], out: Path, key: str, source: str,
-                        teacher_path: str, teacher_name: str) -> pa.Table:
-    tasks = pa.concat_tables([expand_tasks(t, cfg.perspectives, 1, split) for split, t in pairs.items()])
+def _remote(fn):
+    """Run `fn` as a Ray task (heavy passes over targets stay off the driver); returns a caller that waits."""
+    import ray
+
+    task = ray.remote(num_cpus=1)(fn)
+    return lambda *args, **kwargs: ray.get(task.remote(*args, **kwargs))
+
+
+def _teacher_rationales(cfg: RunConfig, split_paths: dict[str, Path], ids: dict, out: Path, key: str, source: str,
+                        teacher_path: str, teacher_name: str):
+    """The teacher's rationales for the sampled pairs (a Ray Dataset with TARGET_COLUMNS)."""
+    import ray
+
+    sources = {s: _sampled_pairs(split_paths[s], ids[s], out / f"pairs-{s}.parquet") for s in ("train", "val")}
+    tasks = TaskPlan(tuple(PairSource(s, str(p)) for s, p in sources.items()), tuple(p.name for p in cfg.perspectives), 1)
+    pairs = dict(zip(sources, tasks.pair_counts()))
     gen = cfg.generation.model_copy(update={"temperature": 0.0, "samples_per_prompt": 1})
     spec = dataclasses.replace(judge_spec(cfg, teacher_path, teacher_name, cfg.perspectives, gen),
                                gold_hint=source == "gold_conditioned")
-    log(f"targets [{source}]: {teacher_name} teacher writes {tasks.num_rows} rationales ({pairs['train'].num_rows} train + "
-        f"{pairs['val'].num_rows} val pairs x {len(cfg.perspectives)} perspectives"
+    log(f"targets [{source}]: {teacher_name} teacher writes {tasks.num_tasks()} rationales ({pairs['train']} train + "
+        f"{pairs['val']} val pairs x {len(cfg.perspectives)} perspectives"
         + ("; told the gold label" if spec.gold_hint else "") + ")")
     start_attempt(out / "parts", key, "targets")
     res = run_generation(tasks, out, spec, gen)
-    return pq.read_table(res.rationales_path, columns=TARGET_COLUMNS)
+    return ray.data.read_parquet(str(Path(res.rationales_path).resolve()), columns=TARGET_COLUMNS)
 
 
-def _label_text_rows(cfg: RunConfig, pairs: dict[str, pa.Table]) -> pa.Table:
-    """The control target: '<title>: <description>' of the pair's gold label, the same for every perspective."""
-    text = {lab.name: f"{lab.title}: {lab.description}" if lab.description else lab.title for lab in cfg.labels}
-    rows = [{"pair_id": p["pair_id"], "perspective": k.name, "split": split, "rationale": text[p["label"]],
-             "predicted_label": p["label"], "gold_label": p["label"], "parse_ok": True, "correct": True}
-            for split, t in pairs.items() for p in t.to_pylist() for k in cfg.perspectives]
-    log(f"targets [label_text]: gold label descriptions for {len(rows)} (pair, perspective) rows, no LLM")
-    return pa.Table.from_pylist(rows)
+def _label_text_batch(batch: pa.Table, split: str, perspectives: list[str], text: dict[str, str]) -> pa.Table:
+    """A batch of pairs (pair_id, label) -> their (pair, perspective) rows with the gold label's text as rationale."""
+    k = len(perspectives)
+    n = batch.num_rows
+    labels = np.repeat(np.asarray(batch.column("label").to_pylist(), dtype=object), k)
+    return pa.table({
+        "pair_id": pa.array(np.repeat(np.asarray(batch.column("pair_id").to_pylist(), dtype=object), k), pa.string()),
+        "perspective": pa.array(perspectives * n, pa.string()), "split": pa.array([split] * (n * k), pa.string()),
+        "rationale": pa.array([text[lab] for lab in labels], pa.string()),
+        "predicted_label": pa.array(labels, pa.string()), "gold_label": pa.array(labels, pa.string()),
+        "parse_ok": pa.array(np.ones(n * k, bool)), "correct": pa.array(np.ones(n * k, bool)),
+    })
 
 
-def _embed(cfg: RunConfig, rationales: pa.Table) -> pa.Table:
-    """Adds the frozen embedder's vector of each rationale (Ray Data actor; unparsed rows embed as empty text)."""
+def _label_text_rows(cfg: RunConfig, split_paths: dict[str, Path], ids: dict):
+    """The control target: '<title>: <description>' of the pair's gold label, the same for every perspective, for
+    the sampled pairs (a Ray Dataset with TARGET_COLUMNS; no LLM)."""
     import ray
 
-    from student.embed import RationaleEmbedder
+    text = {lab.name: f"{lab.title}: {lab.description}" if lab.description else lab.title for lab in cfg.labels}
+    persp = [p.name for p in cfg.perspectives]
+    parts = []
+    for split in ("train", "val"):
+        ds = ray.data.read_parquet(str(split_paths[split].resolve()), columns=["pair_id", "label"])
+        if ids[split] is not None:
+            ref = ray.put(ids[split])
+            ds = ds.map_batches(_in_sample, fn_kwargs={"ids_ref": ref}, batch_format="pyarrow")
+        parts.append(ds.map_batches(_label_text_batch, fn_kwargs={"split": split, "perspectives": persp, "text": text},
+                                    batch_format="pyarrow"))
+    log(f"targets [label_text]: gold label descriptions as every (pair, perspective)'s rationale, no LLM")
+    return parts[0].union(parts[1])
+
+
+def _in_sample(batch: pa.Table, ids_ref) -> pa.Table:
+    import ray
+
+    return batch.filter(pc.is_in(batch.column("pair_id"), value_set=ray.get(ids_ref)))
+
+
+def _embed(cfg: RunConfig, rows, path: Path) -> int:
+    """Adds the frozen embedder's vector of each rationale (a Ray Data actor pool; each distinct text of a batch is
+    embedded once) and writes the Parquet folder `path`. Returns its rows."""
+    import ray
+
+    from student.embed import RationaleEmbedder, embedder_placement
 
     d = cfg.distill
-    blocks = [rationales.slice(i, d.embed_batch_size) for i in range(0, rationales.num_rows, d.embed_batch_size)]
-    embedded = ray.data.from_arrow(blocks).map_batches(
+    tmp = path.with_name(f".{path.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    actors, resources = embedder_placement(ray.cluster_resources().get("GPU", 0))
+    rows.map_batches(
         RationaleEmbedder, fn_constructor_kwargs={"encoder_path": resolve_model(d.embedder), "pooling": d.embed_pooling},
-        batch_size=d.embed_batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=1), num_cpus=1,
-    )
-    emb = pa.concat_tables(list(embedded.iter_batches(batch_size=None, batch_format="pyarrow")))
-    by_key = {(p, k): i for i, (p, k) in enumerate(zip(emb.column("pair_id").to_pylist(), emb.column("perspective").to_pylist()))}
-    order = [by_key[(p, k)] for p, k in zip(rationales.column("pair_id").to_pylist(), rationales.column("perspective").to_pylist())]
-    return rationales.append_column("embedding", emb.column("embedding").take(pa.array(order, pa.int64())))
+        batch_size=d.embed_batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=actors), **resources,
+    ).write_parquet(str(tmp.resolve()))
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in path.glob("*.parquet"))
 
 
 def keep_target(row: dict, target_filter: str) -> bool:
@@ -173,27 +243,56 @@ def keep_target(row: dict, target_filter: str) -> bool:
     return bool(row["parse_ok"]) and (target_filter == "parsed" or bool(row["correct"]))
 
 
-def informativeness(table: pa.Table, perspectives: list[str], target_filter: str, folds: int = 5) -> dict:
+PROBE_ROWS = 20_000  # per perspective: a seeded uniform sample beyond this (the fit is what costs, not the rows)
+
+
+def informativeness(table, perspectives: list[str], target_filter: str, folds: int = 5, max_rows: int = PROBE_ROWS) -> dict:
     """Per perspective, on the train rows the filter keeps: macro-F1 of a 5-fold cross-validated logistic
     regression from the rationale embedding to the gold label, against always answering the majority label.
-    A probe no better than the majority says the targets cannot teach the label, whatever else they carry."""
+    A probe no better than the majority says the targets cannot teach the label, whatever else they carry.
+
+    table: the targets (a pa.Table or a Parquet file/folder, read in batches); beyond `max_rows` kept rows per
+    perspective a seeded uniform sample of that many is probed (`probed` says how many)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import f1_score
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
-    rows = [r for r in table.to_pylist() if r["split"] == "train" and keep_target(r, target_filter)]
+    rng = np.random.default_rng(0)
+    kept: dict[str, list] = {name: [] for name in perspectives}
+    seen = dict.fromkeys(perspectives, 0)
+    source = [table] if isinstance(table, pa.Table) else batches(table, ["perspective", "split", "gold_label", "embedding", "parse_ok", "correct"])
+    for b in source:
+        b = b.filter(pc.equal(b.column("split"), "train"))
+        b = b.filter(pa.array(keep_mask(b, target_filter)))
+        for name in perspectives:
+            mine = b.filter(pc.equal(b.column("perspective"), name))
+            if not mine.num_rows:
+                continue
+            # reservoir by random keys: keep the max_rows smallest keys seen so far
+            keys = rng.random(mine.num_rows)
+            kept[name].append(mine.select(["gold_label", "embedding"]).append_column("key", pa.array(keys)))
+            seen[name] += mine.num_rows
+            merged = pa.concat_tables(kept[name])
+            if merged.num_rows > 2 * max_rows:
+                kept[name] = [merged.take(pc.sort_indices(merged, [("key", "ascending")])[:max_rows])]
     out = {}
     for name in perspectives:
-        mine = [r for r in rows if r["perspective"] == name]
-        y = np.asarray([r["gold_label"] for r in mine])
+        merged = pa.concat_tables(kept[name]) if kept[name] else None
+        if merged is not None and merged.num_rows > max_rows:
+            merged = merged.take(pc.sort_indices(merged, [("key", "ascending")])[:max_rows])
+        y = np.asarray(merged.column("gold_label").to_pylist()) if merged is not None else np.array([])
         classes, counts = np.unique(y, return_counts=True) if len(y) else (np.array([]), np.array([]))
-        result = {"rows": len(mine), "label_counts": dict(zip(classes.tolist(), counts.tolist()))}
+        result = {"rows": seen[name], "label_counts": dict(zip(classes.tolist(), counts.tolist()))}
+        if seen[name] > len(y):
+            result["probed"] = int(len(y))
         usable = classes[counts >= 2]
         if len(usable) < 2:
             out[name] = result | {"note": "fewer than two labels with two rows each: nothing to probe"}
             continue
         keep = np.isin(y, usable)
-        x, y = np.asarray([r["embedding"] for r, k in zip(mine, keep) if k], dtype=np.float32), y[keep]
+        emb = merged.column("embedding").combine_chunks()
+        x = emb.flatten().to_numpy(zero_copy_only=False).reshape(len(emb), -1).astype(np.float32)[keep]
+        y = y[keep]
         k = int(min(folds, np.unique(y, return_counts=True)[1].min()))
         pred = cross_val_predict(LogisticRegression(max_iter=2000, class_weight="balanced"), x, y,
                                  cv=StratifiedKFold(k, shuffle=True, random_state=0))
@@ -204,66 +303,101 @@ def informativeness(table: pa.Table, perspectives: list[str], target_filter: str
 
 
 class StudentData:
-    """The train/val/test example dicts each variant trains on, built once per target source."""
+    """The examples every variant streams, built once per (kind, target source) under RUN_DIR/student/examples/ with
+    Ray Data, and the small facts about them training needs (centroids, label counts, rows, the probe batch).
+
+    kinds: plain (pairs only: vanilla and lambda = 0 students), targets:<source> (pairs + that source's rationale
+    embeddings: LRKD with lambda > 0; validation keeps the sampled fidelity targets), votes (pairs + the
+    teacher's answers: logit-KD)."""
 
     def __init__(self, cfg: RunConfig, run_dir: Path, teacher: str | None = None):
         self.cfg, self.run_dir, self.teacher = cfg, run_dir, teacher
         self.paths = prepare(cfg, run_dir)
-        self.splits = {s: pq.read_table(self.paths[s]).to_pylist() for s in ("train", "val", "test")}
         self.codes = [lab.name for lab in cfg.labels]
         self.persp = [p.name for p in cfg.perspectives]
-        self._built: dict = {}
         self._paths: dict[str, Path] = {}
+        self._built: dict[str, "StudentDataset"] = {}  # noqa: F821
 
     def target_path(self, source: str) -> Path:
         if source not in self._paths:
             self._paths[source] = targets(self.cfg, self.run_dir, source, self.teacher)
         return self._paths[source]
 
-    def rows(self, source: str) -> list[dict]:
-        return pq.read_table(self.target_path(source)).to_pylist()
+    def key(self, v: Variant) -> str:
+        """Which examples `v` trains on."""
+        if v.kind == "logit_kd":
+            return "votes"
+        if v.kind == "lrkd" and v.lam > 0:
+            return f"targets:{v.target_source or self.cfg.distill.target_source}"
+        return "plain"
 
-    def examples(self, source: str) -> tuple[dict, dict, dict, list]:
-        """train (targets after the filter, teacher votes), val (targets for fidelity only), test (labels only),
-        and the per-perspective centroids of the train targets (the attribution reference at inference)."""
-        if source in self._built:
-            return self._built[source]
-        rows = self.rows(source)
-        kept = [r for r in rows if keep_target(r, self.cfg.distill.target_filter)]
-        dim = len(rows[0]["embedding"])
-        vecs = {s: {(r["pair_id"], r["perspective"]): np.asarray(r["embedding"], dtype=np.float32) for r in kept if r["split"] == s}
-                for s in ("train", "val")}
-        # the logit-KD baseline reads what the teacher answered, right or wrong
-        teacher_rows = rows if source == "teacher" else self.rows("teacher")
-        votes = {(r["pair_id"], r["perspective"]): r["predicted_label"] for r in teacher_rows if r["split"] == "train" and r["parse_ok"]}
-        train = build_examples(self.splits["train"], self.codes, self.persp, vecs["train"], votes, dim)
-        val = build_examples(self.splits["val"], self.codes, self.persp, vecs["val"], None, dim)
-        test = build_examples(self.splits["test"], self.codes, self.persp, None, None, dim)
-        centroids = []
-        for k, name in enumerate(self.persp):
-            m = train["target_mask"][:, k] > 0
-            centroids.append(train["targets"][m, k].mean(0).tolist() if m.any() else [0.0] * dim)
-        self._built[source] = (train, val, test, centroids)
-        return self._built[source]
+    def centroids(self, source: str) -> dict:
+        """Per-perspective mean of the kept train targets (and their counts), from the sparse target rows."""
+        from student.examples import target_centroids
 
-    def for_variant(self, v: Variant) -> tuple[dict, dict, dict, list]:
-        """The examples of `v`'s target source, with the targets of perspectives outside `v.target_perspectives`
-        masked out."""
-        train, val, test, centroids = self.examples(v.target_source or self.cfg.distill.target_source)
-        if v.target_perspectives:
-            keep = np.isin(self.persp, v.target_perspectives).astype(np.float32)
-            train = {**train, "target_mask": train["target_mask"] * keep}
-            val = {**val, "target_mask": val["target_mask"] * keep}
-        return train, val, test, centroids
+        path = self.target_path(source)
+        out = path.parent / "centroids.json"
+        fp = fingerprint(path) + self.cfg.distill.target_filter
+        if out.exists() and json.loads(out.read_text()).get("targets") == fp:
+            return json.loads(out.read_text())
+        result = _remote(target_centroids)(str(path), self.persp, self.cfg.distill.target_filter) | {"targets": fp}
+        write_json_atomic(result, out)
+        return result
+
+    def examples(self, kind: str) -> dict:
+        """{"train", "val": Parquet folders, "summary": examples_summary of train (+ "val_summary")}, built once
+        (a manifest keyed on the splits, the targets and the filter)."""
+        from student.examples import SUMMARY, examples_summary, write_examples
+
+        if kind in self._built:
+            return self._built[kind]
+        source = kind.split(":", 1)[1] if kind.startswith("targets:") else "teacher" if kind == "votes" else None
+        tpath = self.target_path(source) if source else None
+        tag = _teacher_tag(self.cfg, self.teacher) if source and source != "label_text" else ""
+        out = self.run_dir / "student" / "examples" / (kind.replace(":", "-") + tag)
+        inputs = {s: fingerprint(self.paths[s]) for s in ("train", "val")} | ({"targets": fingerprint(tpath)} if tpath else {})
+        key = hashlib.sha256(json.dumps([kind, self.cfg.distill.target_filter, self.codes, self.persp,
+                                         self.cfg.distill.train.batch_size]).encode()).hexdigest()[:16]
+        if not is_fresh(out, key, inputs):
+            invalidate(out)
+            t0 = time.time()
+            ensure_ray()
+            rows = {}
+            for split in ("train", "val"):
+                rows[split] = write_examples(self.paths[split], out / split, self.codes, self.persp, split, tpath,
+                                             self.cfg.distill.target_filter, targets=kind.startswith("targets:"),
+                                             votes=kind == "votes")
+                _remote(examples_summary)(str(out / split), self.codes, self.persp, self.cfg.distill.train.batch_size)
+            write_manifest(out, "examples", key, inputs, t0, rows=rows, kind=kind)
+            log(f"examples [{kind}{tag}]: train {rows['train']}, val {rows['val']} pairs -> {out}")
+        self._built[kind] = {"train": out / "train", "val": out / "val", "dir": out,
+                             "summary": json.loads((out / f"train.{SUMMARY}").read_text())}
+        return self._built[kind]
+
+    def for_variant(self, v: Variant):
+        """The StudentData (student/train.py) `v` trains on: its examples, with the configured source's centroids
+        for any LRKD student (attribution at inference)."""
+        from student.examples import PROBE
+        from student.train import StudentData as TrainData
+
+        ex = self.examples(self.key(v))
+        k = len(self.persp)
+        if v.kind == "lrkd":
+            cents = self.centroids(v.target_source or self.cfg.distill.target_source)["centroids"]
+        else:
+            cents = [[0.0]] * k
+        return TrainData(train=str(ex["train"]), val=str(ex["val"]), centroids=cents,
+                         label_counts=ex["summary"]["label_counts"], rows=ex["summary"]["rows"],
+                         target_dim=len(cents[0]), probe=str(ex["dir"] / f"train.{PROBE}"))
 
 
 def train_variants(cfg: RunConfig, run_dir: Path, variants: list[Variant], teacher: str | None = None) -> list[dict]:
     """Train + evaluate each variant/seed (each cached in its own folder); returns [{variant, seed, metrics}].
 
-    The ones not up to date train one after another in one Ray Train worker group, then each is scored: the test
-    split once (with per-pair predictions), `val` (the reloaded best model on validation: what selection uses),
-    `fidelity` (validation pairs) and `diagnostics` (first and last epoch). `teacher`: learn from another teacher's
-    targets than `distill.teacher`; the variant names get a suffix."""
+    The ones not up to date train one after another in one Ray Train worker group, then each is scored on Ray Data
+    workers: the test split once (with per-pair predictions), `val` (the reloaded best model on validation: what
+    selection uses), `fidelity` (validation pairs with targets) and `diagnostics` (first and last epoch).
+    `teacher`: learn from another teacher's targets than `distill.teacher`; the variant names get a suffix."""
     from student.train import StudentJob, train_students
 
     tag = _teacher_tag(cfg, teacher)
@@ -272,8 +406,8 @@ def train_variants(cfg: RunConfig, run_dir: Path, variants: list[Variant], teach
     base_key = cfg.section_hash("labels", "perspectives", "data")
     splits = {s: fingerprint(data.paths[s]) for s in ("train", "val", "test")}
     folder = {id(v): run_dir / "student" / "variants" / f"{v.name}{tag}-seed{v.seed}" for v in variants}
-    # one dataset per (target source, perspectives kept); students that share one share its copy
-    data_key = {id(v): "|".join([v.target_source or cfg.distill.target_source, *(v.target_perspectives or [])]) for v in variants}
+    # one examples table per kind of data (plain, targets of a source, votes); a perspective subset is a mask
+    data_key = {id(v): "|".join([data.key(v), *(v.target_perspectives or [])]) for v in variants}
     todo = []
     for v in variants:
         out = folder[id(v)]
@@ -290,11 +424,7 @@ def train_variants(cfg: RunConfig, run_dir: Path, variants: list[Variant], teach
     if todo:
         ensure_ray()
         t0 = time.time()
-        datasets = {}
-        for v, *_ in todo:
-            if data_key[id(v)] not in datasets:
-                train, val, _, centroids = data.for_variant(v)
-                datasets[data_key[id(v)]] = {"train": train, "val": val, "centroids": centroids}
+        datasets = {data_key[id(v)]: data.for_variant(v) for v, *_ in todo}
         group = hashlib.sha256(json.dumps(sorted((str(o), k) for _, o, k, _ in todo)).encode()).hexdigest()[:12]
         storage = run_dir / "student" / "trainer" / group
         log(f"students: {len(todo)} to train ({sum((o / TRAINED).exists() for _, o, *_ in todo)} already trained), one after "
@@ -303,8 +433,7 @@ def train_variants(cfg: RunConfig, run_dir: Path, variants: list[Variant], teach
                        resolve_model(cfg.distill.backbone), data.codes, data.persp, storage)
         for v, out, key, inputs in todo:
             history = json.loads((out / "history.json").read_text())
-            train, val, test, _ = data.for_variant(v)
-            write_json_atomic(_score(out / "best", train, val, test, data, v, history), out / "eval.json")
+            write_json_atomic(_score(out, data, v, history), out / "eval.json")
             write_manifest(out, "student", key, inputs, t0, epochs=len(history),
                            best_val_macro_f1=max(h["val_macro_f1"] for h in history))
         shutil.rmtree(storage, ignore_errors=True)
@@ -312,24 +441,44 @@ def train_variants(cfg: RunConfig, run_dir: Path, variants: list[Variant], teach
             for v in variants]
 
 
-def _score(best: Path, train: dict, val: dict, test: dict, data: StudentData, v: Variant, history: list[dict]) -> dict:
-    """Test metrics (once), validation metrics of the reloaded model, latent fidelity on validation, diagnostics."""
-    from transformers import AutoTokenizer
+def score_split(cfg: RunConfig, student: Path, source, out_dir: Path, trivial: list | None = None,
+                keep: list[str] | None = None, what: str = "score", order: pa.ChunkedArray | None = None) -> dict:
+    """Score a Parquet split or examples folder with `student` on Ray Data workers into out_dir/part-*.parquet
+    (resuming finished parts) and return its metrics (with fidelity when the rows carry targets and `trivial`;
+    `keep`: the perspectives whose targets count; `order`: pair ids the `predictions` list follows)."""
+    from student.score import gains_of, metrics_from_parts, score_dataset
 
+    ensure_ray()
+    score_dataset(source, student, out_dir, cfg.distill.score, trivial=trivial, progress=False, what=what, keep=keep)
+    persp = [p.name for p in cfg.perspectives]
+    mode = json.loads((student / "student_config.json").read_text())["mode"]
+    return metrics_from_parts(out_dir, [lab.name for lab in cfg.labels], persp, gains_of(cfg.labels), mode=mode,
+                              order=None if order is None else order.combine_chunks())
+
+
+def _score(out: Path, data: StudentData, v: Variant, history: list[dict]) -> dict:
+    """Test metrics (once, in the split's pair order), validation metrics of the reloaded model, latent fidelity on
+    the validation pairs with targets, diagnostics."""
     from student.model import LRKDStudent
 
+    best = out / "best"
     model = LRKDStudent.from_pretrained(best)
-    tok = AutoTokenizer.from_pretrained(best)
-    max_length = model.cfg.max_length
-    metrics = evaluate(model, test, tok, data.codes, data.persp, max_length)
-    val_out = predict(model, val, tok, max_length)
-    val_metrics = evaluate(model, val, tok, data.codes, data.persp, max_length, out=val_out)
-    metrics["val"] = {k: val_metrics[k] for k in ("n", "accuracy", "macro_f1", "per_class_f1")}
+    test_ids = pq.read_table(data.paths["test"], columns=["pair_id"]).column("pair_id")
+    metrics = score_split(data.cfg, best, data.paths["test"], out / "predictions" / "test", what=f"test {v.name}",
+                          order=test_ids)
+    trivial = None
+    val_source = data.examples(data.key(v))["val"]
+    if v.kind == "lrkd" and v.lam > 0:
+        ex = data.examples(data.key(v))
+        cents = data.centroids(v.target_source or data.cfg.distill.target_source)["centroids"]
+        trivial = [ex["summary"]["trivial_average"]] if model.cfg.mode == "average" else cents
+    val = score_split(data.cfg, best, val_source, out / "predictions" / "val", trivial=trivial,
+                      keep=v.target_perspectives, what=f"val {v.name}")
+    metrics["val"] = {k: val[k] for k in ("n", "accuracy", "macro_f1", "per_class_f1", "ranking") if k in val}
     metrics["extractor_params"] = model.extractor_parameters()
     metrics["selected_epoch"] = json.loads((best / "selection.json").read_text())["epoch"]
-    if val_out["projected"] is not None and v.lam > 0:
-        metrics["fidelity"] = latent_fidelity(val_out["projected"], val["targets"], val["target_mask"], train["targets"],
-                                              train["target_mask"], model.cfg.mode, data.persp)
+    if trivial is not None and val.get("fidelity"):
+        metrics["fidelity"] = val["fidelity"]
     diag = [{k[5:]: h[k] for k in h if k.startswith("diag_")} | {"epoch": h["epoch"]} for h in history]
     if any(len(d) > 1 for d in diag):
         metrics["diagnostics"] = {"first_epoch": diag[0], "last_epoch": diag[-1]}
@@ -528,24 +677,100 @@ def _plot(rows: list[dict], path: Path) -> None:
 
 def metrics_table(agg: dict) -> str:
     labels = list(next(iter(agg.values()))["per_class_f1"])
-    head = "| variant | seeds | val macro-F1 | test accuracy | test macro-F1 | " + " | ".join(f"F1 {lab}" for lab in labels) + " |"
-    lines = [head, "|" + "---|" * (5 + len(labels))]
+    head = ("| variant | seeds | val macro-F1 | test accuracy | test macro-F1 | test nDCG@10 | "
+            + " | ".join(f"F1 {lab}" for lab in labels) + " |")
+    lines = [head, "|" + "---|" * (6 + len(labels))]
     for name, s in agg.items():
         cells = " | ".join(f"{s['per_class_f1'][lab]['mean']:.3f}" for lab in labels)
         val = f"{s['val_macro_f1']['mean']:.3f} ± {s['val_macro_f1']['std']:.3f}" if "val_macro_f1" in s else ""
+        ndcg = f"{s['ndcg@10']['mean']:.3f} ± {s['ndcg@10']['std']:.3f}" if "ndcg@10" in s else ""
         lines.append(f"| {name} | {len(s['seeds'])} | {val} | {s['accuracy']['mean']:.3f} ± {s['accuracy']['std']:.3f} | "
-                     f"{s['macro_f1']['mean']:.3f} ± {s['macro_f1']['std']:.3f} | {cells} |")
+                     f"{s['macro_f1']['mean']:.3f} ± {s['macro_f1']['std']:.3f} | {ndcg} | {cells} |")
     return "\n".join(lines)
 
 
 def evaluate_folder(cfg: RunConfig, run_dir: Path, student_dir: str) -> dict:
-    """Metrics of any student folder on the run's test split."""
-    from transformers import AutoTokenizer
-
-    from student.model import LRKDStudent
-
+    """Metrics of any student folder on the run's test split (scored on Ray Data workers; predictions under
+    <student_dir>/predictions/test)."""
     paths = prepare(cfg, run_dir)
-    codes, persp = [lab.name for lab in cfg.labels], [p.name for p in cfg.perspectives]
-    test = build_examples(pq.read_table(paths["test"]).to_pylist(), codes, persp)
-    model = LRKDStudent.from_pretrained(student_dir)
-    return evaluate(model, test, AutoTokenizer.from_pretrained(student_dir), codes, persp, model.cfg.max_length)
+    out = Path(student_dir) / "predictions" / "test"
+    shutil.rmtree(out, ignore_errors=True)  # the folder's weights may have changed since
+    ids = pq.read_table(paths["test"], columns=["pair_id"]).column("pair_id")
+    return score_split(cfg, Path(student_dir), paths["test"], out, what="test", order=ids)
+
+
+def score_file(pairs: str, student_target: str, output: str, cfg: RunConfig | None = None, progress: bool = True) -> dict:
+    """`thinkbroad score`: every pair of `pairs` (any file the reader accepts, labelled or not; the config's column
+    mapping, joins and filter when `cfg` is given) scored by a student folder (or a run dir's best LRKD student)
+    into the Parquet folder `output` (part-*.parquet, resumable). With labels, the metrics (accuracy, macro-F1,
+    nDCG@10) are returned and written to `output/_metrics.json`."""
+    from mpcot.labels import DEFAULT_ESCI_LABELS, Label
+    from serve.launch import find_student
+    from student.score import ScoreConfig, gains_of, metrics_from_parts, score_dataset, write_manifest as write_score_manifest
+    from workflows.config import DataConfig
+    from workflows.data import DataError, input_files, scan_pairs
+
+    student = find_student(student_target)
+    scfg = json.loads((student / "student_config.json").read_text())
+    codes, persp = scfg["labels"], scfg["perspectives"]
+    labels = list(cfg.labels) if cfg else [Label(**lab) for lab in DEFAULT_ESCI_LABELS]
+    if [lab.name for lab in labels] != codes:
+        if cfg:
+            raise DataError(f"the config's labels {[lab.name for lab in labels]} are not the student's {codes} "
+                            f"({student}); score with the config the student was trained with")
+        labels = codes  # not ESCI's: nDCG gains are the linear grades
+    data = cfg.data.model_copy(update={"path": str(pairs)}) if cfg else DataConfig(path=str(pairs))
+    out = Path(output)
+    inputs = {str(f): fingerprint(f) for f in input_files(data)}
+    key = hashlib.sha256(json.dumps([fingerprint(student / "model.safetensors"), data.model_dump(mode="json")],
+                                    sort_keys=True).encode()).hexdigest()[:16]
+    done = out / "_manifest.json"
+    if done.exists() and (m := json.loads(done.read_text())).get("key") == key and m.get("inputs") == inputs:
+        log(f"score: up to date ({out})")
+        return m["metrics"]
+    t0 = time.time()
+    start_attempt(out, key, "score")  # parts of another student or input are discarded
+    done.unlink(missing_ok=True)
+    work = out.parent / f".{out.name}.work"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    if cfg is None and _canonical(Path(pairs)):  # a split `prepare` wrote: read as it is
+        canonical, total = Path(pairs), pq.ParquetFile(pairs).metadata.num_rows
+    else:
+        scan = scan_pairs(data, codes, work, require_labels=False)
+        canonical, total = work / "pairs.parquet", scan.index.num_rows
+        writer = None
+        for b in scan.batches():
+            b = b.select(CANONICAL)
+            writer = writer or pq.ParquetWriter(canonical, b.schema)
+            writer.write_table(b, row_group_size=8192)
+        writer.close()
+    log(f"score: {total} pairs from {pairs} with {student}")
+    ensure_ray()
+    settings = cfg.distill.score if cfg else ScoreConfig()
+    res = score_dataset(canonical, student, out, settings, total=total, progress=progress, what="score")
+    metrics = metrics_from_parts(out, codes, persp, gains_of(labels), mode=scfg["mode"])
+    metrics.pop("predictions", None)
+    write_json_atomic(metrics, out / "_metrics.json")
+    write_score_manifest(out, {"key": key, "inputs": inputs, "student": str(student), "rows": res.rows,
+                               "scored_now": res.scored_now, "reused": res.reused, "seconds": round(time.time() - t0, 2),
+                               "metrics": metrics})
+    shutil.rmtree(work, ignore_errors=True)
+    log(f"score: {res.rows} pairs ({res.scored_now} scored now, {res.reused} resumed) -> {out}"
+        + (f"; accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f}, nDCG@10 "
+           f"{metrics['ranking']['ndcg@10'] if metrics['ranking']['ndcg@10'] is None else round(metrics['ranking']['ndcg@10'], 3)}"
+           if "accuracy" in metrics else " (unlabelled: no metrics)"))
+    return metrics
+
+
+CANONICAL = ["pair_id", "query_id", "query", "title", "attributes", "label"]
+
+
+def _canonical(path: Path) -> bool:
+    """A Parquet file with the columns `prepare` writes (RUN_DIR/data/<split>.parquet)."""
+    if path.suffix.lower() not in (".parquet", ".pq") or not path.is_file():
+        return False
+    try:
+        return set(CANONICAL) <= set(pq.read_schema(path).names)
+    except (OSError, pa.ArrowInvalid):  # not readable as Parquet: the reader reports it
+        return False

@@ -1,0 +1,207 @@
+"""Building the student's examples tables (student/data.py's columns) with Ray Data: a split's pairs, left-joined by
+pair_id with the sparse rationale targets (one row per (pair, perspective) that has one) pivoted to one row per
+pair. Written once per target source as a Parquet folder that every variant, seed and epoch then streams.
+
+Nothing here holds a split in one process: Ray Data reads, shuffles by pair id, joins and writes in blocks.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from student.data import PAIR_COLUMNS, fixed_list, pair_rows
+
+TARGET_READ = ["pair_id", "perspective", "split", "embedding", "predicted_label", "parse_ok", "correct"]
+PROBE = "probe.parquet"
+SUMMARY = "summary.json"
+
+
+def keep_mask(batch: pa.Table, target_filter: str) -> np.ndarray:
+    """correct: the rationale's label is the gold label (the SFT consistency rule); parsed: any parsed answer; all."""
+    if target_filter == "all":
+        return np.ones(batch.num_rows, bool)
+    ok = batch.column("parse_ok").to_numpy(zero_copy_only=False).astype(bool)
+    if target_filter == "parsed":
+        return ok
+    return ok & batch.column("correct").to_numpy(zero_copy_only=False).astype(bool)
+
+
+def _split_rows(batch: pa.Table, split: str) -> pa.Table:
+    return batch.filter(pc.equal(batch.column("split"), split))
+
+
+def _pivot(block: pa.Table, perspectives: list[str], codes: list[str], target_filter: str, targets: bool,
+           votes: bool) -> pa.Table:
+    """All target rows of some pairs (a hash partition: every row of a pair is in it) -> one row per pair:
+    targets (K * D, zeros where the filter kept no rationale), target_mask (K), votes (K, the parsed label index
+    or -1)."""
+    k = len(perspectives)
+    pidx = {p: i for i, p in enumerate(perspectives)}
+    persp = block.column("perspective").to_pylist()
+    rows = np.array([pidx.get(p, -1) for p in persp])
+    block, rows = block.filter(pa.array(rows >= 0)), rows[rows >= 0]
+    ids = block.column("pair_id").combine_chunks()
+    uniq = pc.unique(ids)
+    pos = pc.index_in(ids, value_set=uniq).to_numpy()
+    n = len(uniq)
+    cols = {"pair_id": uniq}
+    if targets:
+        emb = block.column("embedding").combine_chunks()
+        d = emb.type.list_size
+        vecs = emb.flatten().to_numpy(zero_copy_only=False).reshape(-1, d)
+        keep = keep_mask(block, target_filter)
+        tgt, mask = np.zeros((n, k, d), np.float32), np.zeros((n, k), np.float32)
+        tgt[pos[keep], rows[keep]] = vecs[keep]
+        mask[pos[keep], rows[keep]] = 1.0
+        cols |= {"targets": fixed_list(tgt, k * d), "target_mask": fixed_list(mask, k)}
+    if votes:
+        index = {c: i for i, c in enumerate(codes)}
+        ok = block.column("parse_ok").to_numpy(zero_copy_only=False).astype(bool)
+        lab = np.array([index.get(x, -1) if o else -1 for x, o in zip(block.column("predicted_label").to_pylist(), ok)], np.int8)
+        v = np.full((n, k), -1, np.int8)
+        v[pos, rows] = lab
+        cols["votes"] = fixed_list(v, k)
+    return pa.table(cols)
+
+
+def _dense(col: pa.ChunkedArray, width: int, fill, dtype) -> pa.FixedSizeListArray:
+    """A joined fixed_size_list column whose missing rows (pairs without targets: null) become `fill`."""
+    arr = col.combine_chunks()
+    if arr.null_count == 0:
+        return arr
+    values = arr.values.slice(arr.offset * width, len(arr) * width).to_numpy(zero_copy_only=False).astype(dtype).reshape(len(arr), width)
+    values[~arr.is_valid().to_numpy(zero_copy_only=False)] = fill
+    return fixed_list(values, width)
+
+
+def _fill(batch: pa.Table, widths: dict[str, tuple[int, object]]) -> pa.Table:
+    for name, (width, fill) in widths.items():
+        dtype = np.int8 if name == "votes" else np.float32
+        batch = batch.set_column(batch.schema.get_field_index(name), name, _dense(batch.column(name), width, fill, dtype))
+    return batch
+
+
+def _partitions(paths: list[str | Path], target_bytes: int = 64 << 20) -> int:
+    """Hash partitions for a shuffle: about 64 MB of Parquet each, at least 2."""
+    size = sum(f.stat().st_size for p in map(Path, paths) for f in ([p] if p.is_file() else p.rglob("*.parquet")))
+    return max(2, math.ceil(size / target_bytes))
+
+
+def target_dim(targets_path: str | Path) -> int:
+    return pq.read_schema(next(iter(sorted(Path(targets_path).rglob("*.parquet")))) if Path(targets_path).is_dir()
+                          else targets_path).field("embedding").type.list_size
+
+
+def write_examples(split_path: str | Path, out_dir: str | Path, codes: list[str], perspectives: list[str], split: str,
+                   targets_path: str | Path | None = None, target_filter: str = "correct", targets: bool = True,
+                   votes: bool = False) -> int:
+    """`split_path`'s pairs as examples (+ the targets/votes of `targets_path`'s rows of this `split`) -> the
+    Parquet folder `out_dir` (written beside, then renamed). Returns its rows."""
+    import ray
+
+    out_dir = Path(out_dir)
+    ds = ray.data.read_parquet(str(Path(split_path).resolve()), columns=PAIR_COLUMNS).map_batches(
+        pair_rows, fn_kwargs={"codes": codes}, batch_format="pyarrow")
+    if targets_path is not None and (targets or votes):
+        k, d = len(perspectives), target_dim(targets_path)
+        parts = _partitions([split_path, targets_path])
+        rows = ray.data.read_parquet(str(Path(targets_path).resolve()), columns=TARGET_READ if targets else
+                                     [c for c in TARGET_READ if c != "embedding"])
+        per_pair = rows.map_batches(_split_rows, fn_kwargs={"split": split}, batch_format="pyarrow").repartition(
+            parts, keys=["pair_id"]).map_batches(  # as Ray's own map_groups: a whole hash partition per call
+            _pivot, fn_kwargs={"perspectives": perspectives, "codes": codes, "target_filter": target_filter,
+                               "targets": targets, "votes": votes}, batch_size=None, batch_format="pyarrow")
+        ds = ds.join(per_pair, "left_outer", num_partitions=parts, on=("pair_id",))
+        widths = ({"targets": (k * d, 0.0), "target_mask": (k, 0.0)} if targets else {}) | ({"votes": (k, -1)} if votes else {})
+        ds = ds.map_batches(_fill, fn_kwargs={"widths": widths}, batch_format="pyarrow")
+    tmp = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    ds.write_parquet(str(tmp.resolve()))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in out_dir.glob("*.parquet"))
+
+
+def read_parquet(path: str | Path, light: bool = False, concurrency: int | None = None):
+    """ray.data.read_parquet. `light`: for a pipeline whose own workers (training workers, scoring actors) hold
+    every CPU of the machine: the files are listed here rather than by a listing task that would wait for a free
+    CPU, and the read tasks, which only decode Parquet, take no CPU slot of their own (Ray Data's V1 Parquet read)."""
+    import ray
+
+    if not light:
+        return ray.data.read_parquet(str(Path(path).resolve()))
+    ctx = ray.data.DataContext.get_current()
+    v2, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
+    try:
+        return ray.data.read_parquet(str(Path(path).resolve()), ray_remote_args={"num_cpus": 0}, concurrency=concurrency)
+    finally:
+        ctx.use_datasource_v2 = v2
+
+
+def batches(path: str | Path, columns: list[str] | None = None, batch_rows: int = 8192):
+    """Record batches of a Parquet file or folder, a bounded number of rows at a time."""
+    for b in pads.dataset(str(path), format="parquet").to_batches(columns=columns, batch_size=batch_rows):
+        yield pa.Table.from_batches([b])
+
+
+def target_centroids(targets_path: str | Path, perspectives: list[str], target_filter: str, split: str = "train") -> dict:
+    """Per perspective, the mean of the kept `split` targets (the attribution reference at inference, and the trivial
+    fidelity predictor) and their count, in one streaming pass over the sparse target rows."""
+    k, d = len(perspectives), target_dim(targets_path)
+    pidx = {p: i for i, p in enumerate(perspectives)}
+    sums, counts = np.zeros((k, d), np.float64), np.zeros(k, np.int64)
+    for b in batches(targets_path, ["perspective", "split", "embedding", "parse_ok", "correct"]):
+        b = _split_rows(b, split)
+        if not b.num_rows:
+            continue
+        keep = keep_mask(b, target_filter)
+        rows = np.array([pidx.get(p, -1) for p in b.column("perspective").to_pylist()])
+        keep &= rows >= 0
+        vecs = b.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(-1, d)
+        np.add.at(sums, rows[keep], vecs[keep])
+        counts += np.bincount(rows[keep], minlength=k)
+    means = np.where(counts[:, None] > 0, sums / np.maximum(counts, 1)[:, None], 0.0)
+    return {"centroids": means.astype(np.float32).tolist(), "counts": counts.tolist()}
+
+
+def examples_summary(examples_dir: str | Path, codes: list[str], perspectives: list[str], probe_rows: int) -> dict:
+    """One streaming pass over an examples folder: rows, pairs per label (class weights), the average-mode trivial
+    predictor (mean over pairs with any target of their mean target), and PROBE: the first `probe_rows` pairs with
+    a target (any pairs when none has one), the guidance diagnostics' fixed batch."""
+    examples_dir = Path(examples_dir)
+    k = len(perspectives)
+    counts, rows, probe, avg_sum, avg_n = np.zeros(len(codes), np.int64), 0, [], None, 0
+    names = pq.read_schema(next(examples_dir.glob("*.parquet"))).names
+    for b in batches(examples_dir):
+        rows += b.num_rows
+        lab = b.column("label").to_numpy()
+        counts += np.bincount(lab[lab >= 0], minlength=len(codes))
+        if "targets" in names:
+            from student.data import column_matrix
+
+            mask = column_matrix(b, "target_mask")
+            has = mask.sum(1) > 0
+            t = column_matrix(b, "targets").reshape(b.num_rows, k, -1)
+            mean = (t * mask[..., None]).sum(1) / np.maximum(mask.sum(1), 1)[:, None]
+            avg_sum = mean[has].sum(0) + (0 if avg_sum is None else avg_sum)
+            avg_n += int(has.sum())
+            if sum(p.num_rows for p in probe) < probe_rows and has.any():
+                probe.append(b.filter(pa.array(has)))
+        elif sum(p.num_rows for p in probe) < probe_rows:
+            probe.append(b)
+    if not probe:  # targets present but none kept: any pairs
+        probe = [next(batches(examples_dir))]
+    pq.write_table(pa.concat_tables(probe).slice(0, probe_rows), examples_dir.parent / f"{examples_dir.name}.{PROBE}")
+    trivial_avg = (avg_sum / max(avg_n, 1)).astype(np.float32).tolist() if avg_sum is not None else None
+    summary = {"rows": rows, "label_counts": counts.tolist(), "trivial_average": trivial_avg, "pairs_with_targets": avg_n}
+    (examples_dir.parent / f"{examples_dir.name}.{SUMMARY}").write_text(json.dumps(summary))
+    return summary

@@ -1,0 +1,245 @@
+"""Scoring pairs with a trained student on Ray Data workers: an actor pool holds the student (a GPU each when the
+cluster has GPUs), the driver only writes the small per-pair results as Parquet parts and reads metrics back.
+
+Output rows (one per pair): pair_id, query_id, gold (the pair's label, null when unlabelled), label (predicted),
+probabilities (fixed_size_list<float32>[C], in label order), score (expected relevance on the ordered labels,
+best = 1: what a search ranking sorts by), dominant_perspective (the perspective whose centroid the latent is
+closest to; null for a student without an extractor). With teacher targets in the input (validation), also
+student_cos / trivial_cos / has_target (fixed lists, one per projection head): latent fidelity, per pair.
+
+Resume: every finished part is kept; a rerun scores only the pairs no part holds (their ids are read, nothing else).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, Field
+
+PART_ROWS = 50_000  # rows per written part: a kill loses at most this much scoring
+
+
+class ScoreConfig(BaseModel):
+    """How pairs are scored (distill's validation/test scoring and `thinkbroad score`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    actors: int | None = Field(None, ge=1, description="scoring actors; null = one per GPU, else one per "
+                               "`cpus_per_actor` CPUs of the cluster")
+    cpus_per_actor: int = Field(1, ge=1, description="CPU scoring: cores (threads) per actor")
+    batch_size: int = Field(256, ge=1, description="pairs per Ray Data batch (each actor sorts a batch by length)")
+    accelerator: str = Field("auto", pattern="^(auto|cpu|gpu)$")
+
+
+def placement(score: ScoreConfig, resources: dict) -> tuple[int, dict, bool]:
+    """(actors, ray remote args of each, light reads) for the scoring pool: one GPU per actor where the cluster has
+    GPUs (and accelerator allows; the reads use the node's CPUs), else `cpus_per_actor` CPUs each, all the
+    cluster's CPUs, with reads that take no CPU slot (student.examples.read_parquet). The one place that tells GPU
+    scoring from CPU scoring."""
+    gpus = resources.get("GPU", 0) if score.accelerator != "cpu" else 0
+    if score.accelerator == "gpu" and not gpus:
+        raise RuntimeError("distill.score.accelerator is gpu but the Ray cluster has no GPUs; set it to auto or cpu")
+    if gpus:
+        return score.actors or max(1, int(gpus)), {"num_gpus": 1, "num_cpus": 1}, False
+    cpus = max(1, int(resources.get("CPU", 1)))
+    return min(score.actors or cpus // score.cpus_per_actor, cpus) or 1, {"num_cpus": score.cpus_per_actor}, True
+
+
+class StudentPredictor:
+    """A Ray Data actor: holds a student folder's model (fp32; on its GPU when it has one) and scores batches of
+    canonical pairs (workflows/data.py's columns) or examples rows (student/data.py's; with targets, fidelity too).
+
+    trivial: the trivial predictor's answer per projection head (evaluate.trivial_targets), for fidelity."""
+
+    def __init__(self, student_dir: str, batch_size: int = 64, trivial: list | None = None, keep: list[str] | None = None):
+        import torch
+        from transformers import AutoTokenizer
+
+        from student.model import LRKDStudent
+
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model = LRKDStudent.from_pretrained(student_dir, device=self.device)
+        self.tok = AutoTokenizer.from_pretrained(student_dir)
+        self.cfg = self.model.cfg
+        self.batch_size = batch_size
+        self.trivial = None if trivial is None else np.asarray(trivial, np.float32)
+        from student.train import perspective_mask
+
+        self.keep = perspective_mask(keep, self.cfg.perspectives)  # the targets a single-perspective variant read
+        n = len(self.cfg.labels)
+        self.grades = np.array([1 - i / max(n - 1, 1) for i in range(n)], np.float32)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from student.data import column_matrix, fixed_list, pair_rows
+        from student.evaluate import fidelity_rows
+        from student.train import predict
+
+        if "product" not in batch.column_names:
+            batch = pair_rows(batch, self.cfg.labels)
+        out = predict(self.model, batch, self.tok, self.cfg.max_length, self.batch_size, self.device)
+        probs = out["probs"].numpy()
+        labels, persp = np.array(self.cfg.labels, dtype=object), self.cfg.perspectives
+        gold = batch.column("label").to_numpy()
+        cols = {
+            "pair_id": batch.column("pair_id"), "query_id": batch.column("query_id"),
+            "gold": pa.array([labels[g] if g >= 0 else None for g in gold], pa.string()),
+            "label": pa.array(labels[probs.argmax(-1)].tolist(), pa.string()),
+            "probabilities": fixed_list(probs.astype(np.float32), probs.shape[1]),
+            "score": pa.array(probs @ self.grades, pa.float32()),
+            "dominant_perspective": pa.array([persp[i] for i in out["perspective_scores"].argmax(-1).tolist()]
+                                             if out["perspective_scores"] is not None else [None] * batch.num_rows, pa.string()),
+        }
+        if self.trivial is not None and out["projected"] is not None and "targets" in batch.column_names:
+            k = len(persp)
+            targets = column_matrix(batch, "targets").reshape(batch.num_rows, k, -1)
+            mask = column_matrix(batch, "target_mask") * self.keep
+            s, t, has = fidelity_rows(out["projected"].numpy(), targets, mask, self.trivial, self.cfg.mode)
+            has &= np.linalg.norm(self.trivial, axis=-1)[None, :] > 0
+            heads = s.shape[1]
+            cols |= {"student_cos": fixed_list(s.astype(np.float32), heads), "trivial_cos": fixed_list(t.astype(np.float32), heads),
+                     "has_target": fixed_list(has.astype(np.float32), heads)}
+        return pa.table(cols)
+
+
+@dataclass
+class ScoreResult:
+    path: str
+    rows: int
+    scored_now: int
+    reused: int
+    seconds: float
+
+
+def finished_pair_ids(out_dir: Path) -> pa.Array:
+    """The pair ids every finished part holds (only that column is read)."""
+    parts = sorted(out_dir.glob("part-*.parquet"))
+    if not parts:
+        return pa.array([], pa.string())
+    return pa.concat_arrays([c for p in parts for c in pq.read_table(p, columns=["pair_id"]).column("pair_id").chunks]
+                            or [pa.array([], pa.string())])
+
+
+def _pending(batch: pa.Table, done_ref) -> pa.Table:
+    import ray
+
+    done = ray.get(done_ref)
+    return batch.filter(pc.invert(pc.is_in(batch.column("pair_id"), value_set=done)))
+
+
+def score_dataset(source: str | Path, student_dir: str | Path, out_dir: str | Path, settings: ScoreConfig,
+                  total: int | None = None, trivial: list | None = None, progress: bool = True, what: str = "score",
+                  keep: list[str] | None = None) -> ScoreResult:
+    """Score every row of the Parquet file or folder `source` (canonical pairs or examples rows) into
+    `out_dir/part-*.parquet`, skipping the pairs finished parts already hold. Ray must be initialised."""
+    import ray
+
+    from student.examples import read_parquet
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    actors, remote, light = placement(settings, ray.cluster_resources())
+    ds = read_parquet(source, light, actors)
+    done = finished_pair_ids(out_dir)
+    reused = len(done)
+    if reused:
+        ref = ray.put(done)
+        ds = ds.map_batches(_pending, fn_kwargs={"done_ref": ref}, batch_format="pyarrow", batch_size=None,
+                            **({"num_cpus": 0} if light else {}))
+    scored = ds.map_batches(StudentPredictor, fn_constructor_kwargs={"student_dir": str(Path(student_dir).resolve()),
+                                                                     "trivial": trivial, "keep": keep},
+                            batch_size=settings.batch_size, batch_format="pyarrow",
+                            compute=ray.data.ActorPoolStrategy(size=actors), **remote)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=None if total is None else max(total - reused, 0), desc=f"{what} ({reused} reused)", unit="pair",
+                   dynamic_ncols=True)
+    attempt, pending, n_pending, written, i = uuid.uuid4().hex[:8], [], 0, 0, 0
+    for batch in scored.iter_batches(batch_size=None, batch_format="pyarrow"):
+        pending.append(batch)
+        n_pending += batch.num_rows
+        if bar:
+            bar.update(batch.num_rows)
+        if n_pending >= PART_ROWS:
+            _write_part(pa.concat_tables(pending), out_dir / f"part-{attempt}-{i:05d}.parquet")
+            written, pending, n_pending, i = written + n_pending, [], 0, i + 1
+    if pending:
+        _write_part(pa.concat_tables(pending), out_dir / f"part-{attempt}-{i:05d}.parquet")
+        written += n_pending
+    if bar:
+        bar.close()
+    return ScoreResult(str(out_dir), reused + written, written, reused, time.time() - t0)
+
+
+def _write_part(table: pa.Table, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def gains_of(labels: list) -> dict[str, float]:
+    """Each label's gain in nDCG: its configured `gain`, else the linear grade (best 1, worst 0)."""
+    n = len(labels)
+    out = {}
+    for i, lab in enumerate(labels):
+        gain = getattr(lab, "gain", None)
+        out[getattr(lab, "name", lab)] = float(gain) if gain is not None else 1 - i / max(n - 1, 1)
+    return out
+
+
+def metrics_from_parts(out_dir: str | Path, labels: list[str], perspectives: list[str], gains: dict[str, float],
+                       order: pa.Array | None = None, mode: str | None = None) -> dict:
+    """Accuracy, macro-F1, per-class F1, confusion, attribution, nDCG@10 (ranked by score) and, when the parts have
+    them, latent fidelity, over the labelled pairs of the scored parts. Reads only the small columns.
+
+    order: pair ids; `predictions` then follows that order (the split's), for paired comparisons."""
+    from student.evaluate import classification_metrics, fidelity_summary, ndcg_at_k
+
+    path = Path(out_dir)
+    names = pq.read_schema(next(path.glob("part-*.parquet"))).names if any(path.glob("part-*.parquet")) else []
+    cols = ["pair_id", "query_id", "gold", "label", "score", "dominant_perspective"]
+    fid = [c for c in ("student_cos", "trivial_cos", "has_target") if c in names]
+    t = pq.read_table(path, columns=cols + fid) if names else None
+    if t is None or t.num_rows == 0:
+        return {"n": 0}
+    labelled = t.filter(pc.is_valid(t.column("gold")))
+    result: dict = {"scored": t.num_rows, "unlabelled": t.num_rows - labelled.num_rows}
+    if labelled.num_rows == 0:
+        return result
+    if order is not None:
+        pos = pc.index_in(order, value_set=labelled.column("pair_id"))
+        labelled = labelled.take(pc.drop_null(pos))
+    index = {c: i for i, c in enumerate(labels)}
+    gold = np.array([index[g] for g in labelled.column("gold").to_pylist()])
+    pred = np.array([index[g] for g in labelled.column("label").to_pylist()])
+    pidx = {p: i for i, p in enumerate(perspectives)}
+    dom = labelled.column("dominant_perspective").to_pylist()
+    dominant = np.array([pidx.get(d, -1) if d is not None else -1 for d in dom])
+    result |= classification_metrics(gold, pred, labels, perspectives, dominant)
+    g = np.array([gains[lab] for lab in labelled.column("gold").to_pylist()])
+    result["ranking"] = ndcg_at_k(labelled.column("query_id"), g, labelled.column("score").to_numpy())
+    if fid:
+        from student.data import column_matrix
+
+        has = column_matrix(labelled, "has_target") > 0
+        head_names = ["average"] if mode == "average" else list(perspectives)
+        result["fidelity"] = fidelity_summary(column_matrix(labelled, "student_cos"), column_matrix(labelled, "trivial_cos"),
+                                              has, head_names)
+    return result
+
+
+def write_manifest(out_dir: Path, info: dict) -> None:
+    """`_manifest.json` beside the parts (readers of the Parquet folder skip it)."""
+    tmp = out_dir / f"._manifest.json.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(info, indent=2, default=str) + "\n")
+    os.replace(tmp, out_dir / "_manifest.json")
