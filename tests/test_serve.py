@@ -207,7 +207,7 @@ def load(url: str, seconds: float, threads: int, items: int, stop_at=None) -> li
 def test_a_flood_gets_fast_503s_with_a_reason_and_no_other_error(server, tmp_path_factory):
     url = deploy(server, "flood", tiny_student(tmp_path_factory.mktemp("flood")), latency_budget_ms=20,
                  max_batch_size=16, max_items=20)
-    answers = load(url, seconds=3, threads=8, items=20)
+    answers = load(url, seconds=3, threads=4, items=20)
     statuses = [a[2] for a in answers]
     refused = [a for a in answers if a[2] == 503]
     assert set(statuses) <= {200, 503}, sorted(set(statuses))
