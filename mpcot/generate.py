@@ -694,9 +694,9 @@ def rebuilt_messages(row: dict, perspectives: dict[str, Perspective], labels: li
     return messages
 
 
-_MSG = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))  # TRL's conversational format
 SFT_SCHEMA = pa.schema([("pair_id", pa.string()), ("perspective", pa.string()), ("sample_idx", pa.int32()),
-                        ("label", pa.string()), ("prompt", _MSG), ("completion", _MSG)])
+                        ("label", pa.string()), ("prompt", MESSAGES), ("completion", MESSAGES)])
 _SFT_SOURCE = ["pair_id", "perspective", "sample_idx", "gold_label", "completion", "correct", "query", "title",
                "attributes", "prompt_hash"]
 

@@ -17,6 +17,7 @@ from mpcot.conflicts import (
     rescue_pair,
 )
 from mpcot.generate import (
+    MESSAGES,
     PAIR_COLUMNS,
     PairSource,
     RowBuffer,
@@ -37,8 +38,6 @@ from workflows.config import RunConfig
 from workflows.models import resolve_model
 from workflows.runtime import ensure_ray
 from workflows.stages import generate, judge_spec, log, prepare
-
-_MSG = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
 
 
 def _losses(history: list[dict], key: str) -> list[float]:
@@ -77,9 +76,9 @@ def sft(cfg: RunConfig, run_dir: Path) -> Path:
     return Path(result.model_dir)
 
 
-_PREFERENCE_SCHEMA = pa.schema([("pair_id", pa.string()), ("prompt", _MSG), ("chosen", _MSG), ("rejected", _MSG),
-                                ("chosen_perspective", pa.string()), ("rejected_perspective", pa.string()),
-                                ("source", pa.string())])
+_PREFERENCE_SCHEMA = pa.schema([("pair_id", pa.string()), ("prompt", MESSAGES), ("chosen", MESSAGES),
+                                ("rejected", MESSAGES), ("chosen_perspective", pa.string()),
+                                ("rejected_perspective", pa.string()), ("source", pa.string())])
 _PAIR_SCHEMA = pa.schema([(name, pa.string()) for name in PAIR_COLUMNS])
 _MINING_COLUMNS = ["pair_id", "query_id", "perspective", "sample_idx", "parse_ok", "correct", "completion", "query",
                    "title", "attributes", "gold_label"]
