@@ -113,17 +113,15 @@ def spilled_mib() -> float:
         return 0.0
     from ray._private.internal_api import memory_summary
 
-    m = re.search(r"Spilled (\d+) MiB", memory_summary(stats_only=True))
+    m = re.search(r"Spilled (\d+) MiB", memory_summary(address=ray.get_runtime_context().gcs_address, stats_only=True))
     return float(m.group(1)) if m else 0.0
 
 
 def config_for(data_dir: Path, run_dir: Path, prompts: int):
     """configs/smoke.yaml's tiny models on configs/esci.yaml's data section pointed at the synthetic files."""
-    import yaml
-
     from workflows.config import load_config
 
-    data = yaml.safe_load((ROOT / "configs" / "esci.yaml").read_text())["data"]
+    data = load_config(ROOT / "configs" / "esci.yaml").data.model_dump(mode="json")
     data["path"] = str(data_dir / "shopping_queries_dataset_examples.parquet")
     data["products"]["path"] = str(data_dir / "shopping_queries_dataset_products.parquet")
     sets = [f"data={json.dumps(data)}", f"run_dir={run_dir}", f"generation.max_pairs={max(1, prompts // 3)}",

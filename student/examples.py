@@ -101,34 +101,46 @@ def target_dim(targets_path: str | Path) -> int:
                           else targets_path).field("embedding").type.list_size
 
 
-def write_examples(split_path: str | Path, out_dir: str | Path, codes: list[str], perspectives: list[str], split: str,
+def _tag(batch: pa.Table, codes: list[str], split: str) -> pa.Table:
+    rows = pair_rows(batch, codes)
+    return rows.append_column("split", pa.array([split] * rows.num_rows, pa.string()))
+
+
+def write_examples(split_paths: dict[str, str | Path], out_dir: str | Path, codes: list[str], perspectives: list[str],
                    targets_path: str | Path | None = None, target_filter: str = "correct", targets: bool = True,
-                   votes: bool = False) -> int:
-    """`split_path`'s pairs as examples (+ the targets/votes of `targets_path`'s rows of this `split`) -> the
-    Parquet folder `out_dir` (written beside, then renamed). Returns its rows."""
+                   votes: bool = False) -> dict[str, int]:
+    """Each split's pairs as examples (+ the targets/votes of `targets_path`'s rows of those pairs) -> the Parquet
+    folders `out_dir/<split>/`, in one Ray Data pipeline (one shuffle for all splits; written beside, then renamed).
+    Returns the rows of each split."""
     import ray
 
     out_dir = Path(out_dir)
-    ds = ray.data.read_parquet(str(Path(split_path).resolve()), columns=PAIR_COLUMNS).map_batches(
-        pair_rows, fn_kwargs={"codes": codes}, batch_format="pyarrow")
+    parts = [ray.data.read_parquet(str(Path(p).resolve())).select_columns(PAIR_COLUMNS).map_batches(
+        _tag, fn_kwargs={"codes": codes, "split": split}, batch_format="pyarrow") for split, p in split_paths.items()]
+    ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     if targets_path is not None and (targets or votes):
         k, d = len(perspectives), target_dim(targets_path)
-        parts = _partitions([split_path, targets_path])
-        rows = ray.data.read_parquet(str(Path(targets_path).resolve()), columns=TARGET_READ if targets else
-                                     [c for c in TARGET_READ if c != "embedding"])
-        per_pair = rows.map_batches(_split_rows, fn_kwargs={"split": split}, batch_format="pyarrow").repartition(
-            parts, keys=["pair_id"]).map_batches(  # as Ray's own map_groups: a whole hash partition per call
+        n_parts = _partitions([*split_paths.values(), targets_path])
+        columns = TARGET_READ if targets else [c for c in TARGET_READ if c != "embedding"]
+        per_pair = ray.data.read_parquet(str(Path(targets_path).resolve())).select_columns(columns).repartition(
+            n_parts, keys=["pair_id"]).map_batches(  # as Ray's own map_groups: a whole hash partition per call
             _pivot, fn_kwargs={"perspectives": perspectives, "codes": codes, "target_filter": target_filter,
                                "targets": targets, "votes": votes}, batch_size=None, batch_format="pyarrow")
-        ds = ds.join(per_pair, "left_outer", num_partitions=parts, on=("pair_id",))
+        ds = ds.join(per_pair, "left_outer", num_partitions=n_parts, on=("pair_id",))
         widths = ({"targets": (k * d, 0.0), "target_mask": (k, 0.0)} if targets else {}) | ({"votes": (k, -1)} if votes else {})
         ds = ds.map_batches(_fill, fn_kwargs={"widths": widths}, batch_format="pyarrow")
     tmp = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    ds.write_parquet(str(tmp.resolve()))
+    ds.write_parquet(str(tmp.resolve()), partition_cols=["split"])
+    rows = {}
+    for split in split_paths:
+        folder = tmp / f"split={split}"
+        folder.mkdir(parents=True, exist_ok=True)  # a split with no pairs is an empty folder
+        os.replace(folder, tmp / split)
+        rows[split] = sum(pq.ParquetFile(f).metadata.num_rows for f in (tmp / split).glob("*.parquet"))
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
-    return sum(pq.ParquetFile(f).metadata.num_rows for f in out_dir.glob("*.parquet"))
+    return rows
 
 
 def read_parquet(path: str | Path, light: bool = False, concurrency: int | None = None):

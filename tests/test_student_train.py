@@ -173,8 +173,9 @@ def test_student_trains_on_two_workers_from_ray_data_and_keeps_best(tmp_path, ra
 
 @pytest.mark.ray
 def test_examples_join_sparse_targets_by_pair(tmp_path, ray_local):
-    """The stage's join: pairs of a split left-joined with the sparse (pair, perspective) target rows of that split,
-    one row per pair, each embedding in its perspective's slot, the filter applied, votes from every parsed row."""
+    """The stage's join: the pairs of each split left-joined with the sparse (pair, perspective) target rows, one row
+    per pair, each embedding in its perspective's slot, the filter applied, votes from every parsed row; a split
+    whose pairs have no targets gets zeros."""
     from student.examples import examples_summary, write_examples
 
     pairs = esci(40)
@@ -189,19 +190,22 @@ def test_examples_join_sparse_targets_by_pair(tmp_path, ray_local):
             rows.append({"pair_id": p["pair_id"], "perspective": k, "split": "train", "rationale": "r",
                          "predicted_label": ("E" if correct else "I") if ok else None, "gold_label": p["label"],
                          "parse_ok": ok, "correct": ok and correct, "embedding": rng.normal(size=4).astype(np.float32)})
-    rows.append(dict(rows[0], split="val", embedding=np.ones(4, np.float32)))  # another split's row: ignored
     t = pa.Table.from_pylist(rows)
     t = t.set_column(t.schema.get_field_index("embedding"), "embedding",
                      pa.FixedSizeListArray.from_arrays(pa.array(np.stack([r["embedding"] for r in rows]).reshape(-1)), 4))
     targets = _write(t, tmp_path / "targets.parquet", parts=3)
-    n = write_examples(split, tmp_path / "ex", LABELS, PERSP, "train", targets, "correct", targets=True, votes=True)
-    got = pq.read_table(tmp_path / "ex")
-    assert n == got.num_rows == 40 and len(set(got.column("pair_id").to_pylist())) == 40
+    val_split = _write(pa.Table.from_pylist(esci(5, offset=40)), tmp_path / "val", parts=1) / "0.parquet"
+    n = write_examples({"train": split, "val": val_split}, tmp_path / "ex", LABELS, PERSP, targets, "correct",
+                       targets=True, votes=True)
+    assert n == {"train": 40, "val": 5}
+    got = pq.read_table(tmp_path / "ex" / "train")
+    assert got.num_rows == 40 and len(set(got.column("pair_id").to_pylist())) == 40
+    assert pq.read_table(tmp_path / "ex" / "val").column("target_mask").to_pylist() == [[0.0] * 3] * 5
     tgt = column_matrix(got, "targets").reshape(40, 3, 4)
     mask, votes = column_matrix(got, "target_mask"), column_matrix(got, "votes", np.int64)
     index = {p: i for i, p in enumerate(got.column("pair_id").to_pylist())}
     expect_mask, expect_votes = np.zeros((40, 3)), np.full((40, 3), -1)
-    for r in rows[:-1]:
+    for r in rows:
         i, j = index[r["pair_id"]], PERSP.index(r["perspective"])
         if r["correct"]:
             expect_mask[i, j] = 1
@@ -213,9 +217,9 @@ def test_examples_join_sparse_targets_by_pair(tmp_path, ray_local):
     assert np.all(tgt[mask == 0] == 0)
     labels = {p["pair_id"]: LABELS.index(p["label"]) for p in pairs}
     assert all(labels[p] == y for p, y in zip(got.column("pair_id").to_pylist(), got.column("label").to_pylist()))
-    summary = examples_summary(tmp_path / "ex", LABELS, PERSP, probe_rows=8)
+    summary = examples_summary(tmp_path / "ex" / "train", LABELS, PERSP, probe_rows=8)
     assert summary["rows"] == 40 and summary["pairs_with_targets"] == int((expect_mask.sum(1) > 0).sum())
-    probe = pq.read_table(tmp_path / "ex.probe.parquet")
+    probe = pq.read_table(tmp_path / "ex" / "train.probe.parquet")
     assert probe.num_rows == 8 and (column_matrix(probe, "target_mask").sum(1) > 0).all()
 
 

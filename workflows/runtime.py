@@ -23,7 +23,7 @@ def _init(ray, address: str | None, **kwargs):
         return ray.init(address=address, **kwargs)
     except Exception as exc:
         reason = " ".join(str(exc).split()) or type(exc).__name__
-        if address:
+        if address and address != "local":
             raise RayStartError(f"could not connect to the Ray cluster at {address} ({reason}); check that it is up "
                                 f"(`ray status --address {address}`) and that RAY_ADDRESS and RAY_AUTH_TOKEN are right, "
                                 "then run the same command again") from exc
@@ -53,7 +53,9 @@ def ensure_ray() -> None:
         return
     port = free_port()
     env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-    ctx = _init(ray, None, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
+    # "local": always a new instance of our own; address=None would join a `ray start` cluster running on this
+    # machine (another user's, or a test's) whose CPUs its own work may hold
+    ctx = _init(ray, "local", include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
                 runtime_env={"env_vars": env}, log_to_driver=True, configure_logging=True, logging_level="warning")
     if ctx.dashboard_url:
         print(f"[thinkbroad] Ray dashboard (progress of every stage): http://{ctx.dashboard_url}", flush=True)

@@ -130,10 +130,10 @@ def targets(cfg: RunConfig, run_dir: Path, source: str | None = None, teacher: s
     ensure_ray()
     ids = target_pairs(cfg, split_paths)
     if llm:
-        rows = _teacher_rationales(cfg, split_paths, ids, out, key, source, teacher_path, teacher_name)
+        rows = _embed(cfg, _teacher_rationales(cfg, split_paths, ids, out, key, source, teacher_path, teacher_name))
     else:
         rows = _label_text_rows(cfg, split_paths, ids)
-    n = _embed(cfg, rows, path)
+    n = _write_parquet_folder(rows, path)
     probe = _remote(informativeness)(str(path), [p.name for p in cfg.perspectives], d.target_filter)
     write_json_atomic(probe, out / "probe.json")
     counts = {s: len(ids[s]) if ids[s] is not None else pq.ParquetFile(split_paths[s]).metadata.num_rows for s in ("train", "val")}
@@ -174,39 +174,55 @@ def _teacher_rationales(cfg: RunConfig, split_paths: dict[str, Path], ids: dict,
         + ("; told the gold label" if spec.gold_hint else "") + ")")
     start_attempt(out / "parts", key, "targets")
     res = run_generation(tasks, out, spec, gen)
-    return ray.data.read_parquet(str(Path(res.rationales_path).resolve()), columns=TARGET_COLUMNS)
+    return ray.data.read_parquet(str(Path(res.rationales_path).resolve())).select_columns(TARGET_COLUMNS)
 
 
-def _label_text_batch(batch: pa.Table, split: str, perspectives: list[str], text: dict[str, str]) -> pa.Table:
-    """A batch of pairs (pair_id, label) -> their (pair, perspective) rows with the gold label's text as rationale."""
+def _label_text_batch(batch: pa.Table, split: str, perspectives: list[str], text: dict[str, str],
+                      vectors: dict[str, list]) -> pa.Table:
+    """A batch of pairs (pair_id, label) -> their (pair, perspective) rows with the gold label's text as rationale and
+    that text's embedding."""
     k = len(perspectives)
     n = batch.num_rows
     labels = np.repeat(np.asarray(batch.column("label").to_pylist(), dtype=object), k)
+    dim = len(next(iter(vectors.values())))
+    emb = np.asarray([vectors[lab] for lab in labels], np.float32).reshape(-1) if n else np.zeros(0, np.float32)
     return pa.table({
         "pair_id": pa.array(np.repeat(np.asarray(batch.column("pair_id").to_pylist(), dtype=object), k), pa.string()),
         "perspective": pa.array(perspectives * n, pa.string()), "split": pa.array([split] * (n * k), pa.string()),
         "rationale": pa.array([text[lab] for lab in labels], pa.string()),
         "predicted_label": pa.array(labels, pa.string()), "gold_label": pa.array(labels, pa.string()),
         "parse_ok": pa.array(np.ones(n * k, bool)), "correct": pa.array(np.ones(n * k, bool)),
+        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb), dim),
     })
+
+
+def _embed_texts(encoder_path: str, pooling: str, texts: list[str]) -> list:
+    from student.embed import RationaleEmbedder
+
+    return RationaleEmbedder(encoder_path, pooling=pooling).embed(texts).tolist()
 
 
 def _label_text_rows(cfg: RunConfig, split_paths: dict[str, Path], ids: dict):
     """The control target: '<title>: <description>' of the pair's gold label, the same for every perspective, for
-    the sampled pairs (a Ray Dataset with TARGET_COLUMNS; no LLM)."""
+    the sampled pairs (a Ray Dataset of target rows with their embeddings; no LLM). The label texts are embedded
+    once, in a Ray task."""
     import ray
 
     text = {lab.name: f"{lab.title}: {lab.description}" if lab.description else lab.title for lab in cfg.labels}
+    d = cfg.distill
+    vecs = _remote(_embed_texts)(resolve_model(d.embedder), d.embed_pooling, list(text.values()))
+    vectors = dict(zip(text, vecs))
     persp = [p.name for p in cfg.perspectives]
     parts = []
     for split in ("train", "val"):
-        ds = ray.data.read_parquet(str(split_paths[split].resolve()), columns=["pair_id", "label"])
+        ds = ray.data.read_parquet(str(split_paths[split].resolve())).select_columns(["pair_id", "label"])
         if ids[split] is not None:
             ref = ray.put(ids[split])
             ds = ds.map_batches(_in_sample, fn_kwargs={"ids_ref": ref}, batch_format="pyarrow")
-        parts.append(ds.map_batches(_label_text_batch, fn_kwargs={"split": split, "perspectives": persp, "text": text},
-                                    batch_format="pyarrow"))
-    log(f"targets [label_text]: gold label descriptions as every (pair, perspective)'s rationale, no LLM")
+        parts.append(ds.map_batches(_label_text_batch, fn_kwargs={"split": split, "perspectives": persp, "text": text,
+                                                                  "vectors": vectors}, batch_format="pyarrow"))
+    log(f"targets [label_text]: gold label descriptions as every (pair, perspective)'s rationale, {len(text)} texts "
+        "embedded once, no LLM")
     return parts[0].union(parts[1])
 
 
@@ -216,21 +232,25 @@ def _in_sample(batch: pa.Table, ids_ref) -> pa.Table:
     return batch.filter(pc.is_in(batch.column("pair_id"), value_set=ray.get(ids_ref)))
 
 
-def _embed(cfg: RunConfig, rows, path: Path) -> int:
-    """Adds the frozen embedder's vector of each rationale (a Ray Data actor pool; each distinct text of a batch is
-    embedded once) and writes the Parquet folder `path`. Returns its rows."""
+def _embed(cfg: RunConfig, rows):
+    """The rows with the frozen embedder's vector of each rationale (a Ray Data actor pool; each distinct text of a
+    batch is embedded once)."""
     import ray
 
     from student.embed import RationaleEmbedder, embedder_placement
 
     d = cfg.distill
+    actors, resources = embedder_placement(ray.cluster_resources().get("GPU", 0))
+    return rows.map_batches(
+        RationaleEmbedder, fn_constructor_kwargs={"encoder_path": resolve_model(d.embedder), "pooling": d.embed_pooling},
+        batch_size=d.embed_batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=actors), **resources)
+
+
+def _write_parquet_folder(ds, path: Path) -> int:
+    """Writes a Ray Dataset to the Parquet folder `path` (beside, then renamed). Returns its rows."""
     tmp = path.with_name(f".{path.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    actors, resources = embedder_placement(ray.cluster_resources().get("GPU", 0))
-    rows.map_batches(
-        RationaleEmbedder, fn_constructor_kwargs={"encoder_path": resolve_model(d.embedder), "pooling": d.embed_pooling},
-        batch_size=d.embed_batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=actors), **resources,
-    ).write_parquet(str(tmp.resolve()))
+    ds.write_parquet(str(tmp.resolve()))
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)
     return sum(pq.ParquetFile(f).metadata.num_rows for f in path.glob("*.parquet"))
@@ -362,11 +382,9 @@ class StudentData:
             invalidate(out)
             t0 = time.time()
             ensure_ray()
-            rows = {}
+            rows = write_examples({s: self.paths[s] for s in ("train", "val")}, out, self.codes, self.persp, tpath,
+                                  self.cfg.distill.target_filter, targets=kind.startswith("targets:"), votes=kind == "votes")
             for split in ("train", "val"):
-                rows[split] = write_examples(self.paths[split], out / split, self.codes, self.persp, split, tpath,
-                                             self.cfg.distill.target_filter, targets=kind.startswith("targets:"),
-                                             votes=kind == "votes")
                 _remote(examples_summary)(str(out / split), self.codes, self.persp, self.cfg.distill.train.batch_size)
             write_manifest(out, "examples", key, inputs, t0, rows=rows, kind=kind)
             log(f"examples [{kind}{tag}]: train {rows['train']}, val {rows['val']} pairs -> {out}")
