@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 import uuid
 from dataclasses import dataclass
@@ -107,6 +108,83 @@ class StudentPredictor:
             cols |= {"student_cos": fixed_list(s.astype(np.float32), heads), "trivial_cos": fixed_list(t.astype(np.float32), heads),
                      "has_target": fixed_list(has.astype(np.float32), heads)}
         return pa.table(cols)
+
+
+@dataclass
+class ScoreJob:
+    """One student to score in `score_many`: its folder, where each source's rows go (source name -> output folder),
+    and for fidelity the trivial predictor and the perspectives kept (see StudentPredictor)."""
+
+    student: str
+    outputs: dict[str, str]
+    trivial: list | None = None
+    keep: list[str] | None = None
+
+
+class MultiStudentPredictor:
+    """A Ray Data actor holding several students: each block (one source's rows, tagged `_source`) is scored by
+    every student that reads that source; rows come back tagged `_job`."""
+
+    def __init__(self, jobs: list[dict], batch_size: int = 64):
+        self.jobs = [(StudentPredictor(j["student"], batch_size, j["trivial"], j["keep"]), set(j["outputs"])) for j in jobs]
+
+    def __call__(self, block: pa.Table) -> pa.Table:
+        source = block.column("_source")[0].as_py()
+        block = block.drop_columns(["_source"])
+        out = []
+        for i, (predictor, sources) in enumerate(self.jobs):
+            if source in sources:
+                t = predictor(block)
+                out.append(t.append_column("_job", pa.array([i] * t.num_rows, pa.int32()))
+                           .append_column("_source", pa.array([source] * t.num_rows, pa.string())))
+        return pa.concat_tables(out, promote_options="default")
+
+
+def _tag_source(batch: pa.Table, source: str) -> pa.Table:
+    return batch.append_column("_source", pa.array([source] * batch.num_rows, pa.string()))
+
+
+def score_many(jobs: list[ScoreJob], sources: dict[str, str | Path], settings: ScoreConfig, group: int = 8) -> None:
+    """Score several students on the same sources (Parquet files or folders, by name) in one Ray Data pipeline per
+    `group` students: the sources are read once, each actor holds the group's students, and every (student, source)
+    gets its own folder of parts (emptied first: a student is scored whole or again). Ray must be initialised."""
+    import ray
+
+    from student.examples import read_parquet
+
+    actors, remote, light = placement(settings, ray.cluster_resources())
+    for start in range(0, len(jobs), group):
+        batch_jobs = jobs[start : start + group]
+        for j in batch_jobs:
+            for folder in j.outputs.values():
+                shutil.rmtree(folder, ignore_errors=True)
+                Path(folder).mkdir(parents=True)
+        used = sorted({k for j in batch_jobs for k in j.outputs})
+        parts = [read_parquet(sources[k], light, actors).map_batches(
+            _tag_source, fn_kwargs={"source": k}, batch_format="pyarrow", **({"num_cpus": 0} if light else {}))
+            for k in used]
+        ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+        spec = [{"student": str(Path(j.student).resolve()), "outputs": dict(j.outputs), "trivial": j.trivial, "keep": j.keep}
+                for j in batch_jobs]
+        scored = ds.map_batches(MultiStudentPredictor, fn_constructor_kwargs={"jobs": spec, "batch_size": settings.batch_size},
+                                batch_size=None, batch_format="pyarrow",  # a block is one source's rows: never mixed
+                                compute=ray.data.ActorPoolStrategy(size=actors), **remote)
+        counts: dict[tuple[int, str], int] = {}
+        for block in scored.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for (i, source), rows in _split_by(block):
+                n = counts.get((i, source), 0)
+                _write_part(rows, Path(batch_jobs[i].outputs[source]) / f"part-{n:05d}.parquet")
+                counts[(i, source)] = n + 1
+
+
+def _split_by(block: pa.Table):
+    """(job, source) -> that job's rows of that source, without the tags or all-null columns of other jobs."""
+    keys = zip(block.column("_job").to_pylist(), block.column("_source").to_pylist())
+    for key in dict.fromkeys(keys):
+        mask = pc.and_(pc.equal(block.column("_job"), key[0]), pc.equal(block.column("_source"), key[1]))
+        rows = block.filter(mask).drop_columns(["_job", "_source"])
+        yield key, rows.select([c for c in rows.column_names if rows.column(c).null_count < rows.num_rows or c == "gold"
+                                or c == "dominant_perspective"])
 
 
 @dataclass

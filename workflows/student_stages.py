@@ -416,6 +416,7 @@ def train_variants(cfg: RunConfig, run_dir: Path, variants: list[Variant], teach
     workers: the test split once (with per-pair predictions), `val` (the reloaded best model on validation: what
     selection uses), `fidelity` (validation pairs with targets) and `diagnostics` (first and last epoch).
     `teacher`: learn from another teacher's targets than `distill.teacher`; the variant names get a suffix."""
+    from student.score import ScoreJob, score_many
     from student.train import StudentJob, train_students
 
     tag = _teacher_tag(cfg, teacher)
@@ -449,6 +450,15 @@ def train_variants(cfg: RunConfig, run_dir: Path, variants: list[Variant], teach
             f"another in one Ray Train worker group ({settings.num_workers} workers); progress per epoch below")
         train_students([StudentJob(v, str(o), data_key[id(v)]) for v, o, *_ in todo], datasets, settings,
                        resolve_model(cfg.distill.backbone), data.codes, data.persp, storage)
+        log(f"students: scoring {len(todo)} on the validation and test splits (Ray Data actors)")
+        jobs, sources = [], {"test": data.paths["test"]}
+        for v, out, *_ in todo:
+            kind = data.key(v)
+            sources[f"val:{kind}"] = data.examples(kind)["val"]
+            jobs.append(ScoreJob(str(out / "best"), {"test": str(out / "predictions" / "test"),
+                                                     f"val:{kind}": str(out / "predictions" / "val")},
+                                 _trivial(data, v), v.target_perspectives))
+        score_many(jobs, sources, cfg.distill.score)
         for v, out, key, inputs in todo:
             history = json.loads((out / "history.json").read_text())
             write_json_atomic(_score(out, data, v, history), out / "eval.json")
@@ -474,28 +484,31 @@ def score_split(cfg: RunConfig, student: Path, source, out_dir: Path, trivial: l
                               order=None if order is None else order.combine_chunks())
 
 
+def _trivial(data: StudentData, v: Variant) -> list | None:
+    """The trivial fidelity predictor of an LRKD student with targets (per projection head), else None."""
+    if v.kind != "lrkd" or v.lam == 0:
+        return None
+    if v.mode == "average":
+        return [data.examples(data.key(v))["summary"]["trivial_average"]]
+    return data.centroids(v.target_source or data.cfg.distill.target_source)["centroids"]
+
+
 def _score(out: Path, data: StudentData, v: Variant, history: list[dict]) -> dict:
-    """Test metrics (once, in the split's pair order), validation metrics of the reloaded model, latent fidelity on
-    the validation pairs with targets, diagnostics."""
+    """From the scored parts (score_many): test metrics (once, in the split's pair order), validation metrics of the
+    reloaded best model, latent fidelity on the validation pairs with targets, diagnostics."""
     from student.model import LRKDStudent
+    from student.score import gains_of, metrics_from_parts
 
     best = out / "best"
     model = LRKDStudent.from_pretrained(best)
-    test_ids = pq.read_table(data.paths["test"], columns=["pair_id"]).column("pair_id")
-    metrics = score_split(data.cfg, best, data.paths["test"], out / "predictions" / "test", what=f"test {v.name}",
-                          order=test_ids)
-    trivial = None
-    val_source = data.examples(data.key(v))["val"]
-    if v.kind == "lrkd" and v.lam > 0:
-        ex = data.examples(data.key(v))
-        cents = data.centroids(v.target_source or data.cfg.distill.target_source)["centroids"]
-        trivial = [ex["summary"]["trivial_average"]] if model.cfg.mode == "average" else cents
-    val = score_split(data.cfg, best, val_source, out / "predictions" / "val", trivial=trivial,
-                      keep=v.target_perspectives, what=f"val {v.name}")
+    labels, gains = data.codes, gains_of(data.cfg.labels)
+    test_ids = pq.read_table(data.paths["test"], columns=["pair_id"]).column("pair_id").combine_chunks()
+    metrics = metrics_from_parts(out / "predictions" / "test", labels, data.persp, gains, order=test_ids, mode=v.mode)
+    val = metrics_from_parts(out / "predictions" / "val", labels, data.persp, gains, mode=v.mode)
     metrics["val"] = {k: val[k] for k in ("n", "accuracy", "macro_f1", "per_class_f1", "ranking") if k in val}
     metrics["extractor_params"] = model.extractor_parameters()
     metrics["selected_epoch"] = json.loads((best / "selection.json").read_text())["epoch"]
-    if trivial is not None and val.get("fidelity"):
+    if val.get("fidelity"):
         metrics["fidelity"] = val["fidelity"]
     diag = [{k[5:]: h[k] for k in h if k.startswith("diag_")} | {"epoch": h["epoch"]} for h in history]
     if any(len(d) > 1 for d in diag):
