@@ -153,14 +153,26 @@ class StudentModel:
     def __init__(self, student_dir: str, settings: dict):
         s = ServeConfig(**settings)
         self.scorer = StudentScorer(student_dir, s.device, s.backend, s.precision)
-        self.scorer.score([PROBE])  # the first forward builds kernels; the timed one below seeds the rate
-        t = time.perf_counter()
-        self.scorer.score([PROBE] * s.max_batch_size)
-        per_item = (time.perf_counter() - t) / s.max_batch_size
-        self.batcher = Batcher(self.scorer.score, s.max_batch_size, s.batch_wait_timeout_s, per_item)
+        self.batcher = Batcher(self.scorer.score, s.max_batch_size, s.batch_wait_timeout_s, self._profile(s.max_batch_size))
         self.budget_ms = s.latency_budget_ms
         ctx = serve.get_replica_context()
         self.replica = ctx.replica_id.unique_id if ctx else "local"
+
+    def _profile(self, batch: int) -> tuple[float, float]:
+        """Seconds per forward and per item: forwards of 1 and of `batch` pairs as long as the model takes, each
+        timed after a first run (which builds the kernels for its shape), the faster of two runs."""
+        long = (PROBE[0], " | ".join([PROBE[1]] * 16))  # cut to the model's max length: the costliest item
+        times = {}
+        for n in (1, batch):
+            self.scorer.score([long] * n)
+            runs = []
+            for _ in range(2):
+                t = time.perf_counter()
+                self.scorer.score([long] * n)
+                runs.append(time.perf_counter() - t)
+            times[n] = min(runs)
+        per_item = max(0.0, (times[batch] - times[1]) / max(1, batch - 1))
+        return max(0.0, times[1] - per_item), per_item
 
     async def score(self, pairs: list[tuple[str, str]]) -> dict:
         b = self.batcher
@@ -182,7 +194,9 @@ class StudentModel:
     def info(self) -> dict:
         b = self.batcher
         return self.scorer.info() | {"replica": self.replica, "pid": os.getpid(), "batches": dict(b.stats),
-                                     "queued_items": b.queued, "ms_per_item": 1000 * (b.seconds_per_item or 0.0)}
+                                     "queued_items": b.queued,
+                                     "forward_ms": {"fixed": round(1000 * b.profile[0], 3), "per_item": round(1000 * b.profile[1], 3),
+                                                    "slowdown": round(b.slowdown, 3)}}
 
 
 @serve.deployment

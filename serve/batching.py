@@ -8,12 +8,13 @@ coroutine per item (100 per request at serve.max_items), waits `batch_wait_timeo
 full, and fixes the next batch while one runs, so batches alternate between a few items and many.
 
 The forward runs in one worker thread, so the event loop keeps accepting, refusing and answering health checks
-while the model computes. The batcher knows how many items are queued and how long an item takes, which is what
+while the model computes. The batcher knows how many items are queued and how long a forward takes, which is what
 load shedding by a latency budget needs (`expected_s`).
 """
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -38,12 +39,14 @@ class Batcher:
     runs in a worker thread on batches of at most `max_batch_size` items taken from the submitted jobs in order."""
 
     def __init__(self, forward: Callable[[list, dict], list], max_batch_size: int, wait_s: float = 0.0,
-                 seconds_per_item: float | None = None):
+                 profile: tuple[float, float] = (0.0, 0.0)):
         self.forward, self.max_batch_size, self.wait_s = forward, max_batch_size, wait_s
         self.queued = 0  # items submitted and not yet scored (waiting or in the running forward)
-        # seconds per item: the slowest of the latest 8 forwards at least half full (smaller ones are dominated by
-        # their fixed cost), so a machine slowing down shrinks the queue at once; seeded by a timed forward at start
-        self._per_item: deque[float] = deque([seconds_per_item] if seconds_per_item else [], maxlen=8)
+        # a forward of n items takes (a + b n) x slowdown: (a, b) timed at start, the slowdown the largest ratio of
+        # measured to profiled time over the latest 8 forwards, so a machine that slows down (other jobs, longer
+        # texts) shrinks the queue at once, and every forward counts, whatever its size
+        self.profile = profile
+        self._slowdown: deque[float] = deque([1.0], maxlen=8)
         self.stats = {"forwards": 0, "items": 0, "largest": 0}
         self._jobs: deque[_Job] = deque()
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="forward")
@@ -51,12 +54,14 @@ class Batcher:
         self._loop_task: asyncio.Task | None = None
 
     @property
-    def seconds_per_item(self) -> float | None:
-        return max(self._per_item) if self._per_item else None
+    def slowdown(self) -> float:
+        return max(self._slowdown)
 
     def expected_s(self, items: int) -> float:
-        """Seconds until `items` more would be scored: every queued item first, at the measured rate."""
-        return (self.queued + items) * (self.seconds_per_item or 0.0)
+        """Seconds until `items` more would be scored: every queued item first, in full batches."""
+        a, b = self.profile
+        n = self.queued + items
+        return self.slowdown * (math.ceil(n / self.max_batch_size) * a + n * b)
 
     def over_budget(self, items: int, budget_s: float) -> bool:
         """Whether `items` more would be scored later than `budget_s` from now. Never when nothing is queued: a
@@ -132,8 +137,9 @@ class Batcher:
             self.queued -= len(items)  # a job cancelled meanwhile took only its untaken items off
             s = self.stats
             s["forwards"], s["items"], s["largest"] = s["forwards"] + 1, s["items"] + len(items), max(s["largest"], len(items))
-            if error is None and len(items) * 2 >= self.max_batch_size:
-                self._per_item.append(took / len(items))
+            a, b = self.profile
+            if error is None and a + b > 0:
+                self._slowdown.append(took / (a + b * len(items)))
             i = 0
             for job, a, b in parts:
                 if job.future.done():
