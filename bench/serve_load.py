@@ -3,8 +3,8 @@
 Phases (one server; each phase optional but the first):
   load       in R rounds (--rounds, default 3): the same serving path in-process (one 16-item request; the
              saturated items/s of max-batch calls), then for each client count C (default 1, then 32) C clients for
-             T/R seconds sending 16-item requests back to back (a refused client waits the Retry-After it got, as
-             the README tells callers). Goals per round against that round's reference, median over rounds. After
+             T/R seconds sending 16-item requests back to back (a refused client waits the retry_after_s it got,
+             with exponential backoff and jitter, as the README tells batch callers). Goals per round against that round's reference, median over rounds. After
              the first 1-client phase, the per-phase timing of /v1/model: where the time between in-process and
              served goes.
   overload   (--overload F) requests arriving at F x the requests/s of the busiest load phase, whatever the answers
@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import signal
 import statistics
 import sys
@@ -82,8 +83,8 @@ class Recorder:
             body = r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
             if status == 200 and len(body.get("results", [])) == self.items:
                 kind, digest = "ok", body["model_digest"]
-            elif status in (429, 503) and "reason" in body:
-                kind, retry = "refused", float(r.headers.get("Retry-After", 1))
+            elif status in (429, 503) and "reason" in body:  # the body's estimate; the header is whole seconds
+                kind, retry = "refused", float(body.get("retry_after_s", r.headers.get("Retry-After", 1)))
         except Exception:  # connection reset, timeout, bad JSON: an error like any other
             pass
         rec = (start, time.perf_counter(), status, kind, digest, retry)
@@ -92,15 +93,19 @@ class Recorder:
         return rec
 
     def closed_loop(self, clients: int, seconds: float, max_requests: int = 1_000_000) -> tuple[float, float]:
-        """`clients` threads send back to back for `seconds` (a refused one sleeps its Retry-After first)."""
+        """`clients` threads send back to back for `seconds`; a refused one first waits the retry_after_s it got,
+        doubled for each refusal in a row (at most 2 s), times a random 0.5-1.5."""
         t0 = time.perf_counter()
         stop = t0 + seconds
 
         def client():
+            refused = 0  # in a row: the wait doubles each time (up to 2 s), with jitter, as the README advises
             while time.perf_counter() < stop and len(self.records) < max_requests:
                 rec = self.post()
-                if rec[3] == "refused":
-                    time.sleep(min(rec[5], max(0.0, stop - time.perf_counter())))
+                refused = refused + 1 if rec[3] == "refused" else 0
+                if refused:
+                    wait = min(2.0, rec[5] * 2 ** (refused - 1)) * random.uniform(0.5, 1.5)
+                    time.sleep(min(wait, max(0.0, stop - time.perf_counter())))
 
         threads = [threading.Thread(target=client) for _ in range(clients)]
         for th in threads:
