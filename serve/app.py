@@ -159,9 +159,11 @@ class StudentModel:
         self.replica = ctx.replica_id.unique_id if ctx else "local"
 
     def _profile(self, batch: int) -> tuple[float, float]:
-        """Seconds per forward and per item: forwards of 1 and of `batch` pairs as long as the model takes, each
-        timed after a first run (which builds the kernels for its shape), the faster of two runs."""
+        """Seconds per forward and per item: forwards of 1 and of min(batch, 16) pairs as long as the model takes,
+        each timed after a first run (which builds the kernels for its shape), the faster of two runs. Small, so a
+        replica starting beside a serving one (a redeploy) takes little of its CPU."""
         long = (PROBE[0], " | ".join([PROBE[1]] * 16))  # cut to the model's max length: the costliest item
+        batch = max(2, min(batch, 16))
         times = {}
         for n in (1, batch):
             self.scorer.score([long] * n)
