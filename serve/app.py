@@ -35,8 +35,8 @@ from serve.batching import Batcher
 from serve.config import ServeConfig
 from serve.scorer import StudentScorer
 
-# a replica queues work for this share of the latency budget; the rest is for HTTP, parsing and the hops (measured
-# under 4x overload on 2 cores: README, Results "Serving")
+# a replica queues work for this share of the latency budget, leaving the rest for HTTP, parsing and the hops (a
+# choice, not fitted; on 2 shared cores under 4x overload those took more: README, "Serving under load and faults")
 QUEUE_SHARE = 0.75
 PROBE = ("usb c cable", "Anker USB-C to USB-C cable 2 m | color: black")  # the health check's tiny forward
 
@@ -155,8 +155,7 @@ class StudentModel:
         self.scorer = StudentScorer(student_dir, s.device, s.backend, s.precision)
         self.batcher = Batcher(self.scorer.score, s.max_batch_size, s.batch_wait_timeout_s, self._profile(s.max_batch_size))
         self.budget_ms = s.latency_budget_ms
-        ctx = serve.get_replica_context()
-        self.replica = ctx.replica_id.unique_id if ctx else "local"
+        self.replica = serve.get_replica_context().replica_id.unique_id
 
     def _profile(self, batch: int) -> tuple[float, float]:
         """Seconds per forward and per item: forwards of 1 and of min(batch, 16) pairs as long as the model takes,

@@ -31,6 +31,15 @@ def run(coro):
     return asyncio.run(coro)
 
 
+async def started(fwd: SlowForward, first: list, **options) -> tuple[Batcher, asyncio.Task]:
+    """A batcher whose first forward (of `first`) is running: held at `fwd`'s gate until the test sets it."""
+    b = Batcher(fwd, **options)
+    job = asyncio.create_task(b.submit(first))
+    while not fwd.batches:
+        await asyncio.sleep(0.001)
+    return b, job
+
+
 def test_a_lone_request_does_not_wait_and_the_forward_runs_off_the_event_loop():
     fwd = SlowForward()
 
@@ -51,10 +60,7 @@ def test_requests_arriving_during_a_forward_share_the_next_batch():
     fwd = SlowForward(seconds=0.05, gate=gate)
 
     async def main():
-        b = Batcher(fwd, max_batch_size=16, profile=(0.0, 0.01))
-        first = asyncio.create_task(b.submit([0]))
-        while not fwd.batches:  # the first forward is running now
-            await asyncio.sleep(0.001)
+        b, first = await started(fwd, [0], max_batch_size=16, profile=(0.0, 0.01))
         rest = [asyncio.create_task(b.submit([i, i + 100])) for i in range(1, 5)]
         await asyncio.sleep(0)
         assert b.queued == 9 and b.expected_s(1) == pytest.approx(0.1)  # the queue and the new item, 10 ms each
@@ -103,10 +109,7 @@ def test_a_cancelled_request_leaves_the_queue_and_is_never_scored():
     fwd = SlowForward(gate=gate)
 
     async def main():
-        b = Batcher(fwd, max_batch_size=8)
-        busy = asyncio.create_task(b.submit([1]))
-        while not fwd.batches:
-            await asyncio.sleep(0.001)
+        b, busy = await started(fwd, [1], max_batch_size=8)
         gone = asyncio.create_task(b.submit([7, 7, 7]))
         await asyncio.sleep(0)
         assert b.queued == 4
@@ -129,10 +132,7 @@ def test_a_failed_forward_fails_its_requests_and_the_batcher_goes_on():
     fwd = SlowForward(fail_on=13, gate=gate)
 
     async def main():
-        b = Batcher(fwd, max_batch_size=8)
-        first = asyncio.create_task(b.submit([1]))
-        while not fwd.batches:
-            await asyncio.sleep(0.001)
+        b, first = await started(fwd, [1], max_batch_size=8)
         bad = asyncio.create_task(b.submit([13, 14]))
         await asyncio.sleep(0)
         gate.set()
@@ -150,10 +150,7 @@ def test_run_in_worker_waits_for_the_forward_in_progress():
     fwd = SlowForward(gate=gate)
 
     async def main():
-        b = Batcher(fwd, max_batch_size=8)
-        job = asyncio.create_task(b.submit([1]))
-        while not fwd.batches:
-            await asyncio.sleep(0.001)
+        b, job = await started(fwd, [1], max_batch_size=8)
         probe = asyncio.create_task(b.run_in_worker(lambda: "probe"))
         await asyncio.sleep(0.05)
         assert not probe.done()  # behind the forward
