@@ -210,7 +210,8 @@ def kill_phase(rec: Recorder, clients: int, seconds: float, replicas: int) -> di
             "noticed_after_s": out.get("noticed_at", float("nan")) - killed,
             "new_replica_started_after_s": out.get("started_at", float("nan")) - killed,
             "back_after_s": out.get("back_at", float("nan")) - killed,
-            "replica_start_s": out.get("back_at", float("nan")) - out.get("started_at", float("nan"))}
+            # from Ray noticing to the new replica running: its process, then loading the student
+            "replica_start_s": out.get("back_at", float("nan")) - out.get("noticed_at", float("nan"))}
 
 
 def redeploy_phase(rec: Recorder, clients: int, seconds: float, deploy) -> dict:
