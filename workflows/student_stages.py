@@ -336,7 +336,14 @@ class StudentData:
         self.codes = [lab.name for lab in cfg.labels]
         self.persp = [p.name for p in cfg.perspectives]
         self._paths: dict[str, Path] = {}
-        self._built: dict[str, "StudentDataset"] = {}  # noqa: F821
+        self._built: dict[str, dict] = {}
+        self._fingerprints: dict[Path, str] = {}
+
+    def fingerprint(self, path: Path) -> str:
+        """A file's or folder's content hash, computed once per stage (targets are gigabytes at scale)."""
+        if path not in self._fingerprints:
+            self._fingerprints[path] = fingerprint(path)
+        return self._fingerprints[path]
 
     def target_path(self, source: str) -> Path:
         if source not in self._paths:
@@ -357,7 +364,7 @@ class StudentData:
 
         path = self.target_path(source)
         out = path.parent / "centroids.json"
-        fp = fingerprint(path) + self.cfg.distill.target_filter
+        fp = self.fingerprint(path) + self.cfg.distill.target_filter
         if out.exists() and json.loads(out.read_text()).get("targets") == fp:
             return json.loads(out.read_text())
         result = _remote(target_centroids)(str(path), self.persp, self.cfg.distill.target_filter) | {"targets": fp}
@@ -375,7 +382,7 @@ class StudentData:
         tpath = self.target_path(source) if source else None
         tag = _teacher_tag(self.cfg, self.teacher) if source and source != "label_text" else ""
         out = self.run_dir / "student" / "examples" / (kind.replace(":", "-") + tag)
-        inputs = {s: fingerprint(self.paths[s]) for s in ("train", "val")} | ({"targets": fingerprint(tpath)} if tpath else {})
+        inputs = {s: self.fingerprint(self.paths[s]) for s in ("train", "val")} | ({"targets": self.fingerprint(tpath)} if tpath else {})
         key = hashlib.sha256(json.dumps([kind, self.cfg.distill.target_filter, self.codes, self.persp,
                                          self.cfg.distill.train.batch_size]).encode()).hexdigest()[:16]
         if not is_fresh(out, key, inputs):
@@ -423,7 +430,7 @@ def train_variants(cfg: RunConfig, run_dir: Path, variants: list[Variant], teach
     data = StudentData(cfg, run_dir, teacher)
     settings = cfg.distill.train
     base_key = cfg.section_hash("labels", "perspectives", "data")
-    splits = {s: fingerprint(data.paths[s]) for s in ("train", "val", "test")}
+    splits = {s: data.fingerprint(data.paths[s]) for s in ("train", "val", "test")}
     folder = {id(v): run_dir / "student" / "variants" / f"{v.name}{tag}-seed{v.seed}" for v in variants}
     # one examples table per kind of data (plain, targets of a source, votes); a perspective subset is a mask
     data_key = {id(v): "|".join([data.key(v), *(v.target_perspectives or [])]) for v in variants}
@@ -435,7 +442,7 @@ def train_variants(cfg: RunConfig, run_dir: Path, variants: list[Variant], teach
         key = hashlib.sha256(json.dumps([base_key, dataclasses.asdict(v), settings.model_dump(), cfg.distill.backbone,
                                          cfg.distill.target_filter if reads else None, tag if reads else ""],
                                         sort_keys=True).encode()).hexdigest()[:16]
-        inputs = splits | {f"targets_{s}": fingerprint(data.target_path(s)) for s in reads}
+        inputs = splits | {f"targets_{s}": data.fingerprint(data.target_path(s)) for s in reads}
         if not is_fresh(out, key, inputs):
             invalidate(out)
             start_attempt(out, key, f"student {v.name}{tag}")  # a changed config discards the old student
