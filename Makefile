@@ -12,7 +12,7 @@ demo: setup
 	.venv/bin/thinkbroad run --config configs/local.yaml --set 'distill.seeds=[0]'
 
 test: setup
-	.venv/bin/python -m pytest -q -p no:cacheprovider
+	.venv/bin/python -m pytest -q -p no:cacheprovider --durations=25
 
 # each benchmark writes bench/results/<name>.json and prints one summary line; run them on a quiet machine
 bench: setup

@@ -12,7 +12,8 @@ config's tiny models:
   score      `thinkbroad score` of the test split (Ray Data actors), metrics read back
 
 Per stage: wall seconds, items/s, and peak RSS of the driver, of each Ray Train worker, scoring actor and other
-Ray worker (sampled every second from the process tree; the largest single process of each kind), the object
+Ray worker (sampled every second from the process tree; the largest single process of each kind), the same for
+private memory (RSS counts the object store's shared pages a worker has mapped while reading blocks), the object
 store's peak use and the bytes it spilled. Goals (issue 17): every stage completes at the largest size; from 100k
 to 1M each stage takes <= 11x its 100k time; Ray Train workers' and scoring actors' peak RSS at 1M <= 1.2x their
 100k peak; the driver's peak at 1M <= 3 GB.
@@ -60,22 +61,26 @@ class Sampler:
         self.me = psutil.Process()
         self.period = period
         self.peaks: dict[str, float] = {}
+        self.private: dict[str, float] = {}  # the process's own pages: RSS less the object store's it maps
         self.store_peak = 0.0
         self._stop = threading.Event()
 
     def _sample(self) -> None:
         import psutil
 
-        peaks = {"driver": self.me.memory_info().rss}
+        peaks, private = {"driver": self.me.memory_info().rss}, {"driver": private_bytes(self.me.pid)}
         for p in self.me.children(recursive=True):
             try:
                 kind = kind_of(" ".join(p.cmdline()) or p.name())
                 if kind:
                     peaks[kind] = max(peaks.get(kind, 0), p.memory_info().rss)
+                    private[kind] = max(private.get(kind, 0), private_bytes(p.pid))
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
         for k, v in peaks.items():
             self.peaks[k] = max(self.peaks.get(k, 0), v / 2**30)
+        for k, v in private.items():
+            self.private[k] = max(self.private.get(k, 0), v / 2**30)
         self.store_peak = max(self.store_peak, store_used_gib())
 
     def _run(self) -> None:
@@ -92,6 +97,16 @@ class Sampler:
         self._stop.set()
         self._thread.join()
         self._sample()
+
+
+def private_bytes(pid: int) -> int:
+    """A process's private memory (Private_Clean + Private_Dirty of /proc/PID/smaps_rollup): its RSS without the
+    shared pages, chiefly the object store's blocks a Ray worker maps while it reads them."""
+    try:
+        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    except OSError:
+        return 0
+    return sum(int(line.split()[1]) * 1024 for line in text.splitlines() if line.startswith(("Private_Clean", "Private_Dirty")))
 
 
 def store_used_gib() -> float:
@@ -159,6 +174,7 @@ def run_size(n: int, prompts: int | None, work: Path, stages: list[str]) -> dict
         items = items_of(result)
         out[name] = {"seconds": round(seconds, 2), "items": items, "items_per_s": round(items / max(seconds, 1e-9), 1),
                      "peak_rss_gib": {k: round(v, 3) for k, v in s.peaks.items()},
+                     "peak_private_gib": {k: round(v, 3) for k, v in s.private.items()},
                      "object_store_peak_gib": round(s.store_peak, 3), "spilled_mib": spilled_mib() - spill0}
         print(f"  {n:>9,} pairs  {name:<9} {seconds:8.1f} s  {out[name]['items_per_s']:>10,.0f} items/s  driver "
               f"{s.peaks.get('driver', 0):.2f} GiB  " + "  ".join(f"{k} {v:.2f}" for k, v in s.peaks.items() if k != "driver"),
@@ -243,6 +259,9 @@ def summarize(results: dict) -> None:
         for stage, kind in (("train", "train_worker"), ("score", "score_actor")):
             if stage in a and stage in b and kind in a[stage]["peak_rss_gib"]:
                 checks[f"{kind}_rss_ratio"] = round(b[stage]["peak_rss_gib"][kind] / a[stage]["peak_rss_gib"][kind], 2)
+                if kind in a[stage].get("peak_private_gib", {}) and kind in b[stage].get("peak_private_gib", {}):
+                    checks[f"{kind}_private_ratio"] = round(b[stage]["peak_private_gib"][kind]
+                                                            / a[stage]["peak_private_gib"][kind], 2)
         checks["size_ratio"] = factor
     top = results["sizes"][sizes[-1]]
     checks["driver_peak_gib_at_largest"] = round(max(s["peak_rss_gib"]["driver"] for s in top.values()
