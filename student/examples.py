@@ -90,10 +90,19 @@ def _fill(batch: pa.Table, widths: dict[str, tuple[int, object]]) -> pa.Table:
     return batch
 
 
+def _input_bytes(paths: list[str | Path]) -> int:
+    return sum(f.stat().st_size for p in map(Path, paths) for f in ([p] if p.is_file() else p.rglob("*.parquet")))
+
+
 def _partitions(paths: list[str | Path], target_bytes: int = 64 << 20) -> int:
     """Hash partitions for a shuffle: about 64 MB of Parquet each, at least 2."""
-    size = sum(f.stat().st_size for p in map(Path, paths) for f in ([p] if p.is_file() else p.rglob("*.parquet")))
-    return max(2, math.ceil(size / target_bytes))
+    return max(2, math.ceil(_input_bytes(paths) / target_bytes))
+
+
+# Inputs (split files + targets) up to this many bytes of Parquet are built in one Ray task: below it a Ray Data
+# shuffle's fixed cost (aggregator actors, tens of seconds on 2 cores) is most of the work.
+LOCAL_BYTES = 64 << 20
+ONE_TASK_FILES = 16
 
 
 def target_dim(targets_path: str | Path) -> int:
@@ -106,15 +115,56 @@ def _tag(batch: pa.Table, codes: list[str], split: str) -> pa.Table:
     return rows.append_column("split", pa.array([split] * rows.num_rows, pa.string()))
 
 
+def _widths(k: int, d: int, targets: bool, votes: bool) -> dict[str, tuple[int, object]]:
+    return ({"targets": (k * d, 0.0), "target_mask": (k, 0.0)} if targets else {}) | ({"votes": (k, -1)} if votes else {})
+
+
+def _examples_in_one_task(split_paths: dict[str, str], tmp: str, codes: list[str], perspectives: list[str],
+                          targets_path: str | None, target_filter: str, targets: bool, votes: bool) -> dict[str, int]:
+    """write_examples for small inputs, in one process: every target row pivoted at once, each split joined to it
+    by a pair-id lookup (Arrow's hash join does not carry list columns), written in up to 16 files per split."""
+    per_pair, widths = None, {}
+    if targets_path is not None and (targets or votes):
+        columns = TARGET_READ if targets else [c for c in TARGET_READ if c != "embedding"]
+        files = [targets_path] if Path(targets_path).is_file() else sorted(Path(targets_path).rglob("*.parquet"))
+        table = pa.concat_tables([pq.read_table(f, columns=columns) for f in files])
+        per_pair = _pivot(table, perspectives, codes, target_filter, targets, votes)
+        widths = _widths(len(perspectives), target_dim(targets_path), targets, votes)
+    rows = {}
+    for split, path in split_paths.items():
+        ex = pair_rows(pq.read_table(path, columns=PAIR_COLUMNS), codes)
+        if per_pair is not None:
+            found = per_pair.drop_columns(["pair_id"]).take(pc.index_in(ex.column("pair_id"), value_set=per_pair.column("pair_id")))
+            for name in found.column_names:
+                ex = ex.append_column(name, found.column(name))
+            ex = _fill(ex, widths)
+        (Path(tmp) / split).mkdir(parents=True, exist_ok=True)
+        step = max(1, math.ceil(ex.num_rows / ONE_TASK_FILES))  # blocks enough to share among the training workers
+        for i, start in enumerate(range(0, max(ex.num_rows, 1), step)):
+            pq.write_table(ex.slice(start, step), Path(tmp) / split / f"part-{i:05d}.parquet")
+        rows[split] = ex.num_rows
+    return rows
+
+
 def write_examples(split_paths: dict[str, str | Path], out_dir: str | Path, codes: list[str], perspectives: list[str],
                    targets_path: str | Path | None = None, target_filter: str = "correct", targets: bool = True,
-                   votes: bool = False) -> dict[str, int]:
+                   votes: bool = False, local_bytes: int = LOCAL_BYTES) -> dict[str, int]:
     """Each split's pairs as examples (+ the targets/votes of `targets_path`'s rows of those pairs) -> the Parquet
     folders `out_dir/<split>/`, in one Ray Data pipeline (one shuffle for all splits; written beside, then renamed).
-    Returns the rows of each split."""
+    Returns the rows of each split. Inputs up to `local_bytes` of Parquet are built in one Ray task instead
+    (the same rows; the split's own order)."""
     import ray
 
     out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if _input_bytes([*split_paths.values(), *([targets_path] if targets_path is not None else [])]) <= local_bytes:
+        task = ray.remote(num_cpus=1)(_examples_in_one_task)
+        rows = ray.get(task.remote({s: str(p) for s, p in split_paths.items()}, str(tmp), codes, perspectives,
+                                   None if targets_path is None else str(targets_path), target_filter, targets, votes))
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.replace(tmp, out_dir)
+        return rows
     parts = [ray.data.read_parquet(str(Path(p).resolve())).select_columns(PAIR_COLUMNS).map_batches(
         _tag, fn_kwargs={"codes": codes, "split": split}, batch_format="pyarrow") for split, p in split_paths.items()]
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
@@ -127,10 +177,8 @@ def write_examples(split_paths: dict[str, str | Path], out_dir: str | Path, code
             _pivot, fn_kwargs={"perspectives": perspectives, "codes": codes, "target_filter": target_filter,
                                "targets": targets, "votes": votes}, batch_size=None, batch_format="pyarrow")
         ds = ds.join(per_pair, "left_outer", num_partitions=n_parts, on=("pair_id",))
-        widths = ({"targets": (k * d, 0.0), "target_mask": (k, 0.0)} if targets else {}) | ({"votes": (k, -1)} if votes else {})
+        widths = _widths(k, d, targets, votes)
         ds = ds.map_batches(_fill, fn_kwargs={"widths": widths}, batch_format="pyarrow")
-    tmp = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     ds.write_parquet(str(tmp.resolve()), partition_cols=["split"])
     rows = {}
     for split in split_paths:

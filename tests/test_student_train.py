@@ -175,7 +175,7 @@ def test_student_trains_on_two_workers_from_ray_data_and_keeps_best(tmp_path, ra
 def test_examples_join_sparse_targets_by_pair(tmp_path, ray_local):
     """The stage's join: the pairs of each split left-joined with the sparse (pair, perspective) target rows, one row
     per pair, each embedding in its perspective's slot, the filter applied, votes from every parsed row; a split
-    whose pairs have no targets gets zeros."""
+    whose pairs have no targets gets zeros. Both ways of building them (Ray Data; one task for small inputs) agree."""
     from student.examples import examples_summary, write_examples
 
     pairs = esci(40)
@@ -196,9 +196,15 @@ def test_examples_join_sparse_targets_by_pair(tmp_path, ray_local):
     targets = _write(t, tmp_path / "targets.parquet", parts=3)
     val_split = _write(pa.Table.from_pylist(esci(5, offset=40)), tmp_path / "val", parts=1) / "0.parquet"
     n = write_examples({"train": split, "val": val_split}, tmp_path / "ex", LABELS, PERSP, targets, "correct",
-                       targets=True, votes=True)
+                       targets=True, votes=True, local_bytes=0)  # the Ray Data shuffle and join (large inputs)
     assert n == {"train": 40, "val": 5}
     got = pq.read_table(tmp_path / "ex" / "train")
+    # small inputs are built in one task: the same rows and columns (polars' join writes large_string ids)
+    assert write_examples({"train": split, "val": val_split}, tmp_path / "one", LABELS, PERSP, targets, "correct",
+                          targets=True, votes=True) == n
+    for s in ("train", "val"):
+        a, b = (pq.read_table(tmp_path / d / s).sort_by("pair_id") for d in ("ex", "one"))
+        assert a.column_names == b.column_names and a.equals(b.cast(a.schema)), s
     assert got.num_rows == 40 and len(set(got.column("pair_id").to_pylist())) == 40
     assert pq.read_table(tmp_path / "ex" / "val").column("target_mask").to_pylist() == [[0.0] * 3] * 5
     tgt = column_matrix(got, "targets").reshape(40, 3, 4)
