@@ -65,10 +65,12 @@ def test_cluster_yaml_is_valid_for_the_ray_cluster_launcher():
     assert any(shared in c for c in cluster["setup_commands"]), "setup mounts the shared storage"
 
 
-@pytest.mark.ray
-@pytest.mark.vllm
-def test_ray_job_submit_runs_the_smoke_pipeline(tmp_path):
-    """`ray start --head` on 127.0.0.1, `ray job submit --working-dir . -- thinkbroad run`, as the README says."""
+@pytest.fixture(scope="module")
+def submitted(tmp_path_factory) -> dict:
+    """The smoke pipeline through `ray start --head` on 127.0.0.1 and `ray job submit --working-dir . -- thinkbroad
+    run`, as the README says, submitted twice (the second finds every stage up to date); the head is gone after.
+    The one full smoke run of the suite: the two-node test starts from its finished teacher stages."""
+    tmp_path = tmp_path_factory.mktemp("submit")
     dash = free_port()
     # Ray >= 2.59 turns on token authentication for local clusters: the head and `ray job submit` share the token
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
@@ -93,23 +95,30 @@ def test_ray_job_submit_runs_the_smoke_pipeline(tmp_path):
     try:
         _wait_for_dashboard(address, head, head_log)
         job = _submit(submit, env)
-        out = job.stdout + job.stderr
-        assert job.returncode == 0 and "succeeded" in out, out[-4000:]
-        assert "=== stage 7/7: report ===" in out
-        metrics = _check_report(run_dir, SMOKE_VARIANTS, teacher_eval=True)
-        assert set(metrics["teacher_eval"]["models"]) == {"base", "sft", "dpo"}
         done = _manifests(run_dir)
-
-        # the same job again: every stage is up to date, nothing reruns
         again = _submit(submit, env)
-        out = again.stdout + again.stderr
-        assert again.returncode == 0, out[-4000:]
-        assert _manifests(run_dir) == done
-        assert "student [" not in out and "teacher eval: base" not in out
     finally:
         os.killpg(head.pid, signal.SIGKILL)  # the head's processes share its session; SIGTERM drains for 30 s
         head.wait()
         shutil.rmtree(ray_tmp, ignore_errors=True)
+    return {"run_dir": run_dir, "job": job, "done": done, "again": again, "after_again": _manifests(run_dir)}
+
+
+@pytest.mark.ray
+@pytest.mark.vllm
+def test_ray_job_submit_runs_the_smoke_pipeline(submitted):
+    run_dir, job, again = submitted["run_dir"], submitted["job"], submitted["again"]
+    out = job.stdout + job.stderr
+    assert job.returncode == 0 and "succeeded" in out, out[-4000:]
+    assert "=== stage 7/7: report ===" in out
+    metrics = _check_report(run_dir, SMOKE_VARIANTS, teacher_eval=True)
+    assert set(metrics["teacher_eval"]["models"]) == {"base", "sft", "dpo"}
+
+    # the same job again: every stage is up to date, nothing reruns
+    out = again.stdout + again.stderr
+    assert again.returncode == 0, out[-4000:]
+    assert submitted["after_again"] == submitted["done"]
+    assert "student [" not in out and "teacher eval: base" not in out
 
     # a finished run's students evaluate again through the CLI, and the ablation adds only what distill did not train
     cfg = str(ROOT / "configs" / "smoke.yaml")
@@ -176,20 +185,19 @@ def _wait_for_dashboard(address: str, head: subprocess.Popen, head_log: Path, ti
 
 @pytest.mark.ray
 @pytest.mark.vllm
-def test_smoke_pipeline_on_two_nodes_killed_mid_stage_resumes(tmp_path):
+def test_smoke_pipeline_on_two_nodes_killed_mid_stage_resumes(submitted, tmp_path):
     """Two simulated nodes of one CPU each (so the two training workers must span both), the pipeline SIGKILLed in
-    the middle of the student stage, then started again: no finished stage or student reruns, nothing is lost."""
+    the middle of the student stage, then started again: no finished stage or student reruns, nothing is lost.
+    It starts from the submitted run's teacher stages and targets (the same config: each is up to date, so no
+    engine starts again), with no student trained yet."""
     import ray
     from ray.cluster_utils import Cluster
 
-    cfg = yaml.safe_load((ROOT / "configs" / "smoke.yaml").read_text())
-    # the job-submit test covers teacher eval and pass@k resampling; here they would only add engine starts
-    cfg["teacher_eval"] = {"enabled": False}
-    cfg["dpo"]["pass_k"] = 0
-    cfg_file = tmp_path / "smoke.yaml"
-    cfg_file.write_text(yaml.safe_dump(cfg))
+    assert submitted["job"].returncode == 0, "the submitted smoke run failed (test_ray_job_submit_runs_the_smoke_pipeline)"
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "workflows.cli", "run", "--config", str(cfg_file), "--run-dir", str(run_dir)]
+    for part in ("data", "mpcot", "teacher", "student/targets/teacher"):
+        shutil.copytree(submitted["run_dir"] / part, run_dir / part)
+    cmd = [sys.executable, "-m", "workflows.cli", "run", "--config", "configs/smoke.yaml", "--run-dir", str(run_dir)]
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     cluster.add_node(num_cpus=1)
@@ -224,7 +232,7 @@ def test_smoke_pipeline_on_two_nodes_killed_mid_stage_resumes(tmp_path):
             assert f"{stage}: up to date" in out
         # the interrupted student continues at its second epoch
         assert "student [1/" not in out and "student [2/" not in out and "student [3/4] lrkd-poly-unified seed 0: epoch 2/2" in out
-        _check_report(run_dir, SMOKE_VARIANTS, teacher_eval=False)
+        _check_report(run_dir, SMOKE_VARIANTS, teacher_eval=True)
 
         # the two training workers of each stage ran on different nodes
         ray.init(address=cluster.address)

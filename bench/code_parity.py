@@ -1,0 +1,104 @@
+"""Benchmark: did moving the student stage onto Ray Data (issue 17) change the student's quality? The same finished
+run's split and teacher targets, the same seeds, trained by this code and by the code before the move (commit
+1861686: every split built in the driver as Python lists and a dense target array, shipped through
+`train_loop_config`). Test macro-F1 of each variant per seed and the paired bootstrap of new - old; also LRKD -
+vanilla within each code. Goal: the difference holds 0 (quality unchanged), within the seed noise.
+
+    .venv/bin/python bench/code_parity.py [--run runs/local] [--seeds 0 1 2] [--variants vanilla lrkd-poly-unified]
+
+Needs a finished `make demo` run (its teacher targets are reused by both codes, so the comparison is of the student
+stage alone). The old code is unpacked with `git archive` under --workdir and reads the same targets through a
+manifest written with its own hashing (bench/_code_parity_old.py); only the listed variants are trained on either
+side (bench/_code_parity_distill.py). Students already trained are reused on both sides (their stages are resumable),
+so a second call only recomputes the comparison. Writes bench/results/code_parity.json and prints one summary line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+OLD = "1861686"
+
+
+def _distill(cwd: Path, pythonpath: Path, run_dir: Path, seeds: list[int], variants: list[str], extra: list[str]) -> None:
+    cmd = [sys.executable, str(ROOT / "bench" / "_code_parity_distill.py"), ",".join(variants), "distill",
+           "--config", "configs/local.yaml", "--run-dir", str(run_dir), "--set", f"distill.seeds={seeds}", *extra]
+    env = {**os.environ, "PYTHONPATH": str(pythonpath)}
+    subprocess.run(cmd, cwd=cwd, env=env, check=True)
+
+
+def main() -> int:
+    from hardware.cpu import machine
+    from student.evaluate import macro_f1_fast, paired_bootstrap
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--run", default="runs/local", help="a finished run of configs/local.yaml (make demo)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--variants", nargs="+", default=["vanilla", "lrkd-poly-unified"])
+    ap.add_argument("--workdir", default="/tmp/thinkbroad-code-parity", help="where the old code is unpacked and runs")
+    ap.add_argument("--resamples", type=int, default=2000)
+    args = ap.parse_args()
+    run = (ROOT / args.run).resolve()
+    teacher = run / "teacher" / "dpo" / "model"
+    if not (run / "student" / "targets" / "teacher" / "manifest.json").exists():
+        raise SystemExit(f"{run}: no finished teacher targets; run `make demo` first")
+    old_root = Path(args.workdir) / OLD
+    if not (old_root / "workflows").is_dir():
+        old_root.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(["git", "archive", OLD], cwd=ROOT, check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(old_root)], input=archive, check=True)
+    old_run = old_root / "runs" / "code-parity"
+    seeds = sorted(args.seeds)
+    print(f"[code_parity] {machine()['cpu']}", flush=True)
+    subprocess.run([sys.executable, str(ROOT / "bench" / "_code_parity_old.py"), str(old_run), str(run), str(teacher)],
+                   cwd=old_root, env={**os.environ, "PYTHONPATH": str(old_root)}, check=True)
+    times = {}
+    for side, cwd, run_dir, extra in (("old", old_root, old_run, ["--set", f"distill.teacher={teacher}"]),
+                                      ("new", ROOT, run, [])):
+        t0 = time.time()
+        _distill(cwd, cwd, run_dir, seeds, args.variants, extra)
+        times[side] = round(time.time() - t0, 1)
+
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    codes = ["E", "S", "C", "I"]
+    gold = [codes.index(c) for c in pq.read_table(run / "data" / "test.parquet").column("label").to_pylist()]
+    metrics = {side: json.loads((d / "student" / "metrics.json").read_text()) for side, d in (("new", run), ("old", old_run))}
+
+    def preds(side: str, variant: str) -> dict[int, list[int]]:
+        return {r["seed"]: r["metrics"]["predictions"] for r in metrics[side]["runs"]
+                if r["variant"] == variant and r["seed"] in seeds}
+
+    def f1(p: dict[int, list[int]]) -> dict[int, float]:
+        return {s: round(float(macro_f1_fast(np.asarray([gold]), np.asarray([x]), len(codes))[0]), 4) for s, x in sorted(p.items())}
+
+    out = {**machine(), "old_commit": OLD, "run": str(run), "seeds": seeds, "test_pairs": len(gold),
+           "distill_seconds": times, "variants": {}, "lrkd_vs_vanilla": {}}
+    for v in args.variants:
+        out["variants"][v] = {"new": f1(preds("new", v)), "old": f1(preds("old", v)),
+                              "new_minus_old": paired_bootstrap(gold, preds("new", v), preds("old", v), len(codes), args.resamples)}
+    if {"vanilla", "lrkd-poly-unified"} <= set(args.variants):
+        for side in ("new", "old"):
+            out["lrkd_vs_vanilla"][side] = paired_bootstrap(gold, preds(side, "lrkd-poly-unified"), preds(side, "vanilla"),
+                                                            len(codes), args.resamples)
+    path = ROOT / "bench" / "results" / "code_parity.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2))
+    parts = []
+    for v, r in out["variants"].items():
+        d = r["new_minus_old"]
+        parts.append(f"{v} new-old {d['mean_diff']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] {d['verdict']}")
+    print(f"code_parity ({len(seeds)} seeds, {len(gold)} test pairs): " + "; ".join(parts) + f" -> {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
