@@ -27,11 +27,11 @@ sys.path.insert(0, str(ROOT))
 OLD = "1861686"
 
 
-def _distill(cwd: Path, pythonpath: Path, run_dir: Path, seeds: list[int], variants: list[str], extra: list[str]) -> None:
+def _distill(tree: Path, run_dir: Path, seeds: list[int], variants: list[str], extra: list[str]) -> None:
+    """`distill` of the code in `tree` (its working directory and import path), training only `variants`."""
     cmd = [sys.executable, str(ROOT / "bench" / "_code_parity_distill.py"), ",".join(variants), "distill",
            "--config", "configs/local.yaml", "--run-dir", str(run_dir), "--set", f"distill.seeds={seeds}", *extra]
-    env = {**os.environ, "PYTHONPATH": str(pythonpath)}
-    subprocess.run(cmd, cwd=cwd, env=env, check=True)
+    subprocess.run(cmd, cwd=tree, env={**os.environ, "PYTHONPATH": str(tree)}, check=True)
 
 
 def main() -> int:
@@ -63,13 +63,15 @@ def main() -> int:
     for side, cwd, run_dir, extra in (("old", old_root, old_run, ["--set", f"distill.teacher={teacher}"]),
                                       ("new", ROOT, run, [])):
         t0 = time.time()
-        _distill(cwd, cwd, run_dir, seeds, args.variants, extra)
+        _distill(cwd, run_dir, seeds, args.variants, extra)
         times[side] = round(time.time() - t0, 1)
 
     import numpy as np
     import pyarrow.parquet as pq
 
-    codes = ["E", "S", "C", "I"]
+    from workflows.config import load_config
+
+    codes = [label.name for label in load_config(ROOT / "configs" / "local.yaml").labels]
     gold = [codes.index(c) for c in pq.read_table(run / "data" / "test.parquet").column("label").to_pylist()]
     metrics = {side: json.loads((d / "student" / "metrics.json").read_text()) for side, d in (("new", run), ("old", old_run))}
 
