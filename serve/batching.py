@@ -63,6 +63,18 @@ class Batcher:
         n = self.queued + items
         return self.slowdown * (math.ceil(n / self.max_batch_size) * a + n * b)
 
+    def idle_s(self, items: int) -> float:
+        """Seconds `items` would take on an idle replica (what a retry elsewhere could hope for)."""
+        a, b = self.profile
+        return self.slowdown * (math.ceil(items / self.max_batch_size) * a + items * b)
+
+    def check(self) -> None:
+        """Raises when the loop that feeds the forwards has died (a bug): its queued requests would never be
+        answered, so the replica's health check fails and Ray Serve replaces it."""
+        task = self._loop_task
+        if task is not None and task.done() and not task.cancelled() and task.exception() is not None:
+            raise RuntimeError(f"the batching loop has stopped: {task.exception()!r}")
+
     def over_budget(self, items: int, budget_s: float) -> bool:
         """Whether `items` more would be scored later than `budget_s` from now. Never when nothing is queued: a
         request that can start at once is served, however large."""
@@ -74,9 +86,10 @@ class Batcher:
         if not items:
             return [], {}
         loop = asyncio.get_running_loop()
+        self.check()  # a dead loop fails requests at once rather than queueing them for ever
         if self._loop_task is None or self._loop_task.done():
             self._wakeup = asyncio.Event()
-            self._loop_task = loop.create_task(self._run())
+            self._loop_task = loop.create_task(self._guarded())
         job = _Job(items, loop.create_future(), time.perf_counter(), results=[None] * len(items))
         self._jobs.append(job)
         self.queued += len(items)
@@ -108,6 +121,19 @@ class Batcher:
             if job.taken == len(job.items):
                 self._jobs.popleft()
         return parts
+
+    async def _guarded(self) -> None:
+        """The loop; should it ever fail, every waiting request fails with it (none is left hanging) and `check`
+        reports it until the replica is replaced."""
+        try:
+            await self._run()
+        except BaseException as exc:
+            for job in self._jobs:
+                if not job.future.done():
+                    job.future.set_exception(exc if isinstance(exc, Exception) else RuntimeError("batching stopped"))
+            self._jobs.clear()
+            self.queued = 0
+            raise
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()

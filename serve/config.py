@@ -58,6 +58,13 @@ class ServeConfig(BaseModel):
     access_log: bool = Field(True, description="one log line per request from the replica (Ray Serve's access log)")
     max_items: int = Field(100, ge=1, description="items per request; more -> 413")
     max_field_chars: int = Field(4000, ge=1, description="characters per text field; more -> 422")
+    max_attributes: int = Field(32, ge=0, description="attributes per item besides id and title; more -> 422")
+    max_key_chars: int = Field(64, ge=1, description="characters per attribute name; more -> 422")
+    # 100 items of 4000-character fields fit; a larger body is refused (413) before it is parsed: on Content-Length,
+    # or once the streamed body passes the limit
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="bytes per request body; more -> 413 before parsing")
+    graceful_shutdown_s: float = Field(20.0, gt=0, description="on SIGTERM (or a redeploy), how long replicas may "
+                                       "take to finish the requests they hold before they are stopped")
     device: str = Field("auto", pattern="^(auto|cpu|cuda)$")
     # auto: the fastest path whose parity check passed on this machine (serve/scorer.py resolve_path)
     backend: Literal["auto", "torch", "onnxruntime"] = "auto"

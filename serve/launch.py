@@ -126,34 +126,10 @@ def deploy(student_dir: Path, settings: ServeConfig, name: str = "thinkbroad", r
     return path
 
 
-def run_local(student_dir: Path, settings: ServeConfig, block: bool = True, reload=None) -> str:
-    """Start Serve on the current Ray (local unless RAY_ADDRESS is set) and return the base URL. While it blocks,
-    SIGHUP redeploys without dropping requests: the student folder `reload()` returns (default: the same one)."""
-    import signal
-    import threading
+def run_local(student_dir: Path, settings: ServeConfig, block: bool = True, reload=None, name: str = "thinkbroad",
+              route_prefix: str = "/") -> str:
+    """Start Serve and the app, say "ready" once it answers; with `block`, serve until SIGTERM/SIGINT, redeploying
+    on SIGHUP (serve/supervise.py). Returns the base URL."""
+    from serve.supervise import run_local as run
 
-    from ray import serve
-
-    from workflows.runtime import ensure_ray
-
-    check_api_key(settings)
-    ensure_ray()
-    serve.start(http_options=http_options(settings))
-    path = deploy(student_dir, settings)
-    url = f"http://{settings.host}:{settings.port}"
-    print(f"[thinkbroad] serving {student_dir} on {path[1]} {path[2]} ({path[0]}) at {url}  (POST {url}/v1/relevance, "
-          f"docs at {url}/docs; kill -HUP {os.getpid()} redeploys, Ctrl-C stops)", flush=True)
-    if block:
-        hup = threading.Event()
-        signal.signal(signal.SIGHUP, lambda *_: hup.set())
-        try:
-            while True:
-                if hup.wait(3600):
-                    hup.clear()
-                    student_dir = reload() if reload else student_dir
-                    print(f"[thinkbroad] redeploying {student_dir} ...", flush=True)
-                    path = deploy(student_dir, settings)
-                    print(f"[thinkbroad] serving {student_dir} on {path[1]} {path[2]} ({path[0]})", flush=True)
-        except KeyboardInterrupt:
-            serve.shutdown()
-    return url
+    return run(student_dir, settings, block, reload, name, route_prefix)

@@ -62,6 +62,13 @@ def resolve_path(device: str, backend: str, precision: str, export: dict | None)
     return device, backend, precision
 
 
+def model_name(student_dir: str | Path) -> str:
+    """How answers and /v1/model name a student: its folder with the folder above (a run's student is
+    .../variants/<variant>/best), never the path on the server's disk; the digest tells versions apart."""
+    parts = Path(student_dir).resolve().parts
+    return "/".join(parts[-2:])
+
+
 class StudentScorer:
     """student_dir: a student folder (for onnxruntime with a current export in it). score() returns one dict per
     pair: label, probabilities, score (expected relevance), dominant_perspective, truncated."""
@@ -70,7 +77,7 @@ class StudentScorer:
         from transformers import AutoTokenizer
 
         self.dir = Path(student_dir)
-        self.name = self.dir.resolve().as_posix()
+        self.name = model_name(self.dir)
         cfg = json.loads((self.dir / "student_config.json").read_text())
         self.labels, self.perspectives, self.max_length = cfg["labels"], cfg["perspectives"], cfg["max_length"]
         self.extractor, self.mode = cfg["extractor"], cfg["mode"]

@@ -1,4 +1,6 @@
-"""The serving batcher (serve/batching.py) on a fake forward: no Ray, no model."""
+"""The serving pieces that need no Ray cluster and no model: the batcher (serve/batching.py) on a fake forward, the
+HTTP edge (serve/http.py: key, body cap, JSON errors) on a bare FastAPI app, the request limits (serve/schema.py) and
+the ingress's model calls (serve/calling.py) on a fake handle."""
 import asyncio
 import threading
 import time
@@ -191,3 +193,215 @@ def test_expected_time_counts_full_batches_and_follows_the_machine_speed():
 
     b = run(main())
     assert len(b._slowdown) == 8 and b.slowdown < 1.0 and b.expected_s(4) < 0.14
+
+
+def test_a_dead_batching_loop_fails_its_waiting_requests_and_the_health_check():
+    fwd = SlowForward()
+
+    async def main():
+        b = Batcher(fwd, max_batch_size=8)
+        b._take = lambda: 1 / 0  # a bug in the loop
+        with pytest.raises(ZeroDivisionError):
+            await asyncio.wait_for(b.submit([1]), 5)  # failed, not left hanging
+        await asyncio.sleep(0)
+        with pytest.raises(RuntimeError, match="batching loop has stopped"):
+            b.check()
+        with pytest.raises(RuntimeError, match="batching loop has stopped"):
+            await b.submit([2])  # refused at once rather than queued for ever
+        return b
+
+    b = run(main())
+    assert b.queued == 0 and fwd.batches == []
+    healthy = Batcher(fwd, max_batch_size=8)
+    healthy.check()  # never started: nothing to report
+
+
+def test_idle_time_is_what_the_items_alone_would_take():
+    b = Batcher(SlowForward(), max_batch_size=4, profile=(0.1, 0.01))
+    b.queued = 100  # the queue does not count
+    assert b.idle_s(4) == pytest.approx(0.14) and b.idle_s(5) == pytest.approx(0.25)
+
+
+# --- the HTTP edge and the request limits ---------------------------------------------------------------------
+
+def edge_app(api_key: bytes | None = None, max_body_bytes: int = 2048):
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from serve.http import install
+    from serve.schema import Limits, RelevanceRequest, _limits
+
+    _limits[0] = Limits(max_items=3, max_field_chars=50, max_attributes=2, max_key_chars=8)
+    app = FastAPI()
+    install(app)
+    app.state.api_key, app.state.max_body_bytes = api_key, max_body_bytes
+
+    @app.post("/v1/relevance")
+    async def relevance(req: RelevanceRequest) -> dict:
+        return {"n": len(req.items), "attrs": [it.attributes() for it in req.items]}
+
+    @app.get("/v1/boom")
+    async def boom():
+        raise KeyError("/secret/path/on/the/server")
+
+    return TestClient(app, raise_server_exceptions=False)
+
+
+@pytest.fixture
+def limits_reset():
+    from serve.schema import Limits, _limits
+
+    yield
+    _limits[0] = Limits()
+
+
+@pytest.mark.parametrize("body,status,message", [
+    ({"query": "q", "items": [{"id": "a", "title": "t", "color": "red", "size": "m"}]}, 200, None),
+    ({"query": "q", "items": [{"id": str(i), "title": "t"} for i in range(4)]}, 413, "limit is 3 (serve.max_items)"),
+    ({"query": "q", "items": [{"id": "a", "title": "t", "a": "1", "b": "2", "c": "3"}]}, 422, "serve.max_attributes"),
+    ({"query": "q", "items": [{"id": "a", "title": "t", "k" * 9: "1"}]}, 422, "serve.max_key_chars"),
+    ({"query": "q" * 51, "items": [{"id": "a", "title": "t"}]}, 422, "serve.max_field_chars"),
+    ({"query": "q", "items": [{"id": "a", "title": "t" * 51}]}, 422, "serve.max_field_chars"),
+    ({"query": "q", "items": [{"id": "a", "title": "t", "size": 3}]}, 422, "must be strings"),
+])
+def test_request_limits_are_checked_in_the_request_model(limits_reset, body, status, message):
+    r = edge_app().post("/v1/relevance", json=body)
+    assert r.status_code == status, r.text
+    if message:
+        assert message in " ".join(r.json()["problems"]), r.json()
+
+
+def test_a_body_over_the_limit_is_refused_before_parsing_whether_declared_or_streamed(limits_reset):
+    client = edge_app(max_body_bytes=2048)
+    big = b'{"query": "q", "items": [' + b" " * 4096 + b"]}"
+    r = client.post("/v1/relevance", content=big, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "serve.max_body_bytes" in r.json()["error"]
+    r = client.post("/v1/relevance", content=iter([big[:1000], big[1000:3000], big[3000:]]),  # chunked: no length
+                    headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "serve.max_body_bytes" in r.json()["error"]
+    ok = client.post("/v1/relevance", content=iter([b'{"query": "q", ', b'"items": [{"id": "a", "title": "t"}]}']),
+                     headers={"content-type": "application/json"})
+    assert ok.status_code == 200 and ok.json()["n"] == 1
+
+
+def test_bearer_is_case_insensitive_and_every_error_is_json_without_internals(limits_reset):
+    client = edge_app(api_key=b"k3y")
+    body = {"query": "q", "items": [{"id": "a", "title": "t"}]}
+    for scheme in ("Bearer", "bearer", "BEARER"):
+        assert client.post("/v1/relevance", json=body, headers={"Authorization": f"{scheme} k3y"}).status_code == 200
+    for header in ("Bearer k3", "Basic k3y", "k3y", "Bearerk3y"):
+        r = client.post("/v1/relevance", json=body, headers={"Authorization": header})
+        assert r.status_code == 401 and "Authorization: Bearer" in r.json()["error"]
+    r = client.get("/v1/boom", headers={"Authorization": "Bearer k3y"})
+    assert r.status_code == 500 and "error id" in r.json()["error"] and "secret" not in r.text
+    r = client.get("/nowhere")
+    assert r.status_code == 404 and r.json() == {"error": "Not Found"}
+
+
+# --- the ingress's calls to the model replicas ------------------------------------------------------------------
+
+class FakeHandle:
+    """A model deployment handle whose calls raise or return the given outcomes in turn."""
+
+    def __init__(self, *outcomes, delay: float = 0.0):
+        self.outcomes, self.delay, self.calls, self.cancelled = list(outcomes), delay, [], 0
+        self.score = self
+
+    def remote(self, pairs, deadline):
+        self.calls.append(deadline)
+        handle = self
+
+        class Response:
+            def __await__(self):
+                return self._reply().__await__()
+
+            async def _reply(self):
+                await asyncio.sleep(handle.delay)
+                outcome = handle.outcomes.pop(0) if len(handle.outcomes) > 1 else handle.outcomes[0]
+                if isinstance(outcome, BaseException):
+                    raise outcome
+                return outcome
+
+            def cancel(self):
+                handle.cancelled += 1
+
+        return Response()
+
+
+def caller(handle, **settings):
+    from serve.calling import ModelCaller
+    from serve.config import ServeConfig
+
+    return ModelCaller(handle, ServeConfig(**settings))
+
+
+def test_the_ingress_retries_a_request_whose_replica_died_or_became_unreachable():
+    from ray.exceptions import ActorDiedError, ActorUnavailableError
+
+    from serve.http import HTTPError
+
+    ok = {"results": ["ok"]}
+    c = caller(FakeHandle(ActorDiedError(), ActorUnavailableError("node lost", None), ok))
+    assert run(c.score([("q", "t")], time.perf_counter())) == ok
+    assert (len(c.handle.calls), c.counts["retried_replica_died"], c.counts["unavailable"]) == (3, 2, 0)
+    c = caller(FakeHandle(ActorDiedError()))
+    with pytest.raises(HTTPError) as err:
+        run(c.score([("q", "t")], time.perf_counter()))
+    assert err.value.status == 503 and "died 3 times" in err.value.message
+    assert (len(c.handle.calls), c.counts["retried_replica_died"], c.counts["unavailable"]) == (3, 2, 1)
+
+
+def test_model_failures_become_json_errors_that_name_no_internals():
+    from ray.exceptions import RayTaskError
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+    from serve.http import HTTPError
+
+    failed = RayTaskError("score", "Traceback ... /srv/secret/model.py", ValueError("boom"))
+    cases = [(failed, 500, "failed while scoring"), (BackPressureError(num_queued_requests=3, max_queued_requests=2), 503, "serve.max_queued_requests"),
+             (DeploymentUnavailableError("ray internal detail"), 503, "not available")]
+    for exc, status, message in cases:
+        c = caller(FakeHandle(exc))
+        with pytest.raises(HTTPError) as err:
+            run(c.score([("q", "t")], time.perf_counter()))
+        assert err.value.status == status and message in err.value.message, err.value.message
+        assert "secret" not in err.value.message and "internal detail" not in err.value.message
+
+
+def test_the_deadline_counts_from_arrival_and_a_slow_model_gets_a_503_before_the_proxy_timeout():
+    from serve.http import HTTPError
+
+    c = caller(FakeHandle({"results": []}, delay=5.0), latency_budget_ms=100, request_timeout_s=1.0)
+    t0 = time.perf_counter() - 0.05  # arrived 50 ms ago
+    start = time.perf_counter()
+    with pytest.raises(HTTPError) as err:
+        run(c.score([("q", "t")], t0))
+    took = time.perf_counter() - start
+    assert err.value.status == 503 and err.value.extra["reason"] == "unavailable" and c.counts["timed_out"] == 1
+    assert took < 1.0 and c.handle.cancelled == 1  # 0.75 s after arrival (1 s proxy timeout less 0.25), then cancelled
+    assert c.handle.calls[0] - time.time() == pytest.approx(0.05 - took, abs=0.1)  # the deadline sent: t0 + 100 ms
+
+
+def test_a_refusal_is_tried_once_more_only_where_another_replica_and_the_time_allow():
+    from serve.http import HTTPError
+
+    refusal = {"refused": {"reason": "latency_budget", "error": "overloaded", "retry_after_s": 0.3, "idle_s": 0.01}}
+    ok = {"results": ["ok"]}
+    c = caller(FakeHandle(refusal, ok), latency_budget_ms=500)
+    with pytest.raises(HTTPError) as err:  # one replica: no retry
+        run(c.score([("q", "t")], time.perf_counter()))
+    assert err.value.status == 503 and "idle_s" not in err.value.extra and len(c.handle.calls) == 1
+    c = caller(FakeHandle(refusal, ok), latency_budget_ms=500)
+    c.replicas = 2
+    assert run(c.score([("q", "t")], time.perf_counter())) == ok and c.counts["retried_refusal"] == 1
+    c = caller(FakeHandle(refusal), latency_budget_ms=500)
+    c.replicas = 2
+    with pytest.raises(HTTPError):  # refused twice: answered with the second refusal
+        run(c.score([("q", "t")], time.perf_counter()))
+    assert len(c.handle.calls) == 2 and c.counts["refused_latency_budget"] == 1
+    slow = {"refused": dict(refusal["refused"], idle_s=0.4)}
+    c = caller(FakeHandle(slow, ok), latency_budget_ms=500)
+    c.replicas = 2
+    with pytest.raises(HTTPError):  # 0.5 s left would not score it twice over (0.8 s) on an idle replica
+        run(c.score([("q", "t")], time.perf_counter()))
+    assert len(c.handle.calls) == 1
