@@ -1,22 +1,27 @@
-"""LRKD student training on Ray Train (`TorchTrainer`, DDP across N workers) fed by Ray Data, with early stopping on
-validation macro-F1, a checkpoint per epoch (resume continues after the last finished epoch) and the best model
-exported as a student folder.
+"""LRKD student training on Ray Train (`TorchTrainer`, DDP across N workers), with early stopping on validation
+macro-F1, checkpoints of the whole training state, and the best model exported as a student folder.
 
-Data: each job names an examples dataset (student/data.py's columns) for train and one for validation; the trainer
-gets them as Ray Datasets (`datasets=`, the train ones split across workers with `DataConfig`), and each worker
-streams its shard with `iter_torch_batches`: a seeded local shuffle buffer per epoch, tokenisation in the collate
-function, and batches of similar token length inside each chunk of `length_window` batches. `train_loop_config`
+One seed, one student: each worker streams the examples' Parquet files (student/data.py's columns; Ray Data built
+them) in an order that is a pure function of (seed, epoch, rank) (student/stream.py): files and shuffle windows
+permuted per epoch, batches of similar text length inside each chunk of `length_window` batches, batch g dealt to
+rank g % world. Dropout is seeded per (seed, epoch, step, rank), the thread count is fixed per worker, and the
+gloo/NCCL all-reduce sums the same tensors in the same order, so a rerun gives the same weights. `train_loop_config`
 carries settings and paths only. Validation is split across the workers by a hash of the pair id and gathered.
 
+Checkpoints (every `checkpoint_steps` steps and at each epoch's end) hold the weights, the optimizer's state, the
+epoch and step reached and the epoch's running sums (student/checkpoint.py, no pickle): a killed run resumed from
+one ends with the weights of an uninterrupted run.
+
 Several students train one after another in one worker group (`train_students`, since starting a group costs
-~20 s); its Ray Train state and latest checkpoint (weights + the job and epoch it belongs to) live in the `storage`
-folder given. Each student's folder (`out_dir`):
+~20 s); its Ray Train state and latest checkpoint (which job and key it belongs to) live in the `storage` folder
+given. Each student's folder (`out_dir`):
   trained.json  written when its training finished (early stop or last epoch)
   best/     the best epoch's student folder (student_config.json, model.safetensors, tokenizer),
             selection.json (that epoch and its val macro-F1) and val_logits.parquet (pair_id, the logits it was
             chosen on)
   history.json  per-epoch train loss parts, validation macro-F1, and the guidance diagnostics: CE, guidance,
                 lambda * guidance / CE and the ratio of the guidance term's gradient norm to CE's on the encoder
+                (and timings, which differ run to run)
 """
 from __future__ import annotations
 
@@ -61,7 +66,10 @@ class StudentTrainConfig(BaseModel):
     kd_temperature: float = Field(1.0, gt=0)
     guidance: str = Field("l2", pattern="^(l2|cosine)$", description="latent term: squared L2 summed over dimensions, or 1 - cos")
     length_window: int = Field(32, ge=1, description="batches per chunk sorted by token length (less padding); 1 = no grouping")
-    shuffle_buffer: int = Field(4096, ge=1, description="rows in each worker's seeded local shuffle buffer (at least one chunk)")
+    shuffle_buffer: int = Field(4096, ge=1, description="rows in each shuffle window (at least one chunk); the files' order "
+                                "is shuffled too, every epoch (student/stream.py)")
+    checkpoint_steps: int = Field(500, ge=0, description="a mid-epoch checkpoint every this many steps (resume loses at "
+                                  "most these); 0 = at each epoch's end only")
 
 
 @dataclass
@@ -159,12 +167,6 @@ def perspective_mask(kept: list[str] | None, perspectives: list[str]) -> np.ndar
     return np.array([float(kept is None or p in kept) for p in perspectives], np.float32)
 
 
-def steps_per_epoch(rows: int, world: int, batch_size: int) -> int:
-    """Optimizer steps per epoch on every rank: the train split gives each of `world` workers rows // world rows
-    (an equal split), cut into batches of at most `batch_size`."""
-    return max(1, math.ceil((rows // world) / batch_size))
-
-
 def share(pair_ids: list[str], world: int, rank: int) -> np.ndarray:
     """The rows of a validation batch this rank scores: a stable hash of the pair id, so every rank sees the same
     assignment whatever order the rows arrive in."""
@@ -191,28 +193,32 @@ def _lockstep(batches, device):
 
 def _train_loop(cfg: dict) -> None:
     """Ray Train worker: the jobs one after another in one worker group (starting a group costs ~20 s). A job
-    with trained.json in its folder is done; the checkpoint names the job it belongs to, which resumes there."""
+    with trained.json in its folder is done; the checkpoint names the job (folder and key) it belongs to, which
+    resumes there: weights, optimizer, the epoch and step reached, the epoch's running sums."""
     import ray.train
 
-    checkpoint, state = ray.train.get_checkpoint(), None
-    if checkpoint:
-        from safetensors.torch import load_file
+    from student import checkpoint as ckpt
 
-        with checkpoint.as_directory() as d:
-            state = json.loads(Path(d, "state.json").read_text()) | {"weights": load_file(os.path.join(d, "model.safetensors"))}
+    found, state = ray.train.get_checkpoint(), None
+    if found:
+        with found.as_directory() as d:
+            state = ckpt.load(d)
     for job in cfg["jobs"]:
         if (Path(job["out_dir"]) / TRAINED).exists():
             continue
-        _train_job(cfg, job, state if state and state["job"] == job["out_dir"] else None)
+        mine = state and state["job"] == job["out_dir"] and state.get("key") == job["key"]
+        _train_job(cfg, job, state if mine else None)
 
 
-def _validate(model, shard, tok, settings: "StudentTrainConfig", rank: int, world: int, device) -> tuple[list, np.ndarray, np.ndarray]:
+def _validate(model, folder: str, tok, settings: "StudentTrainConfig", rank: int, world: int, device) -> tuple[list, np.ndarray, np.ndarray]:
     """This rank's share of the validation rows, predicted, then gathered from every rank: (pair ids, logits,
     gold labels), sorted by pair id, identical on every rank."""
     import torch.distributed as dist
 
+    from student.stream import validation_rows
+
     ids, logits, gold = [], [], []
-    for table in shard.iter_batches(batch_size=max(settings.batch_size * 16, 256), batch_format="pyarrow"):
+    for table in validation_rows(folder, max(settings.batch_size * 16, 256)):
         mine = table.filter(pa.array(share(table.column("pair_id").to_pylist(), world, rank)))
         if mine.num_rows:
             out = predict(model, mine, tok, settings.max_length, batch_size=max(settings.batch_size, 64), device=device)
@@ -230,16 +236,11 @@ def _validate(model, shard, tok, settings: "StudentTrainConfig", rank: int, worl
     return ([all_ids[i] for i in order], np.concatenate([p[1] for p in parts])[order], np.concatenate([p[2] for p in parts])[order])
 
 
-def _chunk_collate(collator):
-    """iter_torch_batches' collate function: one chunk (a pyarrow Table) -> a list of tensor batches
-    (student.data.Collator). Built on first use: importing Ray Data costs a second the CLI need not pay."""
-    from ray.data.collate_fn import ArrowBatchCollateFn
+def _step_seed(seed: int, epoch: int, step: int, rank: int) -> int:
+    """torch's seed for one training step (dropout): from (seed, epoch, step, rank), whatever ran before."""
+    from student.stream import rng
 
-    class ChunkCollate(ArrowBatchCollateFn):
-        def __call__(self, batch):
-            return collator(batch)
-
-    return ChunkCollate()
+    return int(rng(seed, 3, epoch, step, rank).integers(2**62))
 
 
 def _train_job(cfg: dict, job: dict, resume: dict | None) -> None:
@@ -248,15 +249,20 @@ def _train_job(cfg: dict, job: dict, resume: dict | None) -> None:
     from sklearn.metrics import f1_score
     from transformers import AutoTokenizer
 
+    from student import checkpoint as ckpt
     from student.data import Collator, class_weights
     from student.model import LRKDStudent, StudentConfig, logit_kd_loss, lrkd_loss
+    from student.stream import EpochPlan, epoch_batches, parquet_files
 
     settings = StudentTrainConfig(**cfg["settings"])
     variant = Variant(**job["variant"])
     data = cfg["data"][job["data"]]
     out_dir = Path(job["out_dir"])
-    torch.manual_seed(variant.seed)
     rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":  # float sums depend on the thread count: fixed per worker
+        torch.set_num_threads(settings.cpus_per_worker)
+    torch.manual_seed(variant.seed)
     tok = AutoTokenizer.from_pretrained(cfg["encoder_path"])
     n_labels, k = len(cfg["labels"]), len(cfg["perspectives"])
     student_cfg = StudentConfig(labels=cfg["labels"], perspectives=cfg["perspectives"],
@@ -266,12 +272,12 @@ def _train_job(cfg: dict, job: dict, resume: dict | None) -> None:
                                 sep_token_id=tok.sep_token_id)
     model = LRKDStudent.from_encoder(cfg["encoder_path"], student_cfg)
     model.centroids.copy_(torch.tensor(data["centroids"]))
-    start_epoch, best, history = 0, -1.0, []
+    start_epoch, start_step, best, history, running = 0, 0, -1.0, [], None
     if resume:
         model.load_state_dict(resume["weights"])
-        start_epoch, best, history = resume["epoch"] + 1, resume["best"], resume["history"]
+        start_epoch, start_step, best, history = resume["epoch"], resume["step"], resume["best"], resume["history"]
+        running = resume.get("running")
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": variant.kind == "lrkd"})
-    device = ray.train.torch.get_device()
     core = model.module if hasattr(model, "module") else model
     weights = class_weights(data["label_counts"], n_labels, settings.class_weighting)
     weights = weights.to(device) if weights is not None else None
@@ -280,35 +286,49 @@ def _train_job(cfg: dict, job: dict, resume: dict | None) -> None:
               {"params": [p for p in core.parameters() if id(p) not in encoder_ids], "lr": settings.head_learning_rate}]
     opt = torch.optim.AdamW(groups, weight_decay=settings.weight_decay)
     peaks = [g["lr"] for g in opt.param_groups]
+    if resume and resume.get("optimizer") is not None:
+        ckpt.load_optimizer(opt, resume["optimizer"], resume["param_groups"])
     # epochs since the best one (history comes back with a resumed checkpoint)
     stale = len(history) - 1 - max(range(len(history)), key=lambda i: (history[i]["val_macro_f1"], -i)) if history else 0
-    per_epoch = steps_per_epoch(data["rows"], world, settings.batch_size)
+    files = parquet_files(data["train"])
+    plan = EpochPlan(settings.batch_size, settings.length_window, max(settings.shuffle_buffer, settings.batch_size * settings.length_window))
+    per_epoch = plan.steps(data["rows"], world)
     total_steps = per_epoch * settings.epochs
     warmup = max(1, round(settings.warmup_ratio * total_steps)) if settings.warmup_ratio > 0 else 0
     # the diagnostics batch: the first pairs with teacher targets (the same every epoch), written by the stage
     keep = torch.from_numpy(perspective_mask(variant.target_perspectives, cfg["perspectives"]))
-    probe = Collator(tok, settings.max_length, n_labels, k, settings.batch_size, sort=False)(pq.read_table(data["probe"]))[0]
+    collate = Collator(tok, settings.max_length, n_labels, k, settings.batch_size, sort=False)
+    probe = collate(pq.read_table(data["probe"]))[0]
     probe.pop("rows")
     probe["target_mask"] = probe["target_mask"] * keep
     probe = _to(probe, device)
-    train_shard = ray.train.get_dataset_shard(data["train"])
-    val_shard = ray.train.get_dataset_shard(data["val"])
-    chunk = settings.batch_size * settings.length_window
+
+    def report(metrics: dict, state: dict, extra=None) -> None:
+        """A checkpoint of the whole training state (rank 0 writes it; every rank reports)."""
+        with tempfile.TemporaryDirectory() as tmp:
+            if rank == 0:
+                ckpt.save(tmp, core, opt, {"job": job["out_dir"], "key": job["key"], "best": best, "history": history} | state)
+                if extra:
+                    extra()
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None)
+        if cfg.get("crash_at") == [job["index"], state["epoch"] * per_epoch + state["step"]]:
+            raise RuntimeError(f"injected fault after step {cfg['crash_at'][1]} (tests: resume equals uninterrupted)")
+
     for epoch in range(start_epoch, settings.epochs):
         t0 = time.time()
-        diag = loss_diagnostics(core, probe, variant, settings.guidance, weights) if rank == 0 else {}
+        if running and epoch == start_epoch and start_step:
+            sums, steps, pairs, diag, seconds = running["sums"], start_step, running["pairs"], running["diag"], running["seconds"]
+        else:
+            diag = loss_diagnostics(core, probe, variant, settings.guidance, weights) if rank == 0 else {}
+            sums, steps, pairs, seconds = {}, 0, 0, 0.0
         model.train()
-        epoch_seed = variant.seed * 1000 + epoch
-        collate = Collator(tok, settings.max_length, n_labels, k, settings.batch_size, seed=epoch_seed + 7919 * rank,
-                           sort=settings.length_window > 1)
-        chunks = train_shard.iter_torch_batches(batch_size=chunk, collate_fn=_chunk_collate(collate), prefetch_batches=2,
-                                                local_shuffle_buffer_size=max(settings.shuffle_buffer, chunk),
-                                                local_shuffle_seed=epoch_seed)
-        sums: dict[str, float] = {}
-        steps, pairs = 0, 0
-        for i, b in enumerate(_lockstep((b for batches in chunks for b in batches), device)):
+        stream = epoch_batches(files, plan, variant.seed, epoch, rank, world, skip=steps)
+        for rows in _lockstep(stream, device):
+            global_step = epoch * per_epoch + steps
             for group, peak in zip(opt.param_groups, peaks):
-                group["lr"] = peak * _lr_factor(epoch * per_epoch + i, total_steps, warmup)
+                group["lr"] = peak * _lr_factor(global_step, total_steps, warmup)
+            torch.manual_seed(_step_seed(variant.seed, epoch, steps, rank))  # dropout
+            b = collate(rows)[0]
             b.pop("rows")
             b["target_mask"] = b["target_mask"] * keep
             b = _to(b, device)
@@ -326,12 +346,16 @@ def _train_job(cfg: dict, job: dict, resume: dict | None) -> None:
             pairs += int(b["label"].shape[0])
             for key, v in parts.items():
                 sums[key] = sums.get(key, 0.0) + v
-        train_seconds = time.time() - t0
-        val_ids, val_logits, val_gold = _validate(core, val_shard, tok, settings, rank, world, device)
+            if settings.checkpoint_steps and steps % settings.checkpoint_steps == 0 and steps < per_epoch:
+                running = {"sums": sums, "pairs": pairs, "diag": diag, "seconds": seconds + time.time() - t0}
+                report({"job": variant.name, "seed": variant.seed, "epoch": epoch, "step": steps},
+                       {"epoch": epoch, "step": steps, "running": running})
+        seconds += time.time() - t0
+        val_ids, val_logits, val_gold = _validate(core, data["val"], tok, settings, rank, world, device)
         f1 = float(f1_score(val_gold, val_logits.argmax(-1), average="macro", labels=list(range(n_labels)), zero_division=0))
         history.append({"epoch": epoch, "val_macro_f1": f1, **{f"train_{key}": v / max(steps, 1) for key, v in sums.items()},
                         **{f"diag_{key}": v for key, v in diag.items()}, "steps": steps, "train_pairs": pairs * world,
-                        "train_seconds": round(train_seconds, 2), "seconds": round(time.time() - t0, 1)})
+                        "train_seconds": round(seconds, 2), "seconds": round(time.time() - t0, 1)})
         improved = f1 > best
         if improved:
             best, stale = f1, 0
@@ -341,22 +365,20 @@ def _train_job(cfg: dict, job: dict, resume: dict | None) -> None:
         if rank == 0:
             print(f"[thinkbroad] student [{job['index']}/{len(cfg['jobs'])}] {variant.name} seed {variant.seed}: epoch "
                   f"{epoch + 1}/{settings.epochs}, val macro-F1 {f1:.3f}, {history[-1]['seconds']} s "
-                  f"({pairs * world / max(train_seconds, 1e-9):.0f} pairs/s)" + (", done" if done else ""), flush=True)
-        metrics = {"job": variant.name, "seed": variant.seed, "epoch": epoch, "val_macro_f1": f1, "best_val_macro_f1": best}
-        with tempfile.TemporaryDirectory() as tmp:
-            if rank == 0:
-                from safetensors.torch import save_file
+                  f"({pairs * world / max(seconds, 1e-9):.0f} pairs/s)" + (", done" if done else ""), flush=True)
 
-                save_file({key: v.detach().cpu().contiguous() for key, v in core.state_dict().items()}, os.path.join(tmp, "model.safetensors"))
-                Path(tmp, "state.json").write_text(json.dumps({"job": job["out_dir"], "epoch": epoch, "best": best, "history": history}))
-                if improved:
-                    logits = pa.table({"pair_id": pa.array(val_ids, pa.string()),
-                                       "logits": pa.FixedSizeListArray.from_arrays(pa.array(val_logits.reshape(-1)), n_labels)})
-                    _save_atomic(core, tok, out_dir / "best", {"epoch": epoch, "val_macro_f1": f1, "val_pairs": len(val_ids)}, logits)
-                (out_dir / "history.json").write_text(json.dumps(history, indent=1))
-                if done:  # before the report: a kill after it must not retrain this job
-                    (out_dir / TRAINED).write_text(json.dumps({"epochs": len(history), "best_val_macro_f1": best}))
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None)
+        def outputs() -> None:
+            if improved:
+                logits = pa.table({"pair_id": pa.array(val_ids, pa.string()),
+                                   "logits": pa.FixedSizeListArray.from_arrays(pa.array(val_logits.reshape(-1)), n_labels)})
+                _save_atomic(core, tok, out_dir / "best", {"epoch": epoch, "val_macro_f1": f1, "val_pairs": len(val_ids)}, logits)
+            (out_dir / "history.json").write_text(json.dumps(history, indent=1))
+            if done:  # before the report: a kill after it must not retrain this job
+                (out_dir / TRAINED).write_text(json.dumps({"epochs": len(history), "best_val_macro_f1": best}))
+
+        report({"job": variant.name, "seed": variant.seed, "epoch": epoch, "val_macro_f1": f1, "best_val_macro_f1": best},
+               {"epoch": epoch + 1, "step": 0, "running": None}, outputs)
+        running = None
         if done:
             break
 
@@ -394,17 +416,22 @@ class StudentJob:
     variant: Variant
     out_dir: str
     data: str
+    key: str = ""  # what the student depends on (config and input fingerprints): a checkpoint of another key is not resumed
 
 
 def train_students(jobs: list[StudentJob], datasets: dict[str, StudentData], settings: StudentTrainConfig,
-                   encoder_path: str, labels: list[str], perspectives: list[str], storage: str | Path) -> None:
+                   encoder_path: str, labels: list[str], perspectives: list[str], storage: str | Path,
+                   crash_at: tuple[int, int] | None = None) -> None:
     """Train the jobs one after another in one Ray Train worker group (DDP over `settings.num_workers`), each
-    streaming its `datasets[job.data]` through Ray Data.
+    worker streaming `datasets[job.data]`'s Parquet files in the order student/stream.py derives from
+    (seed, epoch, rank).
 
     A job whose folder has trained.json is skipped; rerunning the same jobs with the same `storage` resumes the
-    interrupted one at its last epoch."""
+    interrupted one where its last checkpoint stood (every `checkpoint_steps` steps and at each epoch's end), and
+    ends with the weights an uninterrupted run gives. `crash_at` (job index from 1, global step): a test's injected
+    fault, raised after that step's checkpoint."""
     import ray
-    from ray.train import CheckpointConfig, DataConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     if all((Path(j.out_dir) / TRAINED).exists() for j in jobs):
@@ -412,29 +439,17 @@ def train_students(jobs: list[StudentJob], datasets: dict[str, StudentData], set
     for j in jobs:
         Path(j.out_dir).mkdir(parents=True, exist_ok=True)
     device = _device(settings.accelerator)
-    used = {j.data for j in jobs}
-    # Ray Data's budget is the cluster minus what training holds: CPU training workers hold every core of a small
-    # machine, so the ingest reads are light (no CPU slot of their own; the tokenising runs in the collate
-    # function inside each worker); GPU workers leave the node's CPUs to the reads.
-    from student.examples import read_parquet
-
-    light = device == "cpu"
-    ray_datasets, split, data = {}, [], {}
-    for i, key in enumerate(sorted(used)):
-        d = datasets[key]
-        names = {"train": f"train_{i}", "val": f"val_{i}"}
-        ray_datasets[names["train"]] = read_parquet(d.train, light, settings.num_workers).randomize_block_order()
-        ray_datasets[names["val"]] = read_parquet(d.val, light, settings.num_workers)
-        split.append(names["train"])
-        data[key] = asdict(d) | names | {"probe": str(Path(d.probe).resolve())}
+    # every worker streams the examples' Parquet files itself (student/stream.py): the trainer gets paths, no datasets
+    data = {key: asdict(datasets[key]) | {"train": str(Path(datasets[key].train).resolve()),
+                                          "val": str(Path(datasets[key].val).resolve()),
+                                          "probe": str(Path(datasets[key].probe).resolve())}
+            for key in sorted({j.data for j in jobs})}
     trainer = TorchTrainer(
         _train_loop,
-        train_loop_config=train_loop_config(jobs, data, settings, encoder_path, labels, perspectives),
+        train_loop_config=train_loop_config(jobs, data, settings, encoder_path, labels, perspectives) | {"crash_at": list(crash_at) if crash_at else None},
         scaling_config=ScalingConfig(num_workers=settings.num_workers, use_gpu=device == "gpu",
                                      resources_per_worker=None if device == "gpu" else {"CPU": settings.cpus_per_worker}),
         torch_config=TorchConfig(backend="nccl" if device == "gpu" else "gloo"),
-        datasets=ray_datasets,
-        dataset_config=DataConfig(datasets_to_split=split),
         run_config=RunConfig(name="students", storage_path=str(Path(storage).resolve()), checkpoint_config=CheckpointConfig(num_to_keep=1)),
     )
     trainer.fit()
@@ -444,7 +459,8 @@ def train_loop_config(jobs: list[StudentJob], data: dict, settings: StudentTrain
                       labels: list[str], perspectives: list[str]) -> dict:
     """What each training worker is given: settings, paths and the names of its Ray datasets; never the data."""
     return {
-        "jobs": [{"variant": asdict(j.variant), "out_dir": str(Path(j.out_dir).resolve()), "data": j.data, "index": i}
+        "jobs": [{"variant": asdict(j.variant), "out_dir": str(Path(j.out_dir).resolve()), "data": j.data, "index": i,
+                  "key": j.key}
                  for i, j in enumerate(jobs, 1)],
         "data": data, "settings": settings.model_dump(), "encoder_path": str(Path(encoder_path).resolve()),
         "labels": labels, "perspectives": perspectives,
