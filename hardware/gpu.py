@@ -1,8 +1,10 @@
 """GPUs: what a kind of GPU and a cloud instance type hold, and which GPUs this machine has (nvidia-smi).
 
-The one place with GPU facts; `thinkbroad plan` (workflows/plan.py) reads them to check a GPU run before anyone
+The one place with GPU facts; `thinkbroad plan` (workflows/plan/) reads them to check a GPU run before anyone
 rents the GPUs. Memory is the nominal size on the datasheet in GB, taken as GiB (nvidia-smi reports 81920 MiB for an
-80 GB A100): within 2% of what the allocator sees. bf16 throughput is the dense (no sparsity) tensor-core peak.
+80 GB A100): within 2% of what the allocator sees. bf16 throughput is the dense (no sparsity) tensor-core peak; memory
+bandwidth is the datasheet's (the SXM part where there are two); the chip says which kinds are one processor with
+different memory (the plan derives one's generation rate from the other's by KV capacity and bandwidth).
 """
 from __future__ import annotations
 
@@ -17,13 +19,16 @@ class GpuKind:
     name: str  # as Ray's accelerator_type names it, with the memory where Ray's name is ambiguous ("A100-80G")
     memory_gib: float
     bf16_tflops: float  # dense tensor-core peak, NVIDIA datasheets
+    memory_gbps: float  # memory bandwidth, GB/s (10^9 bytes)
+    chip: str  # the GPU processor: kinds of one chip differ in memory only
 
 
-# NVIDIA datasheets: A100 (312 TFLOPS bf16 dense, 40/80 GB), H100 SXM (989, 80 GB), H200 SXM (989, 141 GB),
-# L40S (362, 48 GB).
+# NVIDIA datasheets: A100 SXM (312 TFLOPS bf16 dense; 40 GB HBM2 at 1,555 GB/s, 80 GB HBM2e at 2,039 GB/s; the p4d
+# and p4de instances' parts), H100 SXM (989, 80 GB at 3.35 TB/s), H200 SXM (989, 141 GB at 4.8 TB/s), L40S (362,
+# 48 GB GDDR6 at 864 GB/s).
 GPUS = {g.name: g for g in (
-    GpuKind("A100-40G", 40, 312), GpuKind("A100-80G", 80, 312), GpuKind("H100", 80, 989),
-    GpuKind("H200", 141, 989), GpuKind("L40S", 48, 362),
+    GpuKind("A100-40G", 40, 312, 1555, "GA100"), GpuKind("A100-80G", 80, 312, 2039, "GA100"),
+    GpuKind("H100", 80, 989, 3350, "GH100"), GpuKind("H200", 141, 989, 4800, "GH100"), GpuKind("L40S", 48, 362, 864, "AD102"),
 )}
 
 

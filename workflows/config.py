@@ -159,9 +159,13 @@ class PlanAssumptions(_Strict):
 
 
 class PlanConfig(_Strict):
-    """`thinkbroad plan`: what a GPU run needs, takes and costs (workflows/plan.py)."""
+    """`thinkbroad plan`: what a GPU run needs, takes and costs (workflows/plan/)."""
 
     gpu_hour_usd: float | None = Field(None, gt=0, description="price of one GPU-hour; null = no cost column")
+    # prices move (AWS cut its P4/P5 on-demand prices in June 2025): the plan prints the price with its month and age
+    gpu_hour_usd_as_of: str | None = Field(None, pattern=r"^\d{4}-(0[1-9]|1[0-2])$",
+                                           description="the month the price was in effect, YYYY-MM")
+    gpu_hour_usd_source: str | None = Field(None, description="what the price is: instance, region, on-demand or not")
     # model name as the config gives it (teacher.model, distill.embedder, distill.backbone) -> its config.json
     # fields, used when the folder is not on the machine that plans
     models: dict[str, dict[str, Any]] = Field(default_factory=dict)
