@@ -1,6 +1,9 @@
 """`thinkbroad plan`: the pre-flight check of a GPU run, with config-only models and made-up cluster shapes (no Ray,
 no weights). The paper config must fit 8 x 80 GB with ZeRO-3 and be refused with ZeRO-2 full fine-tuning; the ZeRO
-numbers must be DeepSpeed's own; the local config must plan on this machine."""
+numbers must be DeepSpeed's own; TRL's fused LM head is counted as the installed TRL builds it; a GPU kind without a
+published generation rate gets one derived from its KV cache; the hours are shown across teacher accuracies; the price
+carries its month; the local config must plan on this machine."""
+import datetime
 import json
 from pathlib import Path
 
@@ -12,7 +15,9 @@ from teacher.placement import model_states_bytes
 from workflows.cli import main
 from workflows.config import load_config
 from workflows.cluster import PlanError, cluster_from_flags, cluster_from_yaml, this_machine
-from workflows.plan import make_plan, render
+from workflows.plan import ACCURACIES, make_plan, price_line, render
+from workflows.plan.timing import decode_roofline
+from workflows.plan.training import FUSED_TOKENS, FUSED_VOCAB, fused_head_bytes
 from workflows.shapes import ShapeError, model_shape, safetensors_counts, shape_from_config
 
 PAPER = ROOT / "configs" / "paper.yaml"
@@ -240,3 +245,135 @@ def test_run_refuses_a_stage_that_cannot_fit_before_starting_ray(tmp_path, capsy
     assert "dpo: DOES NOT FIT" in err and "set dpo.distributed.zero_stage: 3" in err and "generate: fits" in err
     assert "the plan refuses dpo" in err and "--no-plan" in err
     assert not (tmp_path / "run" / "mpcot").exists()  # no stage after prepare started
+
+
+# ---------------------------------------------------------------- issue 23, item 8: the plan counts what it says
+
+
+def test_trls_trainers_use_the_fused_lm_head_the_plan_counts():
+    """The plan counts TRL's fused LM head (tile + fp32 gradients), not full logits and not Liger: this holds only while
+    the installed TRL's SFT and DPO trainers install that head, with the tile the plan assumes."""
+    import inspect
+
+    from trl import DPOTrainer, SFTTrainer
+    from trl.kernels.chunked_logprob import TOKEN_CHUNK_SIZE
+    from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
+
+    assert (FUSED_TOKENS, FUSED_VOCAB) == (TOKEN_CHUNK_SIZE, _CHUNKED_LOGPROB_CHUNK_SIZE)
+    for trainer in (SFTTrainer, DPOTrainer):
+        source = inspect.getsource(trainer)
+        assert "add_fused_lm_head(" in source and "fused_lm_head=True" in source, trainer.__name__
+
+
+def test_the_fused_lm_head_never_builds_the_logits():
+    """TRL's fused head on a tiny Qwen3 with a vocabulary wider than one tile, forward and backward on CPU: no tensor as
+    large as the (tokens, vocab) logits is ever made; the largest is a tile or the weight's gradient."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from trl.trainer.utils import add_fused_lm_head
+
+    vocab, batch, seq = 40_000, 2, 48
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**{**TINY["qwen3"], "vocab_size": vocab}))
+    add_fused_lm_head(model)
+    ids = torch.randint(0, vocab, (batch, seq))
+
+    class Largest(TorchDispatchMode):
+        numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor):
+                    Largest.numel = max(Largest.numel, t.numel())
+            return out
+
+    with Largest():
+        out = model(input_ids=ids, labels=ids, fused_lm_head=True)
+        out.loss.backward()
+    tokens = batch * (seq - 1)
+    assert out.log_probs.shape == (batch, seq - 1) and torch.isfinite(out.loss)
+    assert Largest.numel < tokens * vocab  # the logits were never built
+    assert Largest.numel <= max(tokens * FUSED_VOCAB, vocab * TINY["qwen3"]["hidden_size"])
+    assert model.lm_head.weight.grad is not None and model.lm_head.weight.grad.abs().sum() > 0
+
+
+def test_the_plan_counts_the_fused_lm_head(tmp_path):
+    plan = _plan(_paper(), tmp_path)
+    teacher = plan.shapes["teacher"]
+    for kind in ("sft", "dpo"):
+        check = plan.stage(kind).checks[-1]
+        # 2 x 2048 positions (SFT batch 2; DPO batch 1 x chosen and rejected): a 4096 x 32768 bf16 tile, the hidden
+        # states and their fp32 gradient, the fp32 gradient of the 151,936 x 5,120 head: 3.3 GiB, not the 1.2 GiB of
+        # bf16 logits (2.3 in fp32) it never builds
+        head = fused_head_bytes(teacher, 4096, 2, True)
+        assert head["tile"] == 4096 * 32768 * 2 and head["head weight grad"] == 151_936 * 5120 * 4
+        assert f"fused LM head {sum(head.values()) / 2**30:.1f}" in check.lines[0]
+        assert "never builds" in check.lines[1] and "1.2 GiB in bf16, 2.3 upcast to fp32" in check.lines[1]
+    assert 43 < plan.stage("sft").checks[0].need_gib < 44 and 48 < plan.stage("dpo").checks[-1].need_gib < 49
+    # LoRA freezes the head: no fp32 weight gradient
+    lora = _plan(_paper("sft.lora.enabled=true"), tmp_path).stage("sft").checks[0]
+    assert "the head is frozen" in lora.lines[1]
+    assert lora.need_gib < plan.stage("sft").checks[0].need_gib - 2.8
+    text = render(plan, "configs/paper.yaml")
+    assert "never builds the (batch, seq, vocab) logits" in text and "Liger is off" in text
+
+
+def test_an_a100_40g_generation_rate_is_derived_from_its_kv_cache(tmp_path):
+    cfg = _paper()
+    assert "A100-40G" not in cfg.plan.throughput.generation_tokens_per_s  # nothing to copy
+    forty = _plan(cfg, tmp_path, cluster_from_flags(1, 8, None, "A100-40G"), pairs=1_800_000)
+    eighty = _plan(cfg, tmp_path, cluster_from_flags(1, 8, None, "A100-80G"), pairs=1_800_000)
+    teacher, lengths = forty.shapes["teacher"], forty.lengths
+    d40, d80 = (decode_roofline(cfg, teacher, GPUS[k], lengths) for k in ("A100-40G", "A100-80G"))
+    # 0.9 x 40 GiB - 27.5 of weights - activations - runtime leaves ~5.3 GiB of KV: ~34.6k tokens, ~54 sequences of
+    # prompt + answer at once (the 80 GB card runs max_num_seqs 256), on 1,555 GB/s instead of 2,039
+    assert 5 < d40.kv_gib < 6 and d40.seqs == int(d40.kv_tokens // (lengths.prompt_mean + lengths.completion)) < d40.max_seqs
+    assert d80.seqs == d80.max_seqs == 256
+    rate40 = 3922 * d40.tokens_per_s / d80.tokens_per_s
+    assert rate40 < 0.5 * 3922
+    gen40, gen80 = forty.stage("generate").work[0], eighty.stage("generate").work[0]
+    assert gen40.how.startswith(f"{rate40:,.0f} tokens/s per GPU (A100-40G, derived from A100-80G")
+    assert gen80.how.startswith("3,922 tokens/s per GPU (A100-80G)")
+    assert gen40.hours > 3 * gen80.hours
+    assert any(n.startswith("A100-40G generation rate derived") and "sequences at once" in n for n in forty.notes)
+    # a measured figure for the kind wins over the derivation
+    cfg.plan.throughput.generation_tokens_per_s["A100-40G"] = 1500
+    given = _plan(cfg, tmp_path, cluster_from_flags(1, 8, None, "A100-40G"), pairs=1_800_000)
+    assert given.stage("generate").work[0].how == "1,500 tokens/s per GPU (A100-40G)"
+    # a kind with no figure and no chip-mate with one is not estimated
+    l40s = _plan(_paper(), tmp_path, cluster_from_flags(1, 4, None, "L40S"), pairs=1_800_000)
+    assert l40s.stage("generate").work[0].hours is None
+
+
+def test_hours_move_with_the_teacher_accuracy(tmp_path):
+    plan = _plan(_paper(), tmp_path, cluster_from_yaml(ROOT / "cluster.yaml"), pairs=1_800_000)
+    rows = {round(s.accuracy, 2): s for s in plan.sensitivity}
+    assert set(ACCURACIES) <= set(rows) and plan.accuracy[0] == 0.6
+    acc = sorted(rows)
+    sft = [rows[a].stage_hours["sft"] for a in acc]
+    dpo = [rows[a].stage_hours["dpo"] for a in acc]
+    total = [rows[a].hours for a in acc]
+    # more correct rationales: more SFT rows, fewer DPO conflicts and resampled pairs; DPO's rows cost more per row
+    # (chosen + rejected, the reference forward), so the paper config's total falls as accuracy rises
+    assert sft == sorted(sft) and dpo == sorted(dpo, reverse=True) and total == sorted(total, reverse=True)
+    assert total[0] > total[-1]
+    # the assumed row is the plan's own total, and any row equals a plan made at that accuracy
+    assert rows[0.6].hours == pytest.approx(sum(st.hours or 0 for st in plan.stages))
+    at_80 = _plan(_paper("plan.assume.teacher_accuracy=0.8"), tmp_path, cluster_from_yaml(ROOT / "cluster.yaml"), 1_800_000)
+    assert rows[0.8].hours == pytest.approx(sum(st.hours or 0 for st in at_80.stages))
+    text = render(plan, "configs/paper.yaml")
+    assert "hours by the teacher's accuracy" in text and "| 60% * |" in text and "| 90% |" in text
+
+
+def test_the_price_is_dated(tmp_path):
+    cfg = _paper()
+    assert cfg.plan.gpu_hour_usd_as_of == "2026-11"
+    text = render(_plan(cfg, tmp_path), "configs/paper.yaml")
+    assert "cost (2026-11 price)" in text and "as of 2026-11" in text and "p4de.24xlarge" in text
+    assert "check today's" in price_line(cfg, datetime.date(2027, 8, 1)) and "check" not in price_line(cfg, datetime.date(2026, 12, 5))
+    undated = _paper("plan.gpu_hour_usd_as_of=null")
+    assert "undated" in price_line(undated)
+    with pytest.raises(Exception, match="gpu_hour_usd_as_of"):
+        _paper("plan.gpu_hour_usd_as_of=Nov 2026")
