@@ -164,6 +164,10 @@ def paired_bootstrap(gold: list[int], preds: dict[int, list[int]], base: dict[in
     seeds = sorted(set(preds) & set(base))
     if not seeds:
         raise ValueError("no seed was trained for both variants; a paired comparison needs the same seeds")
+    wrong = {f"seed {s}": (len(preds[s]), len(base[s])) for s in seeds if not len(preds[s]) == len(base[s]) == len(gold)}
+    if wrong:
+        raise ValueError(f"paired comparison on {len(gold)} test pairs, but the predictions (variant, base) number {wrong}: "
+                         "each must hold one prediction per test pair, in the split's order")
     g = np.asarray(gold)
     a = np.asarray([preds[s] for s in seeds])
     b = np.asarray([base[s] for s in seeds])

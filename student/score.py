@@ -294,9 +294,13 @@ def metrics_from_parts(out_dir: str | Path, labels: list[str], perspectives: lis
     result: dict = {"scored": t.num_rows, "unlabelled": t.num_rows - labelled.num_rows}
     if labelled.num_rows == 0:
         return result
-    if order is not None:
+    if order is not None:  # joined on pair_id: the i-th prediction is the i-th pair's, or nothing is returned
         pos = pc.index_in(order, value_set=labelled.column("pair_id"))
-        labelled = labelled.take(pc.drop_null(pos))
+        if pos.null_count or len(order) != labelled.num_rows:
+            raise ValueError(f"{path}: {labelled.num_rows} scored labelled pairs where the split has {len(order)} "
+                             f"({pos.null_count} of its pairs missing): paired comparisons would set predictions against "
+                             "other pairs' gold labels; delete the folder and score again")
+        labelled = labelled.take(pos)
     index = {c: i for i, c in enumerate(labels)}
     gold = np.array([index[g] for g in labelled.column("gold").to_pylist()])
     pred = np.array([index[g] for g in labelled.column("label").to_pylist()])

@@ -79,15 +79,25 @@ def write_manifest(stage_dir: str | Path, stage: str, config_hash: str, inputs: 
     return manifest
 
 
-def start_attempt(work_dir: str | Path, key: str, what: str) -> None:
-    """Partial work in `work_dir` (parts, checkpoints) is resumed only if it was made with the same config key;
-    otherwise it is discarded, with a message. Call before a stage starts (or resumes) its work."""
+def attempt_key(key: str, inputs: dict[str, str] | None = None) -> str:
+    """The config key with the input fingerprints folded in: what partial work must match to be resumed."""
+    if not inputs:
+        return key
+    return hashlib.sha256(json.dumps([key, inputs], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def start_attempt(work_dir: str | Path, key: str, what: str, inputs: dict[str, str] | None = None) -> None:
+    """Partial work in `work_dir` (parts, checkpoints, a student's trained.json and best/) is resumed only if it was
+    made with the same config key and the same input fingerprints; otherwise it is discarded, with a message. Call
+    before a stage starts (or resumes) its work."""
     import shutil
 
     work_dir = Path(work_dir)
     marker = work_dir / ".config_hash"
-    if work_dir.exists() and any(work_dir.iterdir()) and (not marker.exists() or marker.read_text().strip() != key):
-        print(f"[thinkbroad] {what}: the config changed since the interrupted attempt; discarding {work_dir}", flush=True)
+    want = attempt_key(key, inputs)
+    if work_dir.exists() and any(work_dir.iterdir()) and (not marker.exists() or marker.read_text().strip() != want):
+        print(f"[thinkbroad] {what}: the config or the inputs changed since the earlier attempt; discarding {work_dir}",
+              flush=True)
         shutil.rmtree(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
-    marker.write_text(key)
+    marker.write_text(want)

@@ -112,7 +112,7 @@ def generate(cfg: RunConfig, run_dir: Path, progress: bool = True) -> Path:
         log(f"generate: up to date ({out})")
         return out
     invalidate(out)
-    start_attempt(out / "parts", key, "generate")
+    start_attempt(out / "parts", key, "generate", inputs)
     t0 = time.time()
     tasks = generation_tasks(cfg, split_paths)
     model_path = resolve_model(cfg.teacher.model)

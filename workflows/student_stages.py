@@ -27,8 +27,8 @@ from student.config import DistillConfig
 from student.evaluate import aggregate, paired_bootstrap
 from student.examples import batches, keep_mask
 from student.train import TRAINED, Variant
-from workflows.artifacts import (fingerprint, invalidate, is_fresh, start_attempt, write_json_atomic, write_manifest,
-                                 write_text_atomic)
+from workflows.artifacts import (attempt_key, fingerprint, invalidate, is_fresh, start_attempt, write_json_atomic,
+                                 write_manifest, write_text_atomic)
 from workflows.config import RunConfig
 from workflows.models import resolve_model
 from workflows.runtime import ensure_ray
@@ -130,7 +130,8 @@ def targets(cfg: RunConfig, run_dir: Path, source: str | None = None, teacher: s
     ensure_ray()
     ids = target_pairs(cfg, split_paths)
     if llm:
-        rows = _embed(cfg, _teacher_rationales(cfg, split_paths, ids, out, key, source, teacher_path, teacher_name))
+        rows = _embed(cfg, _teacher_rationales(cfg, split_paths, ids, out, attempt_key(key, inputs), source, teacher_path,
+                                               teacher_name))
     else:
         rows = _label_text_rows(cfg, split_paths, ids)
     n = _write_parquet_folder(rows, path)
@@ -247,13 +248,51 @@ def _embed(cfg: RunConfig, rows):
 
 
 def _write_parquet_folder(ds, path: Path) -> int:
-    """Writes a Ray Dataset to the Parquet folder `path` (beside, then renamed). Returns its rows."""
+    """Writes a Ray Dataset to the Parquet folder `path`, named and ordered by content (a Ray task rewrites Ray
+    Data's output, whose file names are random and whose row order follows task completion, into hash buckets of
+    pair_id sorted by (pair_id, perspective)): the same targets give the same files, so the folder's fingerprint,
+    the centroids' sums and the probe's sample do not change with scheduling. Returns its rows."""
     tmp = path.with_name(f".{path.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     ds.write_parquet(str(tmp.resolve()))
+    final = path.with_name(f".{path.name}.canonical")
+    n = _remote(canonical_parquet)(str(tmp), str(final), ["pair_id", "perspective"])
     shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)
-    return sum(pq.ParquetFile(f).metadata.num_rows for f in path.glob("*.parquet"))
+    final.rename(path)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return n
+
+
+def canonical_parquet(src: str, dst: str, keys: list[str], bucket_bytes: int = 64 << 20) -> int:
+    """The rows of the Parquet folder `src` rewritten to `dst` as part-<bucket>.parquet files: a row's bucket is a
+    hash of its first key, each bucket sorted by `keys` (unique per row). Two passes, memory bounded by a bucket."""
+    import zlib
+
+    from student.stream import parquet_files, read_rows
+
+    files = parquet_files(src)
+    buckets = max(1, -(-sum(Path(f).stat().st_size for f in files) // bucket_bytes))
+    work, out = Path(dst).with_name(Path(dst).name + ".buckets"), Path(dst)
+    for d in (work, out):
+        shutil.rmtree(d, ignore_errors=True)
+        d.mkdir(parents=True)
+    writers: dict[int, pq.ParquetWriter] = {}
+    for t in read_rows(files):
+        which = np.array([zlib.crc32(str(k).encode()) % buckets for k in t.column(keys[0]).to_pylist()])
+        for b in np.unique(which):
+            part = t.filter(pa.array(which == b))
+            if b not in writers:
+                writers[b] = pq.ParquetWriter(work / f"{b:05d}.parquet", part.schema)
+            writers[b].write_table(part.cast(writers[b].schema))
+    for w in writers.values():
+        w.close()
+    n = 0
+    for b in sorted(writers):
+        t = pq.read_table(work / f"{b:05d}.parquet").sort_by([(k, "ascending") for k in keys])
+        pq.write_table(t, out / f"part-{b:05d}.parquet")
+        n += t.num_rows
+    shutil.rmtree(work, ignore_errors=True)
+    return n
 
 
 def keep_target(row: dict, target_filter: str) -> bool:
@@ -358,6 +397,22 @@ class StudentData:
             return f"targets:{v.target_source or self.cfg.distill.target_source}"
         return "plain"
 
+    def reads(self, v: Variant) -> list[str]:
+        """The target sources a variant's student depends on: its guidance targets (LRKD, lambda > 0), the centroids
+        its model carries for attribution (every LRKD student, the lambda = 0 control too), the votes (logit-KD)."""
+        if v.kind == "logit_kd":
+            return ["teacher"]
+        if v.kind == "lrkd":
+            return [v.target_source or self.cfg.distill.target_source]
+        return []
+
+    def job_key(self, v: Variant) -> str:
+        """Which training data (StudentData) a job reads: its examples, the centroids an LRKD student carries (the
+        lambda = 0 control has its twin's target width and centroids; vanilla has none) and a perspective subset.
+        Two variants share a key only when they train on the same data."""
+        cents = f"centroids:{self.reads(v)[0]}" if v.kind == "lrkd" else "no-centroids"
+        return "|".join([self.key(v), cents, *(v.target_perspectives or [])])
+
     def centroids(self, source: str) -> dict:
         """Per-perspective mean of the kept train targets (and their counts), from the sparse target rows."""
         from student.examples import target_centroids
@@ -432,30 +487,29 @@ def train_variants(cfg: RunConfig, run_dir: Path, variants: list[Variant], teach
     base_key = cfg.section_hash("labels", "perspectives", "data")
     splits = {s: data.fingerprint(data.paths[s]) for s in ("train", "val", "test")}
     folder = {id(v): run_dir / "student" / "variants" / f"{v.name}{tag}-seed{v.seed}" for v in variants}
-    # one examples table per kind of data (plain, targets of a source, votes); a perspective subset is a mask
-    data_key = {id(v): "|".join([data.key(v), *(v.target_perspectives or [])]) for v in variants}
+    data_key = {id(v): data.job_key(v) for v in variants}
     todo = []
     for v in variants:
         out = folder[id(v)]
-        reads = [] if v.kind == "vanilla" or (v.kind == "lrkd" and v.lam == 0) else \
-            ["teacher"] if v.kind == "logit_kd" else [v.target_source or cfg.distill.target_source]
+        reads = data.reads(v)
         key = hashlib.sha256(json.dumps([base_key, dataclasses.asdict(v), settings.model_dump(), cfg.distill.backbone,
                                          cfg.distill.target_filter if reads else None, tag if reads else ""],
                                         sort_keys=True).encode()).hexdigest()[:16]
         inputs = splits | {f"targets_{s}": data.fingerprint(data.target_path(s)) for s in reads}
         if not is_fresh(out, key, inputs):
             invalidate(out)
-            start_attempt(out, key, f"student {v.name}{tag}")  # a changed config discards the old student
+            # another config or other inputs (splits, targets) discard the old student: trained.json, best/, history
+            start_attempt(out, key, f"student {v.name}{tag}", inputs)
             todo.append((v, out, key, inputs))
     if todo:
         ensure_ray()
         t0 = time.time()
         datasets = {data_key[id(v)]: data.for_variant(v) for v, *_ in todo}
-        group = hashlib.sha256(json.dumps(sorted((str(o), k) for _, o, k, _ in todo)).encode()).hexdigest()[:12]
+        group = hashlib.sha256(json.dumps(sorted((str(o), attempt_key(k, i)) for _, o, k, i in todo)).encode()).hexdigest()[:12]
         storage = run_dir / "student" / "trainer" / group
         log(f"students: {len(todo)} to train ({sum((o / TRAINED).exists() for _, o, *_ in todo)} already trained), one after "
             f"another in one Ray Train worker group ({settings.num_workers} workers); progress per epoch below")
-        train_students([StudentJob(v, str(o), data_key[id(v)]) for v, o, *_ in todo], datasets, settings,
+        train_students([StudentJob(v, str(o), data_key[id(v)], attempt_key(k, i)) for v, o, k, i in todo], datasets, settings,
                        resolve_model(cfg.distill.backbone), data.codes, data.persp, storage)
         log(f"students: scoring {len(todo)} on the validation and test splits (Ray Data actors)")
         jobs, sources = [], {"test": data.paths["test"]}
@@ -760,8 +814,8 @@ def score_file(pairs: str, student_target: str, output: str, cfg: RunConfig | No
     data = cfg.data.model_copy(update={"path": str(pairs)}) if cfg else DataConfig(path=str(pairs))
     out = Path(output)
     inputs = {str(f): fingerprint(f) for f in input_files(data)}
-    key = hashlib.sha256(json.dumps([fingerprint(student / "model.safetensors"), data.model_dump(mode="json")],
-                                    sort_keys=True).encode()).hexdigest()[:16]
+    key = hashlib.sha256(json.dumps([fingerprint(student / "model.safetensors"), data.model_dump(mode="json"), inputs],
+                                    sort_keys=True).encode()).hexdigest()[:16]  # parts of another input are discarded
     done = out / "_manifest.json"
     if done.exists() and (m := json.loads(done.read_text())).get("key") == key and m.get("inputs") == inputs:
         log(f"score: up to date ({out})")

@@ -54,7 +54,7 @@ def sft(cfg: RunConfig, run_dir: Path) -> Path:
         log(f"sft: up to date ({out})")
         return out / "model"
     invalidate(out)
-    start_attempt(out / "ray", key, "sft")
+    start_attempt(out / "ray", key, "sft", inputs)
     t0 = time.time()
     labels = pq.read_table(gen_dir / "sft.parquet", columns=["label"]).column("label").to_pylist()
     if not labels:
@@ -153,7 +153,8 @@ def preferences(cfg: RunConfig, run_dir: Path, sft_model: Path) -> tuple[Path, d
             log(f"dpo: {counts['need_resample']} conflict pairs with no correct rationale; resampling each up to {k} times")
             ensure_ray()
             spec = judge_spec(cfg, str(sft_model), "sft", [NEUTRAL_PERSPECTIVE], gen)
-            start_attempt(out / "resample" / "parts", cfg.section_hash("teacher", "generation", "sft", "dpo"), "dpo resample")
+            start_attempt(out / "resample" / "parts", cfg.section_hash("teacher", "generation", "sft", "dpo"), "dpo resample",
+                          {"sft_model": fingerprint(sft_model), "pairs": fingerprint(need_path)})
             plan = TaskPlan((PairSource("resample", str(need_path)),), (NEUTRAL_PERSPECTIVE.name,), k)
             result = run_generation(plan, out / "resample", spec, gen)
             tried = pair_groups(result.rationales_path, ["pair_id", "perspective", "sample_idx", "parse_ok", "correct", "completion"])
@@ -180,7 +181,7 @@ def dpo(cfg: RunConfig, run_dir: Path) -> Path:
     log(f"dpo: {counts['preference_rows']} preference rows from {counts['conflict_pairs']} conflict pairs "
         f"({counts['cross_perspective_rows']} cross-perspective, {counts['rescued_by_resampling']} rescued by pass@{cfg.dpo.pass_k}, "
         f"{counts['skipped_no_correct']} skipped)")
-    start_attempt(out / "ray", key, "dpo")
+    start_attempt(out / "ray", key, "dpo", inputs)
     ensure_ray()
     result = train_teacher(TrainJob("dpo", str(path), str(sft_model), str(out), cfg.dpo.model_dump()))
     margins = _losses(result.log_history, "rewards/margins")
@@ -216,7 +217,7 @@ def teacher_eval(cfg: RunConfig, run_dir: Path) -> Path:
     codes = [lab.name for lab in cfg.labels]
     for tag, path in models.items():
         log(f"teacher eval: {tag} on {n_pairs} {cfg.teacher_eval.split} pairs x {len(perspectives)} prompts")
-        start_attempt(out / tag / "parts", key + tag, f"teacher eval ({tag})")
+        start_attempt(out / tag / "parts", key + tag, f"teacher eval ({tag})", inputs)
         res = run_generation(tasks, out / tag, judge_spec(cfg, path, tag, perspectives, gen), gen)
         judged = read_batches(res.rationales_path, ["perspective", "gold_label", "predicted_label"])
         report["models"][tag] = score_judgements((r for batch in judged for r in batch.to_pylist()), codes)
