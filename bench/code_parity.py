@@ -75,9 +75,15 @@ def main() -> int:
     gold = [codes.index(c) for c in pq.read_table(run / "data" / "test.parquet").column("label").to_pylist()]
     metrics = {side: json.loads((d / "student" / "metrics.json").read_text()) for side, d in (("new", run), ("old", old_run))}
 
+    from student.score import aligned_predictions
+
+    ids = pq.read_table(run / "data" / "test.parquet", columns=["pair_id"]).column("pair_id").combine_chunks()
+
     def preds(side: str, variant: str) -> dict[int, list[int]]:
-        return {r["seed"]: r["metrics"]["predictions"] for r in metrics[side]["runs"]
-                if r["variant"] == variant and r["seed"] in seeds}
+        """The old code kept per-pair predictions in metrics.json; this code reads them from the scored parts."""
+        return {r["seed"]: r["metrics"]["predictions"] if "predictions" in r["metrics"]
+                else aligned_predictions(r["predictions"], ids, codes).tolist()
+                for r in metrics[side]["runs"] if r["variant"] == variant and r["seed"] in seeds}
 
     def f1(p: dict[int, list[int]]) -> dict[int, float]:
         return {s: round(float(macro_f1_fast(np.asarray([gold]), np.asarray([x]), len(codes))[0]), 4) for s, x in sorted(p.items())}

@@ -180,12 +180,17 @@ def write_examples(split_paths: dict[str, str | Path], out_dir: str | Path, code
         widths = _widths(k, d, targets, votes)
         ds = ds.map_batches(_fill, fn_kwargs={"widths": widths}, batch_format="pyarrow")
     ds.write_parquet(str(tmp.resolve()), partition_cols=["split"])
+    # Ray Data names files at random and orders rows as tasks finish: rewritten into files named and ordered by
+    # content (in a Ray task), so the training stream (student/stream.py) is the same run after run
+    from student.stream import canonical_parquet
+
+    canon = ray.remote(num_cpus=1)(canonical_parquet)
     rows = {}
     for split in split_paths:
         folder = tmp / f"split={split}"
         folder.mkdir(parents=True, exist_ok=True)  # a split with no pairs is an empty folder
-        os.replace(folder, tmp / split)
-        rows[split] = sum(pq.ParquetFile(f).metadata.num_rows for f in (tmp / split).glob("*.parquet"))
+        rows[split] = ray.get(canon.remote(str(folder), str(tmp / split), ["pair_id"]))
+        shutil.rmtree(folder)
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
     return rows

@@ -320,6 +320,20 @@ def metrics_from_parts(out_dir: str | Path, labels: list[str], perspectives: lis
     return result
 
 
+def aligned_predictions(out_dir: str | Path, order: pa.Array, labels: list[str]) -> np.ndarray:
+    """The predicted label index of every pair of `order` (pair ids), read from a student's scored parts and joined
+    on pair_id (only two columns are read). Raises when the parts do not hold exactly those pairs: a paired
+    comparison must never set one pair's prediction against another pair's gold label."""
+    t = pq.read_table(out_dir, columns=["pair_id", "label"])
+    pos = pc.index_in(order, value_set=t.column("pair_id"))
+    if pos.null_count or len(order) != t.num_rows:
+        raise ValueError(f"{out_dir}: {t.num_rows} scored pairs where the split has {len(order)} ({pos.null_count} of "
+                         "its pairs missing): paired comparisons would set predictions against other pairs' gold labels; "
+                         "delete the folder and score again")
+    index = {c: i for i, c in enumerate(labels)}
+    return np.array([index[x] for x in t.column("label").take(pos).to_pylist()], np.int8)
+
+
 def write_manifest(out_dir: Path, info: dict) -> None:
     """`_manifest.json` beside the parts (readers of the Parquet folder skip it)."""
     tmp = out_dir / f"._manifest.json.{os.getpid()}.tmp"

@@ -136,3 +136,34 @@ def epoch_batches(files: list[Path], plan: EpochPlan, seed: int, epoch: int, ran
 def validation_rows(folder: str | Path, batch_rows: int) -> Iterator[pa.Table]:
     """The validation examples in file order (nothing random: every rank reads the same rows)."""
     return read_rows(parquet_files(folder), batch_rows=batch_rows)
+
+
+def canonical_parquet(src: str, dst: str, keys: list[str], bucket_bytes: int = 64 << 20) -> int:
+    """The rows of the Parquet folder `src` rewritten to `dst` as part-<bucket>.parquet files: a row's bucket is a
+    hash of its first key, each bucket sorted by `keys` (unique per row). Two passes, memory bounded by a bucket."""
+    import shutil
+    import zlib
+
+    files = parquet_files(src)
+    buckets = max(1, -(-sum(Path(f).stat().st_size for f in files) // bucket_bytes))
+    work, out = Path(dst).with_name(Path(dst).name + ".buckets"), Path(dst)
+    for d in (work, out):
+        shutil.rmtree(d, ignore_errors=True)
+        d.mkdir(parents=True)
+    writers: dict[int, pq.ParquetWriter] = {}
+    for t in read_rows(files):
+        which = np.array([zlib.crc32(str(k).encode()) % buckets for k in t.column(keys[0]).to_pylist()])
+        for b in np.unique(which):
+            part = t.filter(pa.array(which == b))
+            if b not in writers:
+                writers[b] = pq.ParquetWriter(work / f"{b:05d}.parquet", part.schema)
+            writers[b].write_table(part.cast(writers[b].schema))
+    for w in writers.values():
+        w.close()
+    n = 0
+    for b in sorted(writers):
+        t = pq.read_table(work / f"{b:05d}.parquet").sort_by([(k, "ascending") for k in keys])
+        pq.write_table(t, out / f"part-{b:05d}.parquet")
+        n += t.num_rows
+    shutil.rmtree(work, ignore_errors=True)
+    return n

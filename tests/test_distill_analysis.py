@@ -40,15 +40,32 @@ def test_paired_bootstrap_verdicts():
     assert one["ci95"][0] > 0 and one["verdict"] == ONE_SEED == "no verdict (1 seed)"
 
 
-def test_verdicts_pair_each_lrkd_variant_with_its_lambda_zero_twin():
+def test_verdicts_pair_each_lrkd_variant_with_its_lambda_zero_twin(tmp_path):
+    """Each run's predictions are read from its scored parts, joined on pair_id (written here in another order than
+    the split's); a run whose parts miss a pair is an error, not a verdict on shifted labels."""
+    import pyarrow.parquet as pq
+
+    codes = ["E", "S", "C", "I"]
     gold = [0, 1, 2, 3] * 10
-    runs = [{"variant": v, "seed": s, "metrics": {"predictions": gold if v != "lrkd-poly-unified-lam0" else [0] * 40}}
-            for v in ("vanilla", "logit_kd", "lrkd-poly-unified", "lrkd-poly-unified-lam0.3-label_text", "lrkd-poly-unified-lam0")
-            for s in (0, 1)]
-    v = verdicts(runs, ["E", "S", "C", "I"], 200, gold)
+    test = pa.table({"pair_id": [f"p{i}" for i in range(40)], "label": [codes[g] for g in gold]})
+    runs = []
+    for v in ("vanilla", "logit_kd", "lrkd-poly-unified", "lrkd-poly-unified-lam0.3-label_text", "lrkd-poly-unified-lam0"):
+        for s in (0, 1):
+            pred = gold if v != "lrkd-poly-unified-lam0" else [0] * 40
+            folder = tmp_path / f"{v}-{s}"
+            folder.mkdir()
+            order = np.random.default_rng(s).permutation(40)
+            pq.write_table(pa.table({"pair_id": [f"p{i}" for i in order], "label": [codes[pred[i]] for i in order]}),
+                           folder / "part-0.parquet")
+            runs.append({"variant": v, "seed": s, "metrics": {}, "predictions": str(folder)})
+    v = verdicts(runs, codes, 200, test)
     assert set(v) == {"logit_kd", "lrkd-poly-unified", "lrkd-poly-unified-lam0.3-label_text"}
     assert v["lrkd-poly-unified"]["against"] == "lrkd-poly-unified-lam0" and v["lrkd-poly-unified"]["verdict"] == "helps"
     assert v["logit_kd"]["against"] == "vanilla" and v["logit_kd"]["verdict"] == "no evidence"
+    lost = tmp_path / "vanilla-1" / "part-0.parquet"
+    pq.write_table(pq.read_table(lost).slice(1), lost)
+    with pytest.raises(ValueError, match=r"39 scored pairs where the split has 40 \(1 of its pairs missing\)"):
+        verdicts(runs, codes, 200, test)
 
 
 def test_target_sample_is_seeded_and_stratified():

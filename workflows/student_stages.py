@@ -256,42 +256,12 @@ def _write_parquet_folder(ds, path: Path) -> int:
     shutil.rmtree(tmp, ignore_errors=True)
     ds.write_parquet(str(tmp.resolve()))
     final = path.with_name(f".{path.name}.canonical")
+    from student.stream import canonical_parquet
+
     n = _remote(canonical_parquet)(str(tmp), str(final), ["pair_id", "perspective"])
     shutil.rmtree(path, ignore_errors=True)
     final.rename(path)
     shutil.rmtree(tmp, ignore_errors=True)
-    return n
-
-
-def canonical_parquet(src: str, dst: str, keys: list[str], bucket_bytes: int = 64 << 20) -> int:
-    """The rows of the Parquet folder `src` rewritten to `dst` as part-<bucket>.parquet files: a row's bucket is a
-    hash of its first key, each bucket sorted by `keys` (unique per row). Two passes, memory bounded by a bucket."""
-    import zlib
-
-    from student.stream import parquet_files, read_rows
-
-    files = parquet_files(src)
-    buckets = max(1, -(-sum(Path(f).stat().st_size for f in files) // bucket_bytes))
-    work, out = Path(dst).with_name(Path(dst).name + ".buckets"), Path(dst)
-    for d in (work, out):
-        shutil.rmtree(d, ignore_errors=True)
-        d.mkdir(parents=True)
-    writers: dict[int, pq.ParquetWriter] = {}
-    for t in read_rows(files):
-        which = np.array([zlib.crc32(str(k).encode()) % buckets for k in t.column(keys[0]).to_pylist()])
-        for b in np.unique(which):
-            part = t.filter(pa.array(which == b))
-            if b not in writers:
-                writers[b] = pq.ParquetWriter(work / f"{b:05d}.parquet", part.schema)
-            writers[b].write_table(part.cast(writers[b].schema))
-    for w in writers.values():
-        w.close()
-    n = 0
-    for b in sorted(writers):
-        t = pq.read_table(work / f"{b:05d}.parquet").sort_by([(k, "ascending") for k in keys])
-        pq.write_table(t, out / f"part-{b:05d}.parquet")
-        n += t.num_rows
-    shutil.rmtree(work, ignore_errors=True)
     return n
 
 
@@ -526,8 +496,8 @@ def train_variants(cfg: RunConfig, run_dir: Path, variants: list[Variant], teach
             write_manifest(out, "student", key, inputs, t0, epochs=len(history),
                            best_val_macro_f1=max(h["val_macro_f1"] for h in history))
         shutil.rmtree(storage, ignore_errors=True)
-    return [{"variant": v.name + tag, "seed": v.seed, "metrics": json.loads((folder[id(v)] / "eval.json").read_text())}
-            for v in variants]
+    return [{"variant": v.name + tag, "seed": v.seed, "metrics": json.loads((folder[id(v)] / "eval.json").read_text()),
+             "predictions": str(folder[id(v)] / "predictions" / "test")} for v in variants]
 
 
 def score_split(cfg: RunConfig, student: Path, source, out_dir: Path, trivial: list | None = None,
@@ -565,6 +535,7 @@ def _score(out: Path, data: StudentData, v: Variant, history: list[dict]) -> dic
     labels, gains = data.codes, gains_of(data.cfg.labels)
     test_ids = pq.read_table(data.paths["test"], columns=["pair_id"]).column("pair_id").combine_chunks()
     metrics = metrics_from_parts(out / "predictions" / "test", labels, data.persp, gains, order=test_ids, mode=v.mode)
+    metrics.pop("predictions")  # per pair: they stay in the parts (verdicts read them there, joined on pair_id)
     val = metrics_from_parts(out / "predictions" / "val", labels, data.persp, gains, mode=v.mode)
     metrics["val"] = {k: val[k] for k in ("n", "accuracy", "macro_f1", "per_class_f1", "ranking") if k in val}
     metrics["extractor_params"] = model.extractor_parameters()
@@ -585,13 +556,18 @@ def _twin(name: str) -> str | None:
     return "-".join(parts[:3]) + "-lam0"
 
 
-def verdicts(runs: list[dict], codes: list[str], resamples: int, test_gold: list[int], against: dict[str, str] | None = None) -> dict:
-    """Paired by seed on the test split: mean macro-F1 difference with a bootstrap 95% interval and a verdict, for
-    each variant -> control in `against` (default: every LRKD variant against its lambda = 0 twin, and logit-KD
-    against vanilla)."""
+def verdicts(runs: list[dict], codes: list[str], resamples: int, test: pa.Table, against: dict[str, str] | None = None) -> dict:
+    """Paired by seed on the test split (`test`: its pair_id and label columns): mean macro-F1 difference with a
+    bootstrap 95% interval and a verdict, for each variant -> control in `against` (default: every LRKD variant
+    against its lambda = 0 twin, and logit-KD against vanilla). Each run's predictions are read from its scored
+    parts joined on pair_id (an error if they do not cover the split pair for pair)."""
+    from student.score import aligned_predictions
+
+    ids = test.column("pair_id").combine_chunks()
+    test_gold = [codes.index(c) for c in test.column("label").to_pylist()]
     preds: dict[str, dict[int, list[int]]] = {}
     for r in runs:
-        preds.setdefault(r["variant"], {})[r["seed"]] = r["metrics"]["predictions"]
+        preds.setdefault(r["variant"], {})[r["seed"]] = aligned_predictions(r["predictions"], ids, codes).tolist()
     if against is None:
         against = {name: _twin(name) for name in preds} | {"logit_kd": "vanilla"}
     out = {}
@@ -632,14 +608,13 @@ def _summaries(runs: list[dict]) -> dict:
 
 def _report(cfg: RunConfig, run_dir: Path, runs: list[dict]) -> dict:
     codes = [lab.name for lab in cfg.labels]
-    test = pq.read_table(prepare(cfg, run_dir)["test"]).column("label").to_pylist()
-    gold = [codes.index(c) for c in test]
+    test = pq.read_table(prepare(cfg, run_dir)["test"], columns=["pair_id", "label"])
     names = {r["variant"] for r in runs}
     # one perspective's targets alone against all three (the same variant otherwise)
     alone = {n: n.split("-only_")[0] for n in names if "-only_" in n}
-    return {"split": "test", "test_pairs": len(gold), "variants": aggregate(runs, codes),
-            "verdicts": verdicts(runs, codes, cfg.distill.bootstrap_resamples, gold),
-            "perspective_verdicts": verdicts(runs, codes, cfg.distill.bootstrap_resamples, gold, alone) if alone else {},
+    return {"split": "test", "test_pairs": test.num_rows, "variants": aggregate(runs, codes),
+            "verdicts": verdicts(runs, codes, cfg.distill.bootstrap_resamples, test),
+            "perspective_verdicts": verdicts(runs, codes, cfg.distill.bootstrap_resamples, test, alone) if alone else {},
             "diagnostics": _summaries(runs), "runs": runs}
 
 
