@@ -52,6 +52,9 @@ class DistillConfig(_Strict):
     ablate_teacher: bool = Field(True, description="the ablation also trains the default LRKD variant on the other "
                                  "trained teacher's rationales (SFT when `teacher` is dpo), when that model exists")
     bootstrap_resamples: int = Field(2000, ge=100, description="paired bootstrap resamples for each verdict")
+    equivalence_margin: float = Field(0.02, gt=0, description="macro-F1 margin of the verdicts: equivalent when the whole "
+                                      "95% interval of the difference lies inside +-margin; an interval that holds 0 but "
+                                      "reaches past it is 'not enough data to tell'")
 
     default_extractor: Literal["mlp", "poly", "gat"] = "poly"
     default_mode: Literal["average", "multi_teacher", "unified"] = "unified"

@@ -154,11 +154,28 @@ def macro_f1_fast(gold: np.ndarray, pred: np.ndarray, num_classes: int) -> np.nd
 ONE_SEED = "no verdict (1 seed)"
 
 
+EQUIVALENCE_MARGIN = 0.02  # macro-F1: the default margin inside which two variants count as equivalent
+
+
+def verdict_of(low: float, high: float, margin: float) -> str:
+    """What a 95% interval of a difference (variant - base) says, against an equivalence margin:
+    better / worse (the interval excludes 0), equivalent within +-margin (the whole interval inside it), else not
+    enough data to tell (it holds 0 and reaches past the margin). "No evidence" is never "the same"."""
+    if low > 0:
+        return "better" + (f" (by less than {margin:g})" if high < margin else "")
+    if high < 0:
+        return "worse" + (f" (by less than {margin:g})" if low > -margin else "")
+    if -margin < low and high < margin:
+        return f"equivalent within ±{margin:g}"
+    return f"not enough data to tell (the interval reaches past ±{margin:g})"
+
+
 def paired_bootstrap(gold: list[int], preds: dict[int, list[int]], base: dict[int, list[int]], num_classes: int,
-                     resamples: int = 2000, seed: int = 0) -> dict:
+                     resamples: int = 2000, seed: int = 0, margin: float = EQUIVALENCE_MARGIN) -> dict:
     """Variant vs base, paired by seed on the same test pairs: mean macro-F1 difference over the shared seeds and
     a 95% percentile interval from resampling seeds and test pairs (both with replacement, the same pairs for both
-    sides). Verdict: helps (interval above 0), hurts (below 0), no evidence (holds 0); with one seed the interval
+    sides). Verdict (`verdict_of`): better, worse, equivalent within the margin, or not enough data to tell; with one
+    seed the interval
     holds test-pair noise only, not seed-to-seed variation (which moves macro-F1 by as much on small sets), so the
     verdict is ONE_SEED whatever the interval says."""
     seeds = sorted(set(preds) & set(base))
@@ -181,8 +198,8 @@ def paired_bootstrap(gold: list[int], preds: dict[int, list[int]], base: dict[in
         gg = np.tile(g[p_idx], (k, 1))
         diffs[i] = (macro_f1_fast(gg, a[s_idx][:, p_idx], num_classes) - macro_f1_fast(gg, b[s_idx][:, p_idx], num_classes)).mean()
     low, high = (float(x) for x in np.percentile(diffs, [2.5, 97.5]))
-    verdict = ONE_SEED if k < 2 else "helps" if low > 0 else "hurts" if high < 0 else "no evidence"
-    return {"seeds": seeds, "test_pairs": n, "mean_diff": observed, "ci95": [low, high], "verdict": verdict}
+    verdict = ONE_SEED if k < 2 else verdict_of(low, high, margin)
+    return {"seeds": seeds, "test_pairs": n, "mean_diff": observed, "ci95": [low, high], "margin": margin, "verdict": verdict}
 
 
 def aggregate(runs: list[dict], labels: list[str]) -> dict:

@@ -26,13 +26,17 @@ def test_paired_bootstrap_verdicts():
     noisy = {s: [g if rng.random() < 0.5 else int(rng.integers(0, 4)) for g in gold] for s in range(3)}
     better = {s: [g if rng.random() < 0.9 else int(rng.integers(0, 4)) for g in gold] for s in range(3)}
     same = paired_bootstrap(gold, noisy, noisy, 4, resamples=300)
-    assert same["mean_diff"] == 0 and same["ci95"] == [0, 0] and same["verdict"] == "no evidence"
+    # identical predictions: the interval is [0, 0], inside any margin
+    assert same["mean_diff"] == 0 and same["ci95"] == [0, 0] and same["verdict"] == "equivalent within ±0.02"
     helps = paired_bootstrap(gold, better, noisy, 4, resamples=300)
-    assert helps["verdict"] == "helps" and helps["ci95"][0] > 0 and helps["seeds"] == [0, 1, 2]
-    assert paired_bootstrap(gold, noisy, better, 4, resamples=300)["verdict"] == "hurts"
-    # two predictors that differ by chance on a few pairs: the interval holds 0
+    assert helps["verdict"] == "better" and helps["ci95"][0] > 0 and helps["seeds"] == [0, 1, 2]
+    assert paired_bootstrap(gold, noisy, better, 4, resamples=300)["verdict"] == "worse"
+    # two predictors that differ by chance on a few pairs: the interval holds 0 and stays inside a wide margin ...
     flip = {s: [p if i % 50 else (p + 1) % 4 for i, p in enumerate(noisy[s])] for s in range(3)}
-    assert paired_bootstrap(gold, flip, noisy, 4, resamples=300)["verdict"] == "no evidence"
+    wide = paired_bootstrap(gold, flip, noisy, 4, resamples=300, margin=0.1)
+    assert wide["ci95"][0] < 0 < wide["ci95"][1] and wide["verdict"] == "equivalent within ±0.1"
+    # ... but not inside a narrow one: not enough data to tell, never "the same"
+    assert paired_bootstrap(gold, flip, noisy, 4, resamples=300, margin=0.001)["verdict"].startswith("not enough data")
     with pytest.raises(ValueError, match="same seeds"):
         paired_bootstrap(gold, {5: noisy[0]}, noisy, 4)
     # one seed: the interval leaves out seed-to-seed variation, so even a clear gain is not called
@@ -60,8 +64,8 @@ def test_verdicts_pair_each_lrkd_variant_with_its_lambda_zero_twin(tmp_path):
             runs.append({"variant": v, "seed": s, "metrics": {}, "predictions": str(folder)})
     v = verdicts(runs, codes, 200, test)
     assert set(v) == {"logit_kd", "lrkd-poly-unified", "lrkd-poly-unified-lam0.3-label_text"}
-    assert v["lrkd-poly-unified"]["against"] == "lrkd-poly-unified-lam0" and v["lrkd-poly-unified"]["verdict"] == "helps"
-    assert v["logit_kd"]["against"] == "vanilla" and v["logit_kd"]["verdict"] == "no evidence"
+    assert v["lrkd-poly-unified"]["against"] == "lrkd-poly-unified-lam0" and v["lrkd-poly-unified"]["verdict"].startswith("better")
+    assert v["logit_kd"]["against"] == "vanilla" and v["logit_kd"]["verdict"] == "equivalent within ±0.02"
     lost = tmp_path / "vanilla-1" / "part-0.parquet"
     pq.write_table(pq.read_table(lost).slice(1), lost)
     with pytest.raises(ValueError, match=r"39 scored pairs where the split has 40 \(1 of its pairs missing\)"):

@@ -556,7 +556,8 @@ def _twin(name: str) -> str | None:
     return "-".join(parts[:3]) + "-lam0"
 
 
-def verdicts(runs: list[dict], codes: list[str], resamples: int, test: pa.Table, against: dict[str, str] | None = None) -> dict:
+def verdicts(runs: list[dict], codes: list[str], resamples: int, test: pa.Table, against: dict[str, str] | None = None,
+             margin: float = 0.02) -> dict:
     """Paired by seed on the test split (`test`: its pair_id and label columns): mean macro-F1 difference with a
     bootstrap 95% interval and a verdict, for each variant -> control in `against` (default: every LRKD variant
     against its lambda = 0 twin, and logit-KD against vanilla). Each run's predictions are read from its scored
@@ -573,7 +574,8 @@ def verdicts(runs: list[dict], codes: list[str], resamples: int, test: pa.Table,
     out = {}
     for name, base in against.items():
         if base and name in preds and base in preds:
-            out[name] = {"against": base, **paired_bootstrap(test_gold, preds[name], preds[base], len(codes), resamples)}
+            out[name] = {"against": base, **paired_bootstrap(test_gold, preds[name], preds[base], len(codes), resamples,
+                                                             margin=margin)}
     return out
 
 
@@ -613,8 +615,9 @@ def _report(cfg: RunConfig, run_dir: Path, runs: list[dict]) -> dict:
     # one perspective's targets alone against all three (the same variant otherwise)
     alone = {n: n.split("-only_")[0] for n in names if "-only_" in n}
     return {"split": "test", "test_pairs": test.num_rows, "variants": aggregate(runs, codes),
-            "verdicts": verdicts(runs, codes, cfg.distill.bootstrap_resamples, test),
-            "perspective_verdicts": verdicts(runs, codes, cfg.distill.bootstrap_resamples, test, alone) if alone else {},
+            "verdicts": verdicts(runs, codes, cfg.distill.bootstrap_resamples, test, margin=cfg.distill.equivalence_margin),
+            "perspective_verdicts": verdicts(runs, codes, cfg.distill.bootstrap_resamples, test, alone,
+                                             cfg.distill.equivalence_margin) if alone else {},
             "diagnostics": _summaries(runs), "runs": runs}
 
 
