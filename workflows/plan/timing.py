@@ -101,9 +101,10 @@ class Timer:
         tps = given[ref.name] * mine.tokens_per_s / theirs.tokens_per_s
 
         def side(d: Decode) -> str:
-            return (f"{d.kind.name}: KV {d.kv_gib:.1f} GiB = {d.kv_tokens:,} tokens, {d.seqs} sequences at once"
-                    + (f" (max_num_seqs {d.max_seqs})" if d.seqs == d.max_seqs else f" of {self.lengths.prompt_mean + self.lengths.completion:.0f} tokens")
-                    + f", {d.kind.memory_gbps:,.0f} GB/s, {d.step_s * 1e3:.1f} ms a step, {d.tokens_per_s:,.0f} tokens/s")
+            held = self.lengths.prompt_mean + self.lengths.completion
+            at_once = f"max_num_seqs {d.max_seqs} sequences" if d.seqs == d.max_seqs else f"{d.seqs} sequences of {held:.0f} tokens"
+            return (f"{d.kind.name}: KV {d.kv_gib:.1f} GiB = {d.kv_tokens:,} tokens, {at_once} at once, "
+                    f"{d.kind.memory_gbps:,.0f} GB/s, {d.step_s * 1e3:.1f} ms a step, {d.tokens_per_s:,.0f} tokens/s")
 
         derivation = (f"{kind.name} generation rate derived, not published: {given[ref.name]:,.0f} tokens/s ({ref.name}, "
                       f"plan.throughput) x {mine.tokens_per_s / theirs.tokens_per_s:.2f} (decode roofline {side(mine)}; "
