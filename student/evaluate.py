@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow as pa
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 
-from student.train import predict
+from student.predict import predict
 
 
 def classification_metrics(gold: np.ndarray, pred: np.ndarray, labels: list[str], perspectives: list[str],

@@ -81,7 +81,7 @@ class StudentPredictor:
     def __call__(self, batch: pa.Table) -> pa.Table:
         from student.data import column_matrix, fixed_list, pair_rows
         from student.evaluate import fidelity_rows
-        from student.train import predict
+        from student.predict import predict
 
         if "product" not in batch.column_names:
             batch = pair_rows(batch, self.cfg.labels)

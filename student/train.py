@@ -26,7 +26,6 @@ given. Each student's folder (`out_dir`):
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -101,59 +100,6 @@ def _to(batch: dict, device) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def predict(model, table: pa.Table, tok, max_length: int, batch_size: int = 64, device="cpu") -> dict:
-    """Logits, probabilities, perspective scores and projected latents (N, P, D) for every row of an examples
-    table, in its order (eval mode, no grad). The one prediction path: training's validation, the scoring actors
-    and the tests all call it."""
-    from student.data import Collator
-
-    model.eval()
-    collate = Collator(tok, max_length, len(model.cfg.labels), len(model.cfg.perspectives), batch_size, seed=0)
-    n = table.num_rows
-    logits = np.zeros((n, len(model.cfg.labels)), np.float32)
-    scores = projected = None
-    with torch.no_grad():
-        for b in collate(table):
-            rows = b.pop("rows").numpy()
-            out = model(b["input_ids"].to(device), b["attention_mask"].to(device),
-                        b["token_type_ids"].to(device) if "token_type_ids" in b else None)
-            logits[rows] = out["logits"].float().cpu().numpy()
-            if out["z"] is not None:
-                s, p = model.perspective_scores(out).float().cpu().numpy(), out["projected"].float().cpu().numpy()
-                if scores is None:
-                    scores, projected = np.zeros((n, s.shape[1]), np.float32), np.zeros((n, *p.shape[1:]), np.float32)
-                scores[rows], projected[rows] = s, p
-    t = torch.from_numpy(logits)
-    return {"logits": t, "probs": t.softmax(-1), "perspective_scores": None if scores is None else torch.from_numpy(scores),
-            "projected": None if projected is None else torch.from_numpy(projected)}
-
-
-def loss_diagnostics(model, batch: dict, variant: "Variant", guidance: str, class_weights=None) -> dict:
-    """On one batch: CE, the guidance loss, lambda * guidance / CE, and the ratio of the gradient norms that the
-    lambda-weighted guidance term and CE send into the encoder (torch.autograd.grad; nothing is accumulated).
-    The encoder is where the teacher's reasoning has to arrive: P alone can lower the guidance loss without
-    changing what the student computes. Eval mode, so both gradients see the same forward pass."""
-    import torch.nn.functional as F
-
-    from student.model import guidance_loss
-
-    was_training = model.training
-    model.eval()
-    out = model(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
-    ce = F.cross_entropy(out["logits"], batch["label"], weight=class_weights)
-    result = {"ce": ce.item()}
-    if variant.kind == "lrkd" and out["z"] is not None and variant.lam > 0:
-        g = guidance_loss(model, out, batch["targets"], batch["target_mask"], guidance)
-        params = [p for p in model.encoder.parameters() if p.requires_grad]
-        g_ce = torch.autograd.grad(ce, params, retain_graph=True, allow_unused=True)
-        g_gd = torch.autograd.grad(variant.lam * g, params, allow_unused=True)
-        norm = lambda grads: torch.sqrt(sum((x.float() ** 2).sum() for x in grads if x is not None)).item()  # noqa: E731
-        result |= {"guidance": g.item(), "guidance_share": variant.lam * g.item() / max(ce.item(), 1e-12),
-                   "grad_ratio": norm(g_gd) / max(norm(g_ce), 1e-12)}
-    model.train(was_training)
-    return result
-
-
 def _lr_factor(step: int, total: int, warmup: int) -> float:
     """Linear warm-up to the peak, then linear decay to 0 at the last step."""
     if step < warmup:
@@ -215,6 +161,7 @@ def _validate(model, folder: str, tok, settings: "StudentTrainConfig", rank: int
     gold labels), sorted by pair id, identical on every rank."""
     import torch.distributed as dist
 
+    from student.predict import predict
     from student.stream import validation_rows
 
     ids, logits, gold = [], [], []
@@ -251,6 +198,7 @@ def _train_job(cfg: dict, job: dict, resume: dict | None) -> None:
 
     from student import checkpoint as ckpt
     from student.data import Collator, class_weights
+    from student.diagnostics import loss_diagnostics
     from student.model import LRKDStudent, StudentConfig, logit_kd_loss, lrkd_loss
     from student.stream import EpochPlan, epoch_batches, parquet_files
 

@@ -131,7 +131,8 @@ def _write(table: pa.Table, folder, parts=2):
 def test_student_trains_on_two_workers_from_ray_data_and_keeps_best(tmp_path, ray_local, tok):
     from student.examples import PROBE, examples_summary
     from student.model import LRKDStudent
-    from student.train import StudentData, StudentTrainConfig, Variant, predict, train_student
+    from student.predict import predict
+    from student.train import StudentData, StudentTrainConfig, Variant, train_student
     from workflows.models import TINY_BERT, resolve_model
 
     encoder = resolve_model(TINY_BERT)
@@ -289,7 +290,7 @@ def test_score_writes_resumable_parts_and_ranking_metrics(tmp_path, ray_local, t
     nDCG@10; a part removed after a kill is all that is scored again; an unlabelled file gets no metrics."""
     from student.model import LRKDStudent
     from student.score import PART_ROWS
-    from student.train import predict
+    from student.predict import predict
     from workflows.student_stages import score_file
 
     rows = [json.loads(x) for x in (ROOT / "data" / "esci_us_subset.jsonl").read_text().splitlines()[:120]]
