@@ -122,6 +122,9 @@ class StudentModel:
 @serve.ingress(app)
 class RelevanceService:
     def __init__(self, model, settings: dict):
+        from student.data import product_text  # imports torch: here, not in the first request (1.7 s on a busy host)
+
+        self.product_text = product_text
         self.settings = s = ServeConfig(**settings)
         self.caller = ModelCaller(model, s)
         self.counts = self.caller.counts
@@ -165,8 +168,7 @@ class RelevanceService:
             self.in_flight -= 1
 
     async def _relevance(self, req: RelevanceRequest, t0: float, t_handler: float) -> Response:
-        from student.data import product_text
-
+        product_text = self.product_text
         pairs = [(req.query, product_text(item.title, json.dumps(item.attributes()))) for item in req.items]
         t_call = time.perf_counter()
         await self.view.refresh_replicas(self.caller)
@@ -192,10 +194,14 @@ class RelevanceService:
 
     @app.get("/readyz", responses={503: {"model": Problem}})
     async def readyz(self):
-        """Ready: not shutting down, and a model replica runs (it ran its warm-up forwards before it could)."""
-        running = await self.view.refresh_replicas(self.caller, max_age_s=0.5)
-        if self.draining or not running:
-            why = "shutting down" if self.draining else "no model replica has finished starting yet"
+        """Ready: not shutting down, a model replica runs (it ran its warm-up forwards before it could), and this
+        ingress has reached one (its first call through the handle sets up the routing: 1.7 s on a busy host, which
+        the first request would otherwise wait, past its deadline)."""
+        running = await self.view.refresh_replicas(max_age_s=0.5)
+        warm = running and await self.view.warm_up()
+        if self.draining or not warm:
+            why = "shutting down" if self.draining else "no model replica has finished starting yet" if not running \
+                else "the ingress has not reached a model replica yet"
             return JSONResponse(status_code=503, content={"status": "not ready", "error": why, "replicas": running},
                                 headers={"Retry-After": "1"})
         return {"status": "ready", "replicas": running}

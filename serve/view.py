@@ -34,7 +34,7 @@ class ModelView:
         in the background when the count is stale; /readyz waits for a fresh one."""
         if time.monotonic() - self._status_at > max_age_s and (self._status_task is None or self._status_task.done()):
             self._status_task = asyncio.create_task(self._count())
-        if caller is None or self._status_at < 0:
+        if caller is None:
             try:
                 await asyncio.wait_for(asyncio.shield(self._status_task), 5.0)
             except Exception:  # the controller is busy or gone: the last count stands
@@ -52,20 +52,32 @@ class ModelView:
             deployment = status.deployments.get(MODEL) if status else None
             return int(deployment.replica_states.get("RUNNING", 0)) if deployment else 0
 
-        self.running = await asyncio.to_thread(count)
+        try:
+            self.running = await asyncio.to_thread(count)
+        except Exception:  # the controller is busy or restarting: the last count stands
+            return
         self._status_at = time.monotonic()
+
+    async def warm_up(self) -> bool:
+        """Whether a call through the handle has reached a replica (once true, it stays true)."""
+        if self.static is None:
+            await self._fetch_static(timeout_s=10.0)
+        return self.static is not None
+
+    async def _fetch_static(self, timeout_s: float) -> None:
+        try:
+            info = await asyncio.wait_for(self.handle.info.remote(), timeout_s)
+        except Exception:  # overloaded or starting: what was known stands
+            return
+        stats = {k: info.pop(k) for k in STATS}
+        self.record({"digest": self.digest or info["digest"], "replica": stats})
+        self.static = info
 
     async def describe(self) -> dict:
         """The model (static info, fetched with a short timeout when missing or when answers name a new digest)
         and the replicas' counters: `batches` summed over the replicas seen in the last minute."""
         if self.static is None or (self.digest is not None and self.static.get("digest") != self.digest):
-            try:
-                info = await asyncio.wait_for(self.handle.info.remote(), 1.0)
-                stats = {k: info.pop(k) for k in STATS}
-                self.record({"digest": self.digest or info["digest"], "replica": stats})
-                self.static = info
-            except Exception:  # overloaded or starting: what was known stands
-                pass
+            await self._fetch_static(timeout_s=1.0)
         now = time.monotonic()
         live = {k: v for k, v in self.stats.items() if now - v["seen"] < 60}
         batches = {"forwards": 0, "items": 0, "largest": 0}
