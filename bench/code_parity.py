@@ -10,7 +10,9 @@ Needs a finished `make demo` run (its teacher targets are reused by both codes, 
 stage alone). The old code is unpacked with `git archive` under --workdir and reads the same targets through a
 manifest written with its own hashing (bench/_code_parity_old.py); only the listed variants are trained on either
 side (bench/_code_parity_distill.py). Students already trained are reused on both sides (their stages are resumable),
-so a second call only recomputes the comparison. Writes bench/results/code_parity.json and prints one summary line.
+so a second call only recomputes the comparison. Writes bench/results/code_parity.json (and docs/code_parity.json
+with --docs: the README's table and summary line are rendered from it by `python -m bench.docs_tables`) and prints
+one summary line.
 """
 from __future__ import annotations
 
@@ -44,6 +46,7 @@ def main() -> int:
     ap.add_argument("--variants", nargs="+", default=["vanilla", "lrkd-poly-unified"])
     ap.add_argument("--workdir", default="/tmp/thinkbroad-code-parity", help="where the old code is unpacked and runs")
     ap.add_argument("--resamples", type=int, default=2000)
+    ap.add_argument("--docs", action="store_true", help="also write docs/code_parity.json (the README's figures)")
     args = ap.parse_args()
     run = (ROOT / args.run).resolve()
     teacher = run / "teacher" / "dpo" / "model"
@@ -100,12 +103,34 @@ def main() -> int:
     path = ROOT / "bench" / "results" / "code_parity.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2))
+    if args.docs:
+        (ROOT / "docs" / "code_parity.json").write_text(json.dumps(out, indent=2))
+    print(f"{summary(out)} -> {path}")
+    return 0
+
+
+def summary(out: dict) -> str:
+    """The one-line summary the bench prints (and the README quotes) from its results."""
     parts = []
     for v, r in out["variants"].items():
         d = r["new_minus_old"]
         parts.append(f"{v} new-old {d['mean_diff']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] {d['verdict']}")
-    print(f"code_parity ({len(seeds)} seeds, {len(gold)} test pairs): " + "; ".join(parts) + f" -> {path}")
-    return 0
+    return f"code_parity ({len(out['seeds'])} seeds, {out['test_pairs']} test pairs): " + "; ".join(parts)
+
+
+def table(out: dict) -> str:
+    """The README's table (Markdown): test macro-F1 per variant, code and seed, with mean ± sample std."""
+    import statistics
+
+    seeds = out["seeds"]
+    lines = ["| variant | code | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± std |",
+             "|---|---|" + "---|" * len(seeds) + "---|"]
+    for v, r in out["variants"].items():
+        for side, code in (("new", "this code (Ray Data)"), ("old", f"{out['old_commit']} (driver lists)")):
+            f1 = [r[side][str(s)] for s in seeds]
+            spread = f"{statistics.mean(f1):.3f} ± {statistics.stdev(f1):.3f}" if len(f1) > 1 else f"{f1[0]:.3f}"
+            lines.append(f"| {v} | {code} | " + " | ".join(f"{x:.3f}" for x in f1) + f" | {spread} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,10 @@ to 1M each stage takes <= 11x its 100k time; Ray Train workers' and scoring acto
 
     .venv/bin/python bench/scale.py [--sizes 10000 100000 1000000] [--prompts 10000 100000] [--work DIR]
 
-Writes bench/results/scale.json and scale.png (log-log) and prints one summary line. Run it on a quiet machine.
+Writes bench/results/scale.json and scale.png (log-log) and prints one summary line; with --docs also
+docs/scale.json and docs/scale.png (--docs NAME: docs/NAME.json and .png), the files the README's figures come from
+(`python -m bench.docs_tables` then regenerates the README's table and summary line from them). Run it on a quiet
+machine.
 """
 from __future__ import annotations
 
@@ -216,6 +219,8 @@ def main() -> None:
     ap.add_argument("--stages", nargs="+", default=["prepare", "generate", "targets", "examples", "train", "score"])
     ap.add_argument("--work", default="/tmp/thinkbroad-scale", help="scratch folder (synthetic data is kept for reruns)")
     ap.add_argument("--keep", action="store_true", help="keep the run folders")
+    ap.add_argument("--docs", nargs="?", const="scale", default=None, metavar="NAME",
+                    help="also write docs/NAME.json and docs/NAME.png (default NAME: scale), the README's figures")
     args = ap.parse_args()
 
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
@@ -238,16 +243,18 @@ def main() -> None:
         if not args.keep:
             shutil.rmtree(work / f"run-{n}", ignore_errors=True)
         write(results)
-    summarize(results)
+    summarize(results, args.docs)
 
 
-def write(results: dict) -> None:
+def write(results: dict, docs: str | None = None) -> None:
     out = ROOT / "bench" / "results" / "scale.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
+    if docs:
+        (ROOT / "docs" / f"{docs}.json").write_text(json.dumps(results, indent=2))
 
 
-def summarize(results: dict) -> None:
+def summarize(results: dict, docs: str | None = None) -> None:
     sizes = sorted(int(n) for n in results["sizes"])
     checks = {}
     if len(sizes) >= 2:
@@ -267,13 +274,53 @@ def summarize(results: dict) -> None:
     checks["driver_peak_gib_at_largest"] = round(max(s["peak_rss_gib"]["driver"] for s in top.values()
                                                      if isinstance(s, dict) and "peak_rss_gib" in s), 2)
     results["checks"] = checks
-    write(results)
-    plot(results)
-    print(f"scale ({results['cpu']}, {results['cores']} cores; sizes {', '.join(f'{n:,}' for n in sizes)}): "
-          + ", ".join(f"{k} {v}" for k, v in checks.items()))
+    write(results, docs)
+    plot(results, docs)
+    print(summary(results))
 
 
-def plot(results: dict) -> None:
+def summary(results: dict) -> str:
+    """The one-line summary the bench prints (and the README quotes) from its results."""
+    sizes = sorted(int(n) for n in results["sizes"])
+    return (f"scale ({results['cpu']}, {results['cores']} cores; sizes {', '.join(f'{n:,}' for n in sizes)}): "
+            + ", ".join(f"{k} {v}" for k, v in results["checks"].items()))
+
+
+# the README's stage table: the item each stage counts, the process kind shown as its largest Ray process
+ITEMS = {"prepare": "", "generate": " prompts", "targets": " target rows", "examples": " train pairs", "train": "",
+         "score": " test pairs"}
+OWN = {"generate": ("vllm", "vLLM"), "train": ("train_worker", "Train worker"), "score": ("score_actor", "scoring actor")}
+
+
+def table(results: dict) -> str:
+    """The README's cost-curve table (Markdown) from the results: per stage and size, items, seconds, items/s (and
+    the training loop's pairs/s), the driver's peak RSS, the stage's own kind of Ray process (else the largest other
+    Ray worker; none for prepare, which runs in the driver) and the object store's peak."""
+    lines = ["| stage | pairs | items | seconds | items/s | driver peak | largest Ray processes | object store peak |",
+             "|---|---|---|---|---|---|---|---|"]
+    sizes = sorted(results["sizes"], key=int)
+    for stage, unit in ITEMS.items():
+        first = True
+        for n in sizes:
+            r = results["sizes"][n].get(stage)
+            if not r:
+                continue
+            rate = f"{r['items_per_s']:,.0f}"
+            if "train_pairs_per_s" in r:
+                rate += f" ({r['train_pairs_per_s']:,.0f}{' in the loop' if first else ''})"
+            kind, label = OWN.get(stage, ("ray_worker", "Ray worker"))
+            peak = r["peak_rss_gib"].get(kind)
+            ray_proc = "–" if stage == "prepare" or peak is None else f"{label} {peak:.2f} GiB"
+            store = "–" if stage == "prepare" else f"{r['object_store_peak_gib']:.2f} GiB"
+            pairs = f"{int(n) // 1_000_000}M" if int(n) >= 1_000_000 else f"{int(n) // 1000}k"
+            name = ("train (1 epoch)" if stage == "train" else stage) if first else ""
+            lines.append(f"|{' ' + name if name else ''} | {pairs} | {r['items']:,}{unit if first else ''} | {r['seconds']:,.1f} | {rate} | "
+                         f"{r['peak_rss_gib']['driver']:.2f} GiB | {ray_proc} | {store} |")
+            first = False
+    return "\n".join(lines)
+
+
+def plot(results: dict, docs: str | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -301,6 +348,8 @@ def plot(results: dict) -> None:
     fig.suptitle(f"thinkbroad stage cost by size ({results['cpu']}, {results['cores']} cores)", fontsize=9)
     fig.tight_layout()
     fig.savefig(ROOT / "bench" / "results" / "scale.png", dpi=120)
+    if docs:
+        fig.savefig(ROOT / "docs" / f"{docs}.png", dpi=120)
     plt.close(fig)
 
 
