@@ -1,7 +1,9 @@
 """Benchmark: one seed, one result? Two `thinkbroad run`s of the same config and seed into fresh run folders on this
 machine, then every artifact compared byte for byte (sha256) and, for JSON, with the fields that record time left
 out (seconds, finished_at, timings). Writes bench/results/determinism.json (and docs/determinism.json with
---docs), prints a Markdown table per artifact group and one summary line.
+--docs), prints a Markdown table per artifact group and one summary line. The README quotes them as generated blocks
+(`<!-- begin docs/determinism.json: determinism.table -->` ... `<!-- end docs/determinism.json -->`, and
+determinism.summary inline) that `python -m bench.docs_tables` renders from docs/determinism.json.
 
     .venv/bin/python bench/determinism.py [--config configs/smoke.yaml] [--workdir /tmp/thinkbroad-determinism]
 """
@@ -110,11 +112,17 @@ def main() -> int:
     if args.docs:
         (ROOT / "docs" / "determinism.json").write_text(json.dumps(result, indent=2) + "\n")
     print(table(groups))
+    print(f"{summary(result)} -> {out}")
+    return 0
+
+
+def summary(result: dict) -> str:
+    """The one-line summary the bench prints (the README may quote it from docs/determinism.json)."""
+    groups = result["groups"]
     same = sum(g["identical_content"] for g in groups.values())
     total = sum(g["files"] for g in groups.values())
-    print(f"determinism: {same}/{total} artifacts identical in content across two runs of {args.config} "
-          f"({', '.join(n for n, g in groups.items() if g['differ'] or g['only_one_run']) or 'none'} differ) -> {out}")
-    return 0
+    return (f"determinism: {same}/{total} artifacts identical in content across two runs of {result['config']} "
+            f"({', '.join(n for n, g in groups.items() if g['differ'] or g['only_one_run']) or 'none'} differ)")
 
 
 if __name__ == "__main__":

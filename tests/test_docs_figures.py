@@ -125,3 +125,20 @@ def test_figure_parsing():
     assert dt.value({"x": 1.0}, "x@GB") == pytest.approx(1.073741824)
     with pytest.raises(KeyError):
         dt.render("nope.table", {})
+
+
+def test_determinism_renderers_read_the_bench_result():
+    """docs/determinism.json (bench/determinism.py --docs) is quoted through these blocks once it exists."""
+    result = {"config": "configs/smoke.yaml", "groups": {
+        "prepare: splits": {"files": 3, "identical_bytes": 3, "identical_content": 3, "only_one_run": [], "differ": []},
+        "students": {"files": 2, "identical_bytes": 1, "identical_content": 1, "only_one_run": [], "differ": ["a"]}}}
+    text = ("x\n\n<!-- begin docs/determinism.json: determinism.table -->\n\n"
+            + dt.render("determinism.table", result) + "\n\n<!-- end docs/determinism.json -->\n\nso "
+            "<!-- begin docs/determinism.json: determinism.summary -->`" + dt.render("determinism.summary", result)
+            + "`<!-- end docs/determinism.json -->.\n")
+    assert "| students | 2 | 1 | 1 | a |" in text and "4/5 artifacts identical" in text
+    bs = dt.blocks(text)
+    assert [b["inline"] for b in bs] == [False, True]
+    assert all(dt.block_matches(b, dt.render(b["renderer"], result)) for b in bs)
+    result["groups"]["students"]["identical_content"] = 2
+    assert not any(dt.block_matches(b, dt.render(b["renderer"], result)) for b in bs)
