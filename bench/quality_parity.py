@@ -102,7 +102,6 @@ def main() -> None:
     ensure_ray()
     vanilla = Variant("vanilla", "vanilla")
     examples = StudentData(cfg, run_dir).for_variant(vanilla)  # the plain examples every vanilla student streams
-    test_ids = pq.read_table(paths["test"], columns=["pair_id"]).column("pair_id")
     lib, ours = {}, {}
     t0 = time.time()
     for seed in args.seeds:
@@ -110,7 +109,7 @@ def main() -> None:
                                      settings.batch_size * settings.num_workers, settings.max_length, work / f"hf-{seed}")
         out = work / f"vanilla-{seed}"
         history = train_student(Variant("vanilla", "vanilla", seed=seed), settings, examples, encoder, codes, persp, out)
-        m = score_split(cfg, out / "best", paths["test"], out / "predictions", order=test_ids)
+        m = score_split(cfg, out / "best", paths["test"], out / "predictions", order=paths["test"])
         ours[seed] = {"macro_f1": m["macro_f1"], "predictions": m["predictions"],
                       "pairs_per_s": sum(h["train_pairs"] for h in history) / sum(h["seconds"] for h in history)}
         print(f"seed {seed}: library {lib[seed]['macro_f1']:.3f} ({lib[seed]['pairs_per_s']:.1f} pairs/s), vanilla "

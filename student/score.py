@@ -276,11 +276,12 @@ def gains_of(labels: list) -> dict[str, float]:
 
 
 def metrics_from_parts(out_dir: str | Path, labels: list[str], perspectives: list[str], gains: dict[str, float],
-                       order: pa.Array | None = None, mode: str | None = None) -> dict:
+                       order: pa.Array | str | Path | None = None, mode: str | None = None) -> dict:
     """Accuracy, macro-F1, per-class F1, confusion, attribution, nDCG@10 (ranked by score) and, when the parts have
     them, latent fidelity, over the labelled pairs of the scored parts. Reads only the small columns.
 
-    order: pair ids; `predictions` then follows that order (the split's), for paired comparisons."""
+    order: pair ids (or a Parquet file whose pair_id column holds them); `predictions` then follows that order (the
+    split's), and every pair of it must be scored."""
     from student.evaluate import classification_metrics, fidelity_summary, ndcg_at_k
 
     path = Path(out_dir)
@@ -294,6 +295,8 @@ def metrics_from_parts(out_dir: str | Path, labels: list[str], perspectives: lis
     result: dict = {"scored": t.num_rows, "unlabelled": t.num_rows - labelled.num_rows}
     if labelled.num_rows == 0:
         return result
+    if isinstance(order, (str, Path)):  # a split file: its pair ids, read here (in the task, not the caller)
+        order = pq.read_table(order, columns=["pair_id"]).column("pair_id").combine_chunks()
     if order is not None:  # joined on pair_id: the i-th prediction is the i-th pair's, or nothing is returned
         pos = pc.index_in(order, value_set=labelled.column("pair_id"))
         if pos.null_count or len(order) != labelled.num_rows:

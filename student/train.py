@@ -378,7 +378,6 @@ def train_students(jobs: list[StudentJob], datasets: dict[str, StudentData], set
     interrupted one where its last checkpoint stood (every `checkpoint_steps` steps and at each epoch's end), and
     ends with the weights an uninterrupted run gives. `crash_at` (job index from 1, global step): a test's injected
     fault, raised after that step's checkpoint."""
-    import ray
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 

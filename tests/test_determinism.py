@@ -4,8 +4,6 @@ import hashlib
 import json
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from test_student_train import LABELS, PERSP, _write, esci, fake_targets

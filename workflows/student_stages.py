@@ -501,18 +501,19 @@ def train_variants(cfg: RunConfig, run_dir: Path, variants: list[Variant], teach
 
 
 def score_split(cfg: RunConfig, student: Path, source, out_dir: Path, trivial: list | None = None,
-                keep: list[str] | None = None, what: str = "score", order: pa.ChunkedArray | None = None) -> dict:
+                keep: list[str] | None = None, what: str = "score", order: str | Path | None = None) -> dict:
     """Score a Parquet split or examples folder with `student` on Ray Data workers into out_dir/part-*.parquet
     (resuming finished parts) and return its metrics (with fidelity when the rows carry targets and `trivial`;
-    `keep`: the perspectives whose targets count; `order`: pair ids the `predictions` list follows)."""
+    `keep`: the perspectives whose targets count; `order`: a split file whose pair ids the metrics must cover, in
+    its order). The metrics are computed in a Ray task: the driver never holds the scored rows."""
     from student.score import gains_of, metrics_from_parts, score_dataset
 
     ensure_ray()
     score_dataset(source, student, out_dir, cfg.distill.score, trivial=trivial, progress=False, what=what, keep=keep)
     persp = [p.name for p in cfg.perspectives]
     mode = json.loads((student / "student_config.json").read_text())["mode"]
-    return metrics_from_parts(out_dir, [lab.name for lab in cfg.labels], persp, gains_of(cfg.labels), mode=mode,
-                              order=None if order is None else order.combine_chunks())
+    return _remote(metrics_from_parts)(out_dir, [lab.name for lab in cfg.labels], persp, gains_of(cfg.labels), mode=mode,
+                                       order=None if order is None else str(order))
 
 
 def _trivial(data: StudentData, v: Variant) -> list | None:
@@ -533,10 +534,11 @@ def _score(out: Path, data: StudentData, v: Variant, history: list[dict]) -> dic
     best = out / "best"
     model = LRKDStudent.from_pretrained(best)
     labels, gains = data.codes, gains_of(data.cfg.labels)
-    test_ids = pq.read_table(data.paths["test"], columns=["pair_id"]).column("pair_id").combine_chunks()
-    metrics = metrics_from_parts(out / "predictions" / "test", labels, data.persp, gains, order=test_ids, mode=v.mode)
+    # in Ray tasks: the driver never holds the scored rows
+    metrics = _remote(metrics_from_parts)(out / "predictions" / "test", labels, data.persp, gains,
+                                          order=str(data.paths["test"]), mode=v.mode)
     metrics.pop("predictions")  # per pair: they stay in the parts (verdicts read them there, joined on pair_id)
-    val = metrics_from_parts(out / "predictions" / "val", labels, data.persp, gains, mode=v.mode)
+    val = _remote(metrics_from_parts)(out / "predictions" / "val", labels, data.persp, gains, mode=v.mode)
     metrics["val"] = {k: val[k] for k in ("n", "accuracy", "macro_f1", "per_class_f1", "ranking") if k in val}
     metrics["extractor_params"] = model.extractor_parameters()
     metrics["selected_epoch"] = json.loads((best / "selection.json").read_text())["epoch"]
@@ -765,8 +767,7 @@ def evaluate_folder(cfg: RunConfig, run_dir: Path, student_dir: str) -> dict:
     paths = prepare(cfg, run_dir)
     out = Path(student_dir) / "predictions" / "test"
     shutil.rmtree(out, ignore_errors=True)  # the folder's weights may have changed since
-    ids = pq.read_table(paths["test"], columns=["pair_id"]).column("pair_id")
-    return score_split(cfg, Path(student_dir), paths["test"], out, what="test", order=ids)
+    return score_split(cfg, Path(student_dir), paths["test"], out, what="test", order=paths["test"])
 
 
 def score_file(pairs: str, student_target: str, output: str, cfg: RunConfig | None = None, progress: bool = True) -> dict:
@@ -819,7 +820,7 @@ def score_file(pairs: str, student_target: str, output: str, cfg: RunConfig | No
     ensure_ray()
     settings = cfg.distill.score if cfg else ScoreConfig()
     res = score_dataset(canonical, student, out, settings, total=total, progress=progress, what="score")
-    metrics = metrics_from_parts(out, codes, persp, gains_of(labels), mode=scfg["mode"])
+    metrics = _remote(metrics_from_parts)(out, codes, persp, gains_of(labels), mode=scfg["mode"])  # off the driver
     metrics.pop("predictions", None)
     write_json_atomic(metrics, out / "_metrics.json")
     write_score_manifest(out, {"key": key, "inputs": inputs, "student": str(student), "rows": res.rows,
