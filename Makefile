@@ -1,5 +1,5 @@
 # The two commands a new user needs: `make demo` (set up + run the main job) and `make test`.
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-fast bench clean
 
 setup:
 	bash scripts/setup.sh
@@ -13,6 +13,10 @@ demo: setup
 
 test: setup
 	.venv/bin/python -m pytest -q -p no:cacheprovider --durations=25
+
+# the inner loop: unit and component tests; no Ray, no vLLM engine, no pipeline run (tests/conftest.py FAST)
+test-fast: setup
+	.venv/bin/python -m pytest -q -p no:cacheprovider -m "not ray and not vllm and not slow" --durations=10
 
 # each benchmark writes bench/results/<name>.json and prints one summary line; run them on a quiet machine
 bench: setup

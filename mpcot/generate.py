@@ -16,7 +16,7 @@ import re
 import shutil
 import time
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -251,6 +251,15 @@ class VLLMJudge:
         self.llm = LLM(model=spec.model_path, seed=self.gen.seed, **spec.engine_kwargs)
         if spec.chat_template:
             self.llm.get_tokenizer().chat_template = spec.chat_template
+
+    def __del__(self):
+        """Ray Data deletes its UDF when it retires the actor gracefully: the engine (and its engine process, where
+        it has one) stops here, while the actor still lives, not when Ray reaps the actor's children (an engine
+        process that outlived its resource tracker printed KeyError tracebacks)."""
+        core = getattr(getattr(getattr(self, "llm", None), "llm_engine", None), "engine_core", None)
+        if core is not None:
+            with suppress(Exception):  # a dead engine has nothing left to stop
+                core.shutdown()
 
     def __call__(self, chunks: pa.Table) -> Iterator[pa.Table]:
         """`chunks`: paths of pending-task files (whole batches, in order); one vLLM call and one output per batch."""

@@ -40,6 +40,10 @@ def engine_placement(
                 "VLLM_CPU_KVCACHE_SPACE": "1",  # GiB of KV cache; the default (4) is too much for small machines
                 "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
                 "OMP_NUM_THREADS": str(cpus),
+                # the engine core runs inside the actor instead of a spawned process: one `import vllm` less per
+                # engine (25 -> 5 s engine start for the tiny test model on 2 loaded cores) and no child process
+                # that outlives the actor and prints resource_tracker KeyErrors when Ray Data tears the pool down
+                "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
             },
             # the dtype this CPU generates fastest in (hardware/cpu.py); decided on the driver's CPU, so a cluster of
             # mixed processors sets generation.engine.dtype itself

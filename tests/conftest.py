@@ -10,6 +10,25 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from mpcot.labels import DEFAULT_ESCI_LABELS, Label  # noqa: E402
 
+# Tiers: `make test` runs every test (CI); `make test-fast` deselects the markers `ray` (starts Ray), `vllm` (starts
+# a vLLM engine) and `slow`. `ray` and `vllm` are declared in pyproject.toml; `slow` here, because a change to
+# pyproject.toml makes the next `make` reinstall the environment.
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: over ~30 s on 2 cores without Ray or vLLM (left out of `make test-fast`)")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    """A test that starts Ray in this process must say so (`ray` marker), or `make test-fast` would start Ray."""
+    started_before = "ray" in sys.modules and sys.modules["ray"].is_initialized()
+    yield
+    if item.get_closest_marker("ray") is None and not started_before and "ray" in sys.modules \
+            and sys.modules["ray"].is_initialized():
+        sys.modules["ray"].shutdown()
+        pytest.fail(f"{item.nodeid} started Ray without @pytest.mark.ray (the marker keeps it out of make test-fast)")
+
 
 @pytest.fixture
 def labels():

@@ -115,6 +115,7 @@ def test_scorer_paths_agree_and_tokenise_each_request_once(tmp_path):
     assert [r["truncated"] for r in results["onnxruntime"]] == [False, True, False]
 
 
+@pytest.mark.slow  # fine-tunes MiniLM for 24 steps: 50-110 s on 2 cores
 def test_reduced_precision_is_served_only_when_it_passes_parity_on_a_fine_tuned_student(tmp_path, capsys):
     """A MiniLM student (with token_type_ids) fine-tuned briefly on the local train split, exported with int8, and
     checked on the local test split: the fp32 graph matches torch within 1e-4, the int8 and bf16 rows recompute

@@ -17,6 +17,7 @@ def llm(tiny_qwen2):
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # as the stages run it (mpcot/placement.py)
     from vllm import LLM
 
     engine = LLM(model=tiny_qwen2, seed=0, enforce_eager=True, max_model_len=2048)

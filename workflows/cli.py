@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
+import traceback
 from pathlib import Path
 
 from hardware.cpu import PrecisionError
@@ -12,7 +15,7 @@ from workflows.data import DataError
 from workflows.models import BUILTIN, ModelNotFound, resolve_model
 from workflows.cluster import PlanError, cluster_from_flags, cluster_from_yaml
 from workflows.plan import PlanRefused
-from workflows.runtime import RayStartError
+from workflows.runtime import RayStartError, stop_on_signals, stop_ray
 from workflows.shapes import ShapeError
 
 USER_ERRORS = (ConfigError, DataError, ModelNotFound, RayStartError, PlanError, PlanRefused, ShapeError)
@@ -100,7 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`argv` None: the command line (`thinkbroad ...`, `python -m workflows.cli ...`): Ctrl-C and SIGTERM stop a
+    stage cleanly and a stage's output is filtered onto the console and kept whole in RUN_DIR/logs/ (workflows/logs.py).
+    A list (tests, other Python code): neither, and an unexpected exception propagates."""
     args = build_parser().parse_args(argv)
+    command_line = argv is None
+    if command_line and args.command != "serve":  # serve has its own SIGTERM/SIGHUP handling (serve/launch.py)
+        stop_on_signals()
     try:
         if args.command == "setup-models":
             for name in args.names:
@@ -111,59 +120,110 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "export":
             return _export(args)
         if args.command == "score":
-            from workflows.student_stages import score_file
-
-            cfg = load_config(args.config, args.overrides) if args.config else None
-            if args.overrides and not args.config:
-                print("thinkbroad: error: --set needs --config (the config it overrides)", file=sys.stderr)
-                return 2
-            try:
-                metrics = score_file(args.pairs, args.student, args.output, cfg, progress=not args.no_progress)
-            except FileNotFoundError as exc:  # not a student folder or run dir
-                print(f"thinkbroad: error: {exc}", file=sys.stderr)
-                return 2
-            print(json.dumps(metrics, indent=2))
-            return 0
+            return _stopping("score", command_line, _score, args)
         from workflows import stages
 
         cfg = load_config(args.config, args.overrides)
         run_dir = stages.run_dir_for(cfg, args.run_dir)
-        if args.command == "run":
-            from workflows.pipeline import STAGES, run
-
-            for given in (args.from_stage, args.only):
-                if given and given not in STAGES:
-                    print(f"thinkbroad: error: unknown stage {given!r}; stages: {', '.join(STAGES)}", file=sys.stderr)
-                    return 2
-            print(run(cfg, run_dir, args.from_stage, args.only, check=not args.no_plan, cluster=_cluster(args)))
-        elif args.command == "plan":
+        if args.command == "plan":
             from workflows.cluster import default_cluster
             from workflows.plan import make_plan, render
 
             plan = make_plan(cfg, run_dir, _cluster(args) or default_cluster(), args.pairs)
             print(render(plan, args.config))
-        elif args.command == "prepare":
-            stages.prepare(cfg, run_dir)
-        elif args.command == "generate":
-            out = stages.generate(cfg, run_dir, progress=not args.no_progress)
-            print(stages.summary(Path(out) / "stats.json"))
-        elif args.command in ("sft", "dpo", "teacher-eval"):
-            from workflows import teacher_stages
+            return 0
+        if not command_line or os.environ.get("THINKBROAD_LOG", "").lower() == "off":
+            return _stopping(args.command, command_line, _stage, args, cfg, run_dir)
+        from workflows.logs import capture
 
-            step = {"sft": teacher_stages.sft, "dpo": teacher_stages.dpo, "teacher-eval": teacher_stages.teacher_eval}
-            print(step[args.command](cfg, run_dir))
-        elif args.command in ("distill", "ablate"):
-            from workflows import student_stages
-
-            print((student_stages.distill if args.command == "distill" else student_stages.ablate)(cfg, run_dir))
-        elif args.command == "eval":
-            from workflows import student_stages
-
-            print(json.dumps(student_stages.evaluate_folder(cfg, run_dir, args.student), indent=2))
-        return 0
+        with capture(run_dir, args.command) as log_file:
+            print(f"[thinkbroad] full log: {log_file}", flush=True)
+            try:
+                return _stopping(args.command, command_line, _stage, args, cfg, run_dir)
+            except Exception:  # a bug or a library failure: the traceback, into the log file too
+                traceback.print_exc()
+                print(f"thinkbroad: {args.command} failed; the full log is {log_file}", file=sys.stderr, flush=True)
+                return 1
+            finally:
+                stop_ray()  # what the workers still print is filtered and logged, not printed after the log closes
     except (*USER_ERRORS, PrecisionError) as exc:
         print(f"thinkbroad: error: {exc}", file=sys.stderr)
         return 2
+
+
+def _stopping(command: str, command_line: bool, fn, *args) -> int:
+    """fn(*args); on the command line, Ctrl-C or SIGTERM shuts Ray down and prints one line: exit code 128 + the
+    signal (130, 143). Nothing is removed: every stage writes atomically and resumes from what it finished."""
+    try:
+        return fn(*args)
+    except (*USER_ERRORS, PrecisionError) as exc:
+        print(f"thinkbroad: error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt as exc:
+        if not command_line:
+            raise
+        signum = getattr(exc, "signum", signal.SIGINT)
+        where = f"stage {pipeline_stage()}" if command == "run" and pipeline_stage() else command
+        stop_ray()
+        print(f"thinkbroad: stopped by {signal.Signals(signum).name} during {where} (Ray shut down); finished stages, "
+              "generation parts and training checkpoints are kept: run the same command again to resume",
+              file=sys.stderr, flush=True)
+        return 128 + signum
+
+
+def pipeline_stage() -> str | None:
+    from workflows import pipeline
+
+    return pipeline.current_stage
+
+
+def _score(args) -> int:
+    from workflows.student_stages import score_file
+
+    cfg = load_config(args.config, args.overrides) if args.config else None
+    if args.overrides and not args.config:
+        print("thinkbroad: error: --set needs --config (the config it overrides)", file=sys.stderr)
+        return 2
+    try:
+        metrics = score_file(args.pairs, args.student, args.output, cfg, progress=not args.no_progress)
+    except FileNotFoundError as exc:  # not a student folder or run dir
+        print(f"thinkbroad: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def _stage(args, cfg, run_dir: Path) -> int:
+    """One pipeline command on `run_dir`."""
+    from workflows import stages
+
+    if args.command == "run":
+        from workflows.pipeline import STAGES, run
+
+        for given in (args.from_stage, args.only):
+            if given and given not in STAGES:
+                print(f"thinkbroad: error: unknown stage {given!r}; stages: {', '.join(STAGES)}", file=sys.stderr)
+                return 2
+        print(run(cfg, run_dir, args.from_stage, args.only, check=not args.no_plan, cluster=_cluster(args)))
+    elif args.command == "prepare":
+        stages.prepare(cfg, run_dir)
+    elif args.command == "generate":
+        out = stages.generate(cfg, run_dir, progress=not args.no_progress)
+        print(stages.summary(Path(out) / "stats.json"))
+    elif args.command in ("sft", "dpo", "teacher-eval"):
+        from workflows import teacher_stages
+
+        step = {"sft": teacher_stages.sft, "dpo": teacher_stages.dpo, "teacher-eval": teacher_stages.teacher_eval}
+        print(step[args.command](cfg, run_dir))
+    elif args.command in ("distill", "ablate"):
+        from workflows import student_stages
+
+        print((student_stages.distill if args.command == "distill" else student_stages.ablate)(cfg, run_dir))
+    elif args.command == "eval":
+        from workflows import student_stages
+
+        print(json.dumps(student_stages.evaluate_folder(cfg, run_dir, args.student), indent=2))
+    return 0
 
 
 def _serve(args) -> int:

@@ -14,6 +14,7 @@ from workflows.config import RunConfig
 from workflows.stages import generate, log, prepare
 
 STAGES = ("prepare", "generate", "sft", "dpo", "teacher_eval", "distill", "report")
+current_stage: str | None = None  # the stage `run` is in (named when Ctrl-C or SIGTERM stops it: workflows/cli.py)
 # the folders whose manifests mark each stage done
 STAGE_DIRS = {
     "prepare": ["data"], "generate": ["mpcot"], "sft": ["teacher/sft"], "dpo": ["teacher/dpo"],
@@ -53,9 +54,12 @@ def run(cfg: RunConfig, run_dir: Path, from_stage: str | None = None, only: str 
         prepare(cfg, run_dir)  # the plan reads the prepared splits
         for line in check_run(cfg, run_dir, list(STAGES[: STAGES.index(only) + 1]) if only else stages, cluster):
             log(line)
+    global current_stage
     for i, name in enumerate(stages, 1):
         log(f"=== stage {i}/{len(stages)}: {name} ===")
+        current_stage = name
         _stage_fn(name)(cfg, run_dir)
+    current_stage = None
     return run_dir / "report.md"
 
 
@@ -131,7 +135,8 @@ def student_sections(student: dict, run_dir: Path) -> list[str]:
     lines += ["", f"## Student variants (mean ± std over seeds; validation selects, test ({student['test_pairs']} pairs) is scored once)", "",
               metrics_table(student["variants"]), "", "![student](plots/student.png)", "",
               "**Paired verdicts** (test macro-F1 difference against the control, paired by seed, 95% bootstrap interval "
-              "over seeds and test pairs; an interval that holds 0 is no evidence either way):", "",
+              "over seeds and test pairs; better or worse when it excludes 0, equivalent when it lies inside the margin, "
+              "else not enough data to tell):", "",
               verdict_lines(student["verdicts"]), "",
               "**Guidance diagnostics** (one fixed training batch, at the start of the first and of the last epoch; "
               "grad ratio = |grad of λ·guidance| / |grad of CE| on the encoder's parameters):", "",

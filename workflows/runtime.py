@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import sys
+import threading
 
 
 def free_port() -> int:
@@ -50,6 +53,7 @@ def ensure_ray() -> None:
     address = os.environ.get("RAY_ADDRESS")
     if address:
         _init(ray, address, runtime_env={"env_vars": {**env, "RAY_ADDRESS": address}}, log_to_driver=True)
+        _reclaim_signals()
         return
     port = free_port()
     env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
@@ -57,5 +61,56 @@ def ensure_ray() -> None:
     # machine (another user's, or a test's) whose CPUs its own work may hold
     ctx = _init(ray, "local", include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
                 runtime_env={"env_vars": env}, log_to_driver=True, configure_logging=True, logging_level="warning")
+    _reclaim_signals()
     if ctx.dashboard_url:
         print(f"[thinkbroad] Ray dashboard (progress of every stage): http://{ctx.dashboard_url}", flush=True)
+
+
+# ---- Ctrl-C and SIGTERM: one way out of every stage (workflows/cli.py) ----
+
+class Stopped(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived: raised in the main thread wherever the stage is, like Ctrl-C's KeyboardInterrupt
+    (libraries that clean up on KeyboardInterrupt do so for SIGTERM too)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+_installed = False
+
+
+def _raise_stopped(signum, frame):
+    for sig in (signal.SIGINT, signal.SIGTERM):  # a second signal while stopping would interrupt the clean-up
+        signal.signal(sig, signal.SIG_IGN)
+    raise Stopped(signum)
+
+
+def stop_on_signals() -> None:
+    """SIGINT and SIGTERM raise Stopped in the main thread, for the rest of the process. Ray's `ray.init` sets its
+    own SIGTERM handler (sys.exit) and Ray Train's `fit` its own SIGINT handler (which exits 0 on a second Ctrl-C
+    after the run is gone), so `ensure_ray` takes both back and Ray Train's is not installed."""
+    global _installed
+    if threading.current_thread() is not threading.main_thread():
+        return
+    _installed = True
+    _reclaim_signals()
+
+
+def _reclaim_signals() -> None:
+    if not _installed:
+        return
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _raise_stopped)
+    try:
+        from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+    except ImportError:  # another Ray Train version: its handler, if any, stays
+        return
+    DataParallelTrainer._register_sigint_handler = lambda self, controller: None
+
+
+def stop_ray() -> None:
+    """Disconnect from Ray (a local instance of ours stops; on a cluster, this job's actors and tasks end)."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
