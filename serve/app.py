@@ -212,6 +212,7 @@ class RelevanceService:
         what the ingress counted, and the mean, median and 99th percentile milliseconds of each phase over the
         latest 1000 answered requests."""
         s = self.settings
+        await self.view.refresh_replicas(max_age_s=2.0)  # Ray Serve's controller, not the model replicas
         phases = {}
         if self.timings:
             for name in self.timings[0]:

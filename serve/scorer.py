@@ -81,7 +81,8 @@ class StudentScorer:
         cfg = json.loads((self.dir / "student_config.json").read_text())
         self.labels, self.perspectives, self.max_length = cfg["labels"], cfg["perspectives"], cfg["max_length"]
         self.extractor, self.mode = cfg["extractor"], cfg["mode"]
-        self.encoder = cfg["encoder_config"].get("_name_or_path") or cfg["encoder_config"].get("model_type")
+        encoder = cfg["encoder_config"].get("_name_or_path") or cfg["encoder_config"].get("model_type")
+        self.encoder = Path(encoder).name if encoder and Path(encoder).is_absolute() else encoder  # no server paths
         self.tok = AutoTokenizer.from_pretrained(student_dir)
         if not self.tok.is_fast:  # the Rust tokenizer reports truncation from the one tokenisation we do
             raise ValueError(f"{student_dir}: serving needs a fast tokenizer (tokenizer.json)")
