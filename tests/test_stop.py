@@ -36,8 +36,14 @@ SCRIPT = textwrap.dedent("""
                 time.sleep(300)
 
             TorchTrainer(loop, scaling_config=ScalingConfig(num_workers=1, use_gpu=False)).fit()
+        import ray
+
         print("[thinkbroad] prepare: working", flush=True)
-        time.sleep(300)
+        @ray.remote(num_cpus=0)
+        def work():
+            time.sleep(300)
+
+        ray.get(work.remote())  # where a stage waits: in Ray's get
 
     stages.prepare = slow_prepare
     sys.argv = ["thinkbroad", "prepare", "--config", "configs/smoke.yaml", "--run-dir", {run_dir!r}]

@@ -15,6 +15,7 @@ from workflows.data import DataError
 from workflows.models import BUILTIN, ModelNotFound, resolve_model
 from workflows.cluster import PlanError, cluster_from_flags, cluster_from_yaml
 from workflows.plan import PlanRefused
+from workflows import runtime
 from workflows.runtime import RayStartError, stop_on_signals, stop_ray
 from workflows.shapes import ShapeError
 
@@ -162,7 +163,7 @@ def _stopping(command: str, command_line: bool, fn, *args) -> int:
     except KeyboardInterrupt as exc:
         if not command_line:
             raise
-        signum = getattr(exc, "signum", signal.SIGINT)
+        signum = getattr(exc, "signum", None) or runtime.stopped_by or signal.SIGINT
         where = f"stage {pipeline_stage()}" if command == "run" and pipeline_stage() else command
         stop_ray()
         print(f"thinkbroad: stopped by {signal.Signals(signum).name} during {where} (Ray shut down); finished stages, "

@@ -78,11 +78,15 @@ class Stopped(KeyboardInterrupt):
 
 
 _installed = False
+stopped_by: int | None = None  # the signal that stopped this process: Ray's `ray.get` turns Stopped into a plain
+# KeyboardInterrupt (its core worker reports "interrupted"), so the signal is kept here too
 
 
 def _raise_stopped(signum, frame):
+    global stopped_by
     for sig in (signal.SIGINT, signal.SIGTERM):  # a second signal while stopping would interrupt the clean-up
         signal.signal(sig, signal.SIG_IGN)
+    stopped_by = signum
     raise Stopped(signum)
 
 
@@ -112,5 +116,12 @@ def _reclaim_signals() -> None:
 def stop_ray() -> None:
     """Disconnect from Ray (a local instance of ours stops; on a cluster, this job's actors and tasks end)."""
     ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():
+    if ray is None or not ray.is_initialized():
+        return
+    main = threading.current_thread() is threading.main_thread()
+    held = [(sig, signal.signal(sig, signal.SIG_IGN)) for sig in (signal.SIGINT, signal.SIGTERM)] if main else []
+    try:  # a signal now would leave Ray half shut down
         ray.shutdown()
+    finally:
+        for sig, handler in held:
+            signal.signal(sig, handler)
