@@ -24,6 +24,7 @@ SEEN = [
     "\x1b[36m(RayTrainWorker pid=9551)\x1b[0m Tokenizing train dataset: 100%|██████████| 4/4 [00:00<00:00, 243.93 examples/s]",
     "\x1b[36m(RayTrainWorker pid=15402)\x1b[0m MA 0.73 GB         Max_MA 0.73 GB         CA 0.73 GB         Max_CA 1 GB ",
     "\x1b[36m(TrainController pid=9343)\x1b[0m Attempting to start training worker group of size 2 with the following resources: [{'CPU': 1}] * 2",
+    "\x1b[36m(RayTrainWorker pid=21743)\x1b[0m Reporting training result 1: TrainingReport(checkpoint=Checkpoint(filesystem=local, path=/tmp/tb/run2/teacher/sft/ray/sft/checkpoint_2026-12-05_15-31-40.272865), metrics={'loss': 6.5851})",
     "torchvision is not installed. Skipping torchvision::nms",
     "WARNING:root:Please consider to run pre-processing before quantization. Refer to example: https://github.com/microsoft/onnxruntime-inference-examples/blob/main/quantization/image_classification/cpu/ReadMe.md ",
 ]

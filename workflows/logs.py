@@ -49,6 +49,8 @@ HARMLESS: list[tuple[str, str]] = [
      "optimizer prints the memory it sees when it starts; the plan (thinkbroad plan) and Ray's dashboard have it"),
     (r"^Requesting resources: |^Attempting to start training worker group|^Setting up process group for: env://",
      "Ray Train's start-up steps; its 'Started training worker group' line says where each worker runs"),
+    (r"^Reporting training result \d+: TrainingReport\(|^Checkpoint successfully created at: Checkpoint\(",
+     "Ray Train's record of each report and checkpoint; the loss lines and the stage's own line carry the news"),
     # --- ONNX export and quantisation (served students) ---
     (r"torchvision is not installed\. Skipping torchvision::", "torch's ONNX exporter lists torchvision's ops; setup "
      "removes the CUDA torchvision on purpose and the student uses none of them"),
