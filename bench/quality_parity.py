@@ -65,6 +65,19 @@ def library_finetune(encoder: str, train: dict, val: dict, test: dict, codes: li
             "predictions": pred.tolist(), "pairs_per_s": len(train["label"]) * epochs / seconds}
 
 
+def _plain_examples(split_paths: dict, out: Path, codes: list[str], persp: list[str]):
+    """The plain examples (pairs only) of a split's train and val files, as the vanilla student streams them."""
+    from student.examples import PROBE, SUMMARY, examples_summary, write_examples
+    from student.train import StudentData
+
+    write_examples({s: split_paths[s] for s in ("train", "val")}, out, codes, persp, targets=False)
+    summary = examples_summary(out / "train", codes, persp, 32)
+    assert (out / f"train.{SUMMARY}").exists()
+    return StudentData(train=str(out / "train"), val=str(out / "val"), centroids=[[0.0]] * len(persp),
+                       label_counts=summary["label_counts"], rows=summary["rows"], target_dim=1,
+                       probe=str(out / f"train.{PROBE}"))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default="configs/local.yaml")
@@ -74,18 +87,21 @@ def main() -> None:
                     "distill.train.learning_rate)")
     ap.add_argument("--epochs", type=int, default=None, help="both runs (default: distill.train.epochs)")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--folds", type=int, default=1, help="k-fold cross-validation by query over all labelled pairs "
+                    "(each pair a test pair once); 1 = the run's test split")
     args = ap.parse_args()
 
     import pyarrow.parquet as pq
 
     from student.data import pair_rows
-    from student.evaluate import paired_bootstrap
+    from student.evaluate import macro_f1_fast, paired_bootstrap
     from student.train import Variant, train_student
     from workflows.config import load_config
     from workflows.models import resolve_model
     from workflows.runtime import ensure_ray
     from workflows.stages import prepare, run_dir_for
-    from workflows.student_stages import StudentData, score_split
+    from workflows.folds import pooled_gold, write_folds
+    from workflows.student_stages import score_split
 
     cfg = load_config(args.config, args.overrides)
     run_dir = run_dir_for(cfg, args.run_dir)
@@ -95,39 +111,53 @@ def main() -> None:
     lr = args.lr or settings.learning_rate
     codes, persp = [lab.name for lab in cfg.labels], [p.name for p in cfg.perspectives]
     paths = prepare(cfg, run_dir)
-    data = {s: pair_rows(pq.read_table(paths[s]), codes).to_pydict() for s in ("train", "val", "test")}
     encoder = resolve_model(cfg.distill.backbone)
     work = run_dir / "bench_quality_parity"
     shutil.rmtree(work, ignore_errors=True)
     ensure_ray()
-    vanilla = Variant("vanilla", "vanilla")
-    examples = StudentData(cfg, run_dir).for_variant(vanilla)  # the plain examples every vanilla student streams
-    lib, ours = {}, {}
+    # the split once, or k folds by query (every pair a test pair once; folds x seeds pooled in the verdict)
+    folds = [paths] if args.folds < 2 else write_folds(paths, args.folds, cfg.seed, work / "cv")
+    lib, ours = {s: {"predictions": [], "f1": []} for s in args.seeds}, {s: {"predictions": [], "f1": []} for s in args.seeds}
+    speed = {"library": [], "vanilla": []}
     t0 = time.time()
-    for seed in args.seeds:
-        lib[seed] = library_finetune(encoder, data["train"], data["val"], data["test"], codes, seed, settings.epochs, lr,
-                                     settings.batch_size * settings.num_workers, settings.max_length, work / f"hf-{seed}")
-        out = work / f"vanilla-{seed}"
-        history = train_student(Variant("vanilla", "vanilla", seed=seed), settings, examples, encoder, codes, persp, out)
-        m = score_split(cfg, out / "best", paths["test"], out / "predictions", order=paths["test"])
-        ours[seed] = {"macro_f1": m["macro_f1"], "predictions": m["predictions"],
-                      "pairs_per_s": sum(h["train_pairs"] for h in history) / sum(h["seconds"] for h in history)}
-        print(f"seed {seed}: library {lib[seed]['macro_f1']:.3f} ({lib[seed]['pairs_per_s']:.1f} pairs/s), vanilla "
-              f"{ours[seed]['macro_f1']:.3f} ({ours[seed]['pairs_per_s']:.1f} pairs/s)", flush=True)
-    gold = list(data["test"]["label"])
-    paired = paired_bootstrap(gold, {s: r["predictions"] for s, r in ours.items()}, {s: r["predictions"] for s, r in lib.items()}, len(codes))
+    for f, fp in enumerate(folds):
+        data = {s: pair_rows(pq.read_table(fp[s]), codes).to_pydict() for s in ("train", "val", "test")}
+        examples = _plain_examples(fp, work / f"examples-{f}", codes, persp)  # what every vanilla student streams
+        for seed in args.seeds:
+            lr_run = library_finetune(encoder, data["train"], data["val"], data["test"], codes, seed, settings.epochs, lr,
+                                      settings.batch_size * settings.num_workers, settings.max_length, work / f"hf-{f}-{seed}")
+            out = work / f"vanilla-{f}-{seed}"
+            history = train_student(Variant("vanilla", "vanilla", seed=seed), settings, examples, encoder, codes, persp, out)
+            m = score_split(cfg, out / "best", fp["test"], out / "predictions", order=fp["test"])
+            lib[seed]["predictions"] += lr_run["predictions"]
+            ours[seed]["predictions"] += m["predictions"]
+            lib[seed]["f1"].append(lr_run["macro_f1"])
+            ours[seed]["f1"].append(m["macro_f1"])
+            speed["library"].append(lr_run["pairs_per_s"])
+            speed["vanilla"].append(sum(h["train_pairs"] for h in history) / sum(h["seconds"] for h in history))
+            print(f"fold {f}, seed {seed}: library {lr_run['macro_f1']:.3f} ({lr_run['pairs_per_s']:.1f} pairs/s), vanilla "
+                  f"{m['macro_f1']:.3f} ({speed['vanilla'][-1]:.1f} pairs/s)", flush=True)
+    _, gold = pooled_gold(folds, codes)
+    pooled = lambda rs: {s: float(macro_f1_fast(np.asarray([gold]), np.asarray([r["predictions"]]), len(codes))[0])  # noqa: E731
+                         for s, r in rs.items()}
+    lib = {s: {"macro_f1": v, "predictions": lib[s]["predictions"], "folds": lib[s]["f1"]} for s, v in pooled(lib).items()}
+    ours = {s: {"macro_f1": v, "predictions": ours[s]["predictions"], "folds": ours[s]["f1"]} for s, v in pooled(ours).items()}
+    paired = paired_bootstrap(gold, {s: r["predictions"] for s, r in ours.items()}, {s: r["predictions"] for s, r in lib.items()},
+                              len(codes), margin=cfg.distill.equivalence_margin)
     stat = lambda rs: (float(np.mean([r["macro_f1"] for r in rs.values()])), float(np.std([r["macro_f1"] for r in rs.values()], ddof=1)) if len(rs) > 1 else 0.0)  # noqa: E731
     from hardware.cpu import cpu_info
 
     cpu = cpu_info().model
     result = {
-        "cpu": cpu, "config": args.config, "backbone": cfg.distill.backbone, "seeds": args.seeds, "test_pairs": len(gold),
+        "cpu": cpu, "config": args.config, "backbone": cfg.distill.backbone, "seeds": args.seeds, "folds": len(folds),
+        "test_pairs": len(gold),
         "settings": settings.model_dump(), "library_lr": lr, "seconds": round(time.time() - t0, 1),
-        "library": {"mean": stat(lib)[0], "std": stat(lib)[1], "per_seed": {s: r["macro_f1"] for s, r in lib.items()}},
-        "vanilla": {"mean": stat(ours)[0], "std": stat(ours)[1], "per_seed": {s: r["macro_f1"] for s, r in ours.items()}},
+        "library": {"mean": stat(lib)[0], "std": stat(lib)[1], "per_seed": {s: r["macro_f1"] for s, r in lib.items()},
+                    "per_fold": {s: r["folds"] for s, r in lib.items()}},
+        "vanilla": {"mean": stat(ours)[0], "std": stat(ours)[1], "per_seed": {s: r["macro_f1"] for s, r in ours.items()},
+                    "per_fold": {s: r["folds"] for s, r in ours.items()}},
         "vanilla_minus_library": paired,
-        "pairs_per_s": {"library": float(np.mean([r["pairs_per_s"] for r in lib.values()])),
-                        "vanilla": float(np.mean([r["pairs_per_s"] for r in ours.values()]))},
+        "pairs_per_s": {"library": float(np.mean(speed["library"])), "vanilla": float(np.mean(speed["vanilla"]))},
     }
     speed = result["pairs_per_s"]["vanilla"] / result["pairs_per_s"]["library"]
     result["pairs_per_s"]["vanilla_over_library"] = speed
@@ -135,10 +165,10 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     d = paired
-    print(f"quality parity ({cpu}, {cfg.distill.backbone}, {len(args.seeds)} seeds, {len(gold)} test pairs): library "
+    print(f"quality parity ({cpu}, {cfg.distill.backbone}, {len(args.seeds)} seeds x {len(folds)} folds, {len(gold)} test pairs): library "
           f"Trainer {result['library']['mean']:.3f} ± {result['library']['std']:.3f}, vanilla student "
           f"{result['vanilla']['mean']:.3f} ± {result['vanilla']['std']:.3f} test macro-F1; vanilla - library "
-          f"{d['mean_diff']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] ({'within' if abs(d['mean_diff']) <= 0.02 else 'outside'} 0.02); "
+          f"{d['mean_diff']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]: {d['verdict']}; "
           f"training {result['pairs_per_s']['vanilla']:.1f} vs {result['pairs_per_s']['library']:.1f} pairs/s = {speed:.2f}x "
           f"(goal >= 0.9x)")
 
