@@ -26,6 +26,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from ray import serve
 
+from serve.autoscale import DEMAND, demand
 from serve.batching import Batcher
 from serve.calling import ModelCaller
 from serve.config import ServeConfig
@@ -55,6 +56,8 @@ class StudentModel:
         self.batcher = Batcher(self.scorer.score, s.max_batch_size, s.batch_wait_timeout_s, self._profile(s.max_batch_size))
         self.budget_ms = s.latency_budget_ms
         self.replica = serve.get_replica_context().replica_id.unique_id
+        self.refused_items = 0
+        self._reported = (time.monotonic(), 0.0, 0)  # when demand was last reported: (time, busy_s, refused_items)
 
     def _profile(self, batch: int) -> tuple[float, float]:
         """Seconds per forward and per item: forwards of 1 and of min(batch, 16) pairs as long as the model takes,
@@ -96,6 +99,7 @@ class StudentModel:
     async def score(self, pairs: list[tuple[str, str]], deadline: float | None = None) -> dict:
         refused = self._refusal(len(pairs), deadline)
         if refused:
+            self.refused_items += len(pairs)
             return {"refused": refused}
         results, timing = await self.batcher.submit(pairs)
         return {"results": results, "timing": timing, "model": self.scorer.name, "digest": self.scorer.digest,
@@ -107,6 +111,13 @@ class StudentModel:
         serve.health_check_timeout_s restarts the replica."""
         self.batcher.check()
         await self.batcher.run_in_worker(self.scorer.score, [PROBE])
+
+    def record_autoscaling_stats(self) -> dict:
+        """Ray Serve asks every few seconds (with serve.autoscaling): the load that arrived since (serve/autoscale.py)."""
+        now, b = time.monotonic(), self.batcher
+        then, busy, refused = self._reported
+        self._reported = (now, b.busy_s, self.refused_items)
+        return {DEMAND: demand(b.busy_s - busy, self.refused_items - refused, b.cost_per_item_s(), now - then)}
 
     def stats(self) -> dict:
         b = self.batcher
@@ -251,7 +262,7 @@ def build_app(args: dict) -> serve.Application:
              "logging_config": {"enable_access_log": False},  # the ingress logs each request once
              "ray_actor_options": {"num_cpus": settings.num_cpus, "num_gpus": settings.num_gpus, "runtime_env": env}}
     if settings.autoscaling:
-        model["autoscaling_config"] = settings.autoscaling.model_dump()
+        model["autoscaling_config"] = settings.autoscaling.ray_config()
     else:
         model["num_replicas"] = settings.replicas
     # the ingress parses JSON and waits: no CPU reserved, room for every request the model replicas can hold or

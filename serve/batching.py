@@ -48,6 +48,7 @@ class Batcher:
         self.profile = profile
         self._slowdown: deque[float] = deque([1.0], maxlen=8)
         self.stats = {"forwards": 0, "items": 0, "largest": 0}
+        self.busy_s = 0.0  # seconds the forward thread has spent on forwards (autoscaling's demand)
         self._jobs: deque[_Job] = deque()
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="forward")
         self._wakeup: asyncio.Event | None = None
@@ -67,6 +68,11 @@ class Batcher:
         """Seconds `items` would take on an idle replica (what a retry elsewhere could hope for)."""
         a, b = self.profile
         return self.slowdown * (math.ceil(items / self.max_batch_size) * a + items * b)
+
+    def cost_per_item_s(self) -> float:
+        """Seconds per item in full batches at the current speed."""
+        a, b = self.profile
+        return self.slowdown * (a / self.max_batch_size + b)
 
     def check(self) -> None:
         """Raises when the loop that feeds the forwards has died (a bug): its queued requests would never be
@@ -160,6 +166,7 @@ class Batcher:
             except Exception as exc:  # every job in this batch fails with it; the loop goes on
                 results, error = None, exc
             took = time.perf_counter() - start
+            self.busy_s += took
             self.queued -= len(items)  # a job cancelled meanwhile took only its untaken items off
             s = self.stats
             s["forwards"], s["items"], s["largest"] = s["forwards"] + 1, s["items"] + len(items), max(s["largest"], len(items))

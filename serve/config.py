@@ -14,14 +14,30 @@ class Autoscaling(BaseModel):
 
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(2, ge=1)
+    # demand: each replica reports the forward-thread seconds per second it was busy plus those its refusals would
+    # have needed (serve/autoscale.py); ongoing_requests: Ray Serve's default, which cannot see refused load
+    metric: Literal["demand", "ongoing_requests"] = "demand"
+    target_utilisation: float = Field(0.7, gt=0, le=1, description="demand per replica to aim for (metric demand)")
     # a replica's batches are full at about 128 items in flight (two 64-item batches): 8 requests of 16 items
-    target_ongoing_requests: float = Field(8.0, gt=0)
+    target_ongoing_requests: float = Field(8.0, gt=0, description="requests per replica to aim for (metric ongoing_requests)")
+    upscale_delay_s: float = Field(5.0, ge=0)
+    downscale_delay_s: float = Field(60.0, ge=0)
+    look_back_period_s: float = Field(10.0, gt=0, description="window the replicas' reports are averaged over")
+    metrics_interval_s: float = Field(2.0, gt=0, description="how often replicas report")
 
     @model_validator(mode="after")
     def _ordered(self) -> "Autoscaling":
         if self.min_replicas > self.max_replicas:
             raise ValueError(f"min_replicas ({self.min_replicas}) is above max_replicas ({self.max_replicas})")
         return self
+
+    def ray_config(self) -> dict:
+        """Ray Serve's autoscaling_config."""
+        out = self.model_dump(exclude={"metric", "target_utilisation"})
+        if self.metric == "demand":
+            out["policy"] = {"policy_function": "serve.autoscale:DemandPolicy",
+                             "policy_kwargs": {"target_utilisation": self.target_utilisation}}
+        return out
 
 
 class ServeConfig(BaseModel):

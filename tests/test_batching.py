@@ -405,3 +405,30 @@ def test_a_refusal_is_tried_once_more_only_where_another_replica_and_the_time_al
     with pytest.raises(HTTPError):  # 0.5 s left would not score it twice over (0.8 s) on an idle replica
         run(c.score([("q", "t")], time.perf_counter()))
     assert len(c.handle.calls) == 1
+
+
+def test_demand_counts_busy_time_and_refused_work_and_the_policy_scales_on_it():
+    from types import SimpleNamespace
+
+    from serve.autoscale import DemandPolicy, demand
+
+    # 2 s: the forward thread busy 1.9 s, and 300 items refused at 10 ms each would have needed 3 s more
+    assert demand(1.9, 300, 0.01, 2.0) == pytest.approx(2.45)
+    policy = DemandPolicy(target_utilisation=0.7)
+    ctx = SimpleNamespace(aggregated_metrics={"demand": {"r1": 2.45}}, target_num_replicas=1)
+    assert policy(ctx)[0] == pytest.approx(3.5)  # Ray Serve then caps it at max_replicas
+    ctx = SimpleNamespace(aggregated_metrics={"demand": {"r1": 0.2, "r2": 0.1}}, target_num_replicas=2)
+    assert policy(ctx)[0] < 1  # idle: down to min_replicas (after downscale_delay_s)
+    assert policy(SimpleNamespace(aggregated_metrics={}, target_num_replicas=2))[0] == 2  # no reports yet: keep
+
+
+def test_the_batcher_counts_its_busy_time_and_cost_per_item():
+    fwd = SlowForward(seconds=0.05)
+
+    async def main():
+        b = Batcher(fwd, max_batch_size=4, profile=(0.1, 0.01))
+        await b.submit([1, 2])
+        return b
+
+    b = run(main())
+    assert b.busy_s >= 0.05 and b.cost_per_item_s() == pytest.approx(b.slowdown * (0.1 / 4 + 0.01))

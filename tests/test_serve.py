@@ -212,9 +212,17 @@ def load(url: str, seconds: float, threads: int, items: int, stop_at=None) -> li
     return out
 
 
-def test_a_flood_gets_fast_503s_with_a_reason_and_no_other_error(server, tmp_path_factory):
-    url = deploy(server, "flood", tiny_student(tmp_path_factory.mktemp("flood")), latency_budget_ms=20,
-                 max_batch_size=16, max_items=20)
+@pytest.fixture(scope="module")
+def flood_app(server, tmp_path_factory):
+    """One replica with a 20 ms budget, autoscaled on demand up to 2 (test_autoscaling_on_demand_...)."""
+    scaling = {"min_replicas": 1, "max_replicas": 2, "upscale_delay_s": 1, "metrics_interval_s": 0.5,
+               "look_back_period_s": 2}
+    return deploy(server, "flood", tiny_student(tmp_path_factory.mktemp("flood")), latency_budget_ms=20,
+                  max_batch_size=16, max_items=20, autoscaling=scaling)
+
+
+def test_a_flood_gets_fast_503s_with_a_reason_and_no_other_error(flood_app):
+    url = flood_app
     infos, loading = [], [True]
 
     def poll_model_info():  # answered by the ingress from what it knows: never queued behind scoring, never a 5xx
@@ -246,8 +254,31 @@ def test_a_flood_gets_fast_503s_with_a_reason_and_no_other_error(server, tmp_pat
     assert median[503] < median[200], {s: [round(1000 * x) for x in t] for s, t in took.items()}
     counts = requests.get(f"{url}/v1/model", timeout=30).json()["requests"]
     assert counts["refused_latency_budget"] + counts["refused_deadline"] == len(refused)
+
+
+def test_autoscaling_on_demand_adds_a_replica_under_overload(flood_app):
+    """Ray Serve's default policy counts ongoing requests, which shedding keeps near 1-2 at saturation; the demand
+    metric counts refused work too (serve/autoscale.py)."""
     from ray import serve
 
+    url = flood_app
+
+    def replicas() -> dict:
+        return dict(serve.status().applications["flood"].deployments["StudentModel"].replica_states)
+
+    seen, done = [replicas()], []
+
+    def watch():  # the autoscaler's decision: a second replica starting (it may take long to start on a busy host)
+        while sum(seen[-1].values()) < 2 and not done:
+            time.sleep(0.5)
+            seen.append(replicas())
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    answers = load(url, seconds=40, threads=4, items=20, stop_at=lambda: sum(seen[-1].values()) >= 2)
+    done.append(True)
+    watcher.join()
+    assert sum(seen[-1].values()) == 2, f"no second replica after {len(answers)} requests: {seen[-1]}"
     serve.delete("flood")
 
 
@@ -335,12 +366,14 @@ def test_serve_takes_set_and_its_print_config_carries_replicas_autoscaling_and_t
     config = yaml.safe_load(capsys.readouterr().out)
     assert config["http_options"] == {"host": "127.0.0.1", "port": 8000, "request_timeout_s": 2.0}
     settings = config["applications"][0]["args"]["settings"]
-    assert settings["autoscaling"] == {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 8.0}
+    assert {k: settings["autoscaling"][k] for k in ("min_replicas", "max_replicas", "metric")} == \
+        {"min_replicas": 1, "max_replicas": 3, "metric": "demand"}
     assert (settings["latency_budget_ms"], settings["overload_status"]) == (300, 429)
     # what Ray Serve gets from those settings (private attributes: Ray has no public view of a bound app's options)
     ingress = build_app(config["applications"][0]["args"])._bound_deployment
     model = ingress.init_args[0]._bound_deployment
-    assert model._deployment_config.autoscaling_config.max_replicas == 3
+    autoscaling = model._deployment_config.autoscaling_config
+    assert autoscaling.max_replicas == 3 and autoscaling.policy.policy_function == "serve.autoscale:DemandPolicy"
     assert model._deployment_config.health_check_period_s == 2
     assert model.max_queued_requests == 128 and ingress.backpressure_config.status_code == 429
 
