@@ -18,6 +18,9 @@ SEEN = [
     "2026-12-05 15:01:20,137\tWARNING __init__.py:28 -- Progress bars disabled. To enable, set `ray.data.DataContext.get_current().enable_progress_bars = True`.",
     "2026-12-05 15:01:12,529\tWARNING authentication_token_setup.py:85 -- Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out.",
     "2026-12-05 15:13:44,412\tINFO streaming_executor.py:330 -- ✔️  Dataset dataset_12_0 execution finished in 12.34 seconds",
+    "2026-12-05 15:38:12,695\tINFO dataset.py:6884 -- Data sink Parquet finished. 72 rows and 115.4KiB data written.",
+    "/work/main/.venv/lib/python3.11/site-packages/ray/data/_internal/execution/operators/task_pool_map_operator.py:319: UserWarning: The maximum number of concurrent tasks for 'ReadParquet->SplitBlocks(4)' is set to 2, but the operator only received 1 input(s).",
+    "/work/main/student/examples.py:210: RayDeprecationWarning: `ray_remote_args` is deprecated and will be removed in Ray 2.64. Use the named remote parameters instead.",
     "\x1b[36m(RayTrainWorker pid=9551)\x1b[0m [2026-12-05 15:05:20,000] [WARNING] [real_accelerator.py:213:get_accelerator] Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to detect it.",
     "\x1b[36m(RayTrainWorker pid=9551)\x1b[0m DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully",
     "\x1b[36m(RayTrainWorker pid=9551)\x1b[0m /work/main/.venv/lib/python3.11/site-packages/torch/distributed/c10d_logger.py:83: FutureWarning: `torch.distributed.all_gather_into_tensor` is deprecated. Please use `torch.distributed.all_gather_single` instead.",
@@ -25,6 +28,8 @@ SEEN = [
     "\x1b[36m(RayTrainWorker pid=15402)\x1b[0m MA 0.73 GB         Max_MA 0.73 GB         CA 0.73 GB         Max_CA 1 GB ",
     "\x1b[36m(TrainController pid=9343)\x1b[0m Attempting to start training worker group of size 2 with the following resources: [{'CPU': 1}] * 2",
     "\x1b[36m(RayTrainWorker pid=21743)\x1b[0m Reporting training result 1: TrainingReport(checkpoint=Checkpoint(filesystem=local, path=/tmp/tb/run2/teacher/sft/ray/sft/checkpoint_2026-12-05_15-31-40.272865), metrics={'loss': 6.5851})",
+    "\x1b[36m(RayTrainWorker pid=8970)\x1b[0m Wrapping provided model in DistributedDataParallel.",
+    "\x1b[36m(RayTrainWorker pid=8970)\x1b[0m [rank0]:[W1205 15:46:48.160326783 reducer.cpp:1529] Warning: find_unused_parameters=True was specified in DDP constructor, but did not find any unused parameters in the forward pass.",
     "torchvision is not installed. Skipping torchvision::nms",
     "WARNING:root:Please consider to run pre-processing before quantization. Refer to example: https://github.com/microsoft/onnxruntime-inference-examples/blob/main/quantization/image_classification/cpu/ReadMe.md ",
 ]

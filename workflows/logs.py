@@ -37,6 +37,12 @@ HARMLESS: list[tuple[str, str]] = [
     (r"Progress bars disabled\. To enable", "we turn Ray Data's bars off on purpose: one bar, ours"),
     (r"Token authentication is enabled for this Ray cluster", "Ray >= 2.59's default for a local cluster"),
     (r"✔️  Dataset .* execution finished in", "Ray Data's end-of-dataset summary; the stage prints its own"),
+    (r"INFO dataset\.py:\d+ -- Data sink Parquet finished\.|INFO parquet_datasource\.py:\d+ -- Estimated parquet "
+     r"(encoding ratio|reader batch size)", "Ray Data's bookkeeping for a write or a read; the stage's line gives the counts"),
+    (r"UserWarning: The maximum number of concurrent tasks for '.*' is set to \d+, but the operator only received",
+     "Ray Data notes that a small split has fewer blocks than its read concurrency: the read is merely small"),
+    (r"RayDeprecationWarning: `ray_remote_args` is deprecated", "Ray 2.60 prefers named arguments to read_parquet; "
+     "ours still work until Ray 2.64 (a change for our code, nothing for a user)"),
     # --- Ray Train + DeepSpeed + Trainer (teacher SFT/DPO, students) ---
     (r"Setting accelerator to CPU\. If you have GPU", "DeepSpeed found no GPU: a CPU run is the plan"),
     (r"deepspeed_shm_comm_op built successfully", "DeepSpeed compiled its shared-memory comm op (first use only)"),
@@ -51,6 +57,11 @@ HARMLESS: list[tuple[str, str]] = [
      "Ray Train's start-up steps; its 'Started training worker group' line says where each worker runs"),
     (r"^Reporting training result \d+: TrainingReport\(|^Checkpoint successfully created at: Checkpoint\(",
      "Ray Train's record of each report and checkpoint; the loss lines and the stage's own line carry the news"),
+    (r"^Moving model to device: cpu$|^Wrapping provided model in DistributedDataParallel\.$",
+     "Ray Train's prepare_model says what it does to every student"),
+    (r"reducer\.cpp:\d+\] Warning: find_unused_parameters=True was specified in DDP constructor",
+     "DDP's note on variants that use every parameter; λ = 0 students leave the extractor unused, so the student "
+     "trainer asks DDP to look (a little time per step)"),
     # --- ONNX export and quantisation (served students) ---
     (r"torchvision is not installed\. Skipping torchvision::", "torch's ONNX exporter lists torchvision's ops; setup "
      "removes the CUDA torchvision on purpose and the student uses none of them"),
