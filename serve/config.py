@@ -69,6 +69,8 @@ class ServeConfig(BaseModel):
     health_check_timeout_s: float = Field(10.0, gt=0, description="a health check slower than this restarts the replica")
     max_surge_percent: int = Field(100, ge=0, le=100, description="extra replicas started before old ones stop on a "
                                    "redeploy (needs spare CPUs; 0 stops old replicas first)")
+    surge_timeout_s: float = Field(300.0, gt=0, description="a redeploy whose surge replicas have not started by "
+                                   "then replaces the replicas one after another instead")
     api_key_env: str | None = Field(None, min_length=1, description="name of an environment variable holding an API "
                                     "key: /v1/* then needs `Authorization: Bearer <key>`")
     access_log: bool = Field(True, description="one log line per request from the replica (Ray Serve's access log)")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -99,30 +100,73 @@ def serve_deploy_config(student_dir: Path, settings: ServeConfig) -> str:
     }, sort_keys=False)
 
 
+def surge_fits(settings: ServeConfig) -> tuple[bool, str]:
+    """Whether the extra replicas of serve.max_surge_percent can be placed now: per node, for every resource a
+    replica asks for (ray_actor_options: CPUs, GPUs), counted on what each node has free, not cluster-wide (a GPU
+    host whose GPUs are busy cannot take a GPU replica, whatever its free CPUs)."""
+    import ray
+
+    extra = math.ceil(settings.max_surge_percent * settings.max_replicas() / 100)
+    need = {r: q for r, q in (("CPU", settings.num_cpus), ("GPU", settings.num_gpus)) if q > 0}
+    if not need or not extra:
+        return True, ""
+    try:
+        from ray._private.state import available_resources_per_node  # what Ray's own placement helpers read
+
+        nodes = available_resources_per_node()
+    except Exception:  # no per-node view: the cluster's total, the best there is
+        nodes = {"cluster": ray.available_resources()}
+    fits = sum(min(int((free.get(r, 0.0) + 1e-6) // q) for r, q in need.items()) for free in nodes.values())
+    return fits >= extra, (f"the {extra} extra replica(s) of serve.max_surge_percent need {need} each; the nodes have "
+                           f"room for {fits}")
+
+
 def deploy(student_dir: Path, settings: ServeConfig, name: str = "thinkbroad", route_prefix: str = "/") -> tuple:
     """Deploy the app on the running Serve instance and wait until it serves; on an app already running under
     `name` this is a redeploy: new replicas start (serve.max_surge_percent) and the old ones finish what they hold
-    before they stop. Returns the (device, backend, precision) path."""
-    import math
+    before they stop. Where the surge replicas cannot be placed, or have not started within
+    serve.surge_timeout_s, the replicas are replaced one after another instead. Returns the (device, backend,
+    precision) path; raises when the new version fails to start."""
+    import threading
 
-    import ray
     from ray import serve
 
     from serve.app import build_app
     from serve.scorer import resolve_path
 
     path = resolve_path(settings.device, settings.backend, settings.precision, ensure_export(student_dir, settings))
-    if settings.max_surge_percent and name in serve.status().applications:
-        # surge replicas that cannot get CPUs never start, and the redeploy would wait for them for ever
-        need = math.ceil(settings.max_surge_percent * settings.max_replicas() / 100) * settings.num_cpus
-        free = ray.available_resources().get("CPU", 0.0)
-        if need > free + 1e-6:
-            print(f"[thinkbroad] redeploy: the extra replicas of serve.max_surge_percent need {need:g} free CPUs, "
-                  f"Ray has {free:g}; replacing the replicas one after another instead (as with 0: with one replica, requests "
-                  "wait for the new one up to serve.request_timeout_s)", flush=True)
-            settings = settings.model_copy(update={"max_surge_percent": 0})
-    serve.run(build_app({"student_dir": str(student_dir), "settings": settings.model_dump()}), name=name,
-              route_prefix=route_prefix)
+
+    def run(s: ServeConfig):
+        return serve.run(build_app({"student_dir": str(student_dir), "settings": s.model_dump()}), name=name,
+                         route_prefix=route_prefix)
+
+    one_by_one = settings.model_copy(update={"max_surge_percent": 0})
+    if not settings.max_surge_percent or name not in serve.status().applications:
+        run(settings)
+        return path
+    fits, why = surge_fits(settings)
+    if not fits:
+        print(f"[thinkbroad] redeploy: {why}; replacing the replicas one after another instead (as with "
+              "serve.max_surge_percent 0: with one replica, requests wait for the new one)", flush=True)
+        run(one_by_one)
+        return path
+    outcome: dict = {}
+
+    def surge():
+        try:
+            outcome["handle"] = run(settings)
+        except Exception as exc:  # the new version failed to start
+            outcome["error"] = exc
+
+    th = threading.Thread(target=surge, daemon=True)
+    th.start()
+    th.join(settings.surge_timeout_s)
+    if "error" in outcome:
+        raise outcome["error"]
+    if th.is_alive():  # placed on paper, not started (resources taken meanwhile): one by one
+        print(f"[thinkbroad] redeploy: the surge replicas did not start within {settings.surge_timeout_s:g} s "
+              "(serve.surge_timeout_s); replacing the replicas one after another instead", flush=True)
+        run(one_by_one)
     return path
 
 

@@ -432,3 +432,20 @@ def test_the_batcher_counts_its_busy_time_and_cost_per_item():
 
     b = run(main())
     assert b.busy_s >= 0.05 and b.cost_per_item_s() == pytest.approx(b.slowdown * (0.1 / 4 + 0.01))
+
+
+def test_surge_replicas_must_fit_on_one_node_for_every_resource_they_ask_for(monkeypatch):
+    import ray._private.state as state
+
+    from serve.config import ServeConfig
+    from serve.launch import surge_fits
+
+    gpu = ServeConfig(replicas=2, num_cpus=1, num_gpus=1, max_surge_percent=100)
+    nodes = {"a": {"CPU": 16.0, "GPU": 0.0}, "b": {"CPU": 0.5, "GPU": 2.0}}  # 16 CPUs here, free GPUs there
+    monkeypatch.setattr(state, "available_resources_per_node", lambda: nodes)
+    fits, why = surge_fits(gpu)
+    assert not fits and "room for 0" in why
+    nodes["b"]["CPU"] = 4.0
+    assert surge_fits(gpu)[0]  # node b takes both
+    assert not surge_fits(gpu.model_copy(update={"replicas": 3}))[0]  # 3 extra, room for 2
+    assert surge_fits(ServeConfig(num_cpus=0, max_surge_percent=100))[0]  # asks for nothing
