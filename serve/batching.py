@@ -34,19 +34,52 @@ class _Job:
     phases: dict = field(default_factory=dict)  # seconds per phase of the forwards it was in
 
 
-class Batcher:
+class CostModel:
+    """How long forwards take on this replica: a forward of n items takes (a + b n) x slowdown, (a, b) = `profile`
+    timed at start, the slowdown the largest ratio of measured to profiled time over the latest 8 forwards, so a
+    machine that slows down (other jobs, longer texts) shrinks the queue at once, and every forward counts, whatever
+    its size. `queued`: items waiting or in the running forward (kept by the Batcher)."""
+
+    def __init__(self, max_batch_size: int, profile: tuple[float, float] = (0.0, 0.0)):
+        self.max_batch_size, self.profile = max_batch_size, profile
+        self.queued = 0
+        self._slowdown: deque[float] = deque([1.0], maxlen=8)
+
+    @property
+    def slowdown(self) -> float:
+        return max(self._slowdown)
+
+    def _seconds(self, n: int) -> float:
+        a, b = self.profile
+        return self.slowdown * (math.ceil(n / self.max_batch_size) * a + n * b)
+
+    def expected_s(self, items: int) -> float:
+        """Seconds until `items` more would be scored: every queued item first, in full batches."""
+        return self._seconds(self.queued + items)
+
+    def idle_s(self, items: int) -> float:
+        """Seconds `items` would take on an idle replica (what a retry elsewhere could hope for)."""
+        return self._seconds(items)
+
+    def cost_per_item_s(self) -> float:
+        """Seconds per item in full batches at the current speed."""
+        a, b = self.profile
+        return self.slowdown * (a / self.max_batch_size + b)
+
+    def over_budget(self, items: int, budget_s: float) -> bool:
+        """Whether `items` more would be scored later than `budget_s` from now. Never when nothing is queued: a
+        request that can start at once is served, however large."""
+        return self.queued > 0 and self.expected_s(items) > budget_s
+
+
+class Batcher(CostModel):
     """`forward(items, phases) -> results` (one result per item, in order; it may add seconds per phase to `phases`)
     runs in a worker thread on batches of at most `max_batch_size` items taken from the submitted jobs in order."""
 
     def __init__(self, forward: Callable[[list, dict], list], max_batch_size: int, wait_s: float = 0.0,
                  profile: tuple[float, float] = (0.0, 0.0)):
-        self.forward, self.max_batch_size, self.wait_s = forward, max_batch_size, wait_s
-        self.queued = 0  # items submitted and not yet scored (waiting or in the running forward)
-        # a forward of n items takes (a + b n) x slowdown: (a, b) timed at start, the slowdown the largest ratio of
-        # measured to profiled time over the latest 8 forwards, so a machine that slows down (other jobs, longer
-        # texts) shrinks the queue at once, and every forward counts, whatever its size
-        self.profile = profile
-        self._slowdown: deque[float] = deque([1.0], maxlen=8)
+        super().__init__(max_batch_size, profile)
+        self.forward, self.wait_s = forward, wait_s
         self.stats = {"forwards": 0, "items": 0, "largest": 0}
         self.busy_s = 0.0  # seconds the forward thread has spent on forwards (autoscaling's demand)
         self._jobs: deque[_Job] = deque()
@@ -54,37 +87,12 @@ class Batcher:
         self._wakeup: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
 
-    @property
-    def slowdown(self) -> float:
-        return max(self._slowdown)
-
-    def expected_s(self, items: int) -> float:
-        """Seconds until `items` more would be scored: every queued item first, in full batches."""
-        a, b = self.profile
-        n = self.queued + items
-        return self.slowdown * (math.ceil(n / self.max_batch_size) * a + n * b)
-
-    def idle_s(self, items: int) -> float:
-        """Seconds `items` would take on an idle replica (what a retry elsewhere could hope for)."""
-        a, b = self.profile
-        return self.slowdown * (math.ceil(items / self.max_batch_size) * a + items * b)
-
-    def cost_per_item_s(self) -> float:
-        """Seconds per item in full batches at the current speed."""
-        a, b = self.profile
-        return self.slowdown * (a / self.max_batch_size + b)
-
     def check(self) -> None:
         """Raises when the loop that feeds the forwards has died (a bug): its queued requests would never be
         answered, so the replica's health check fails and Ray Serve replaces it."""
         task = self._loop_task
         if task is not None and task.done() and not task.cancelled() and task.exception() is not None:
             raise RuntimeError(f"the batching loop has stopped: {task.exception()!r}")
-
-    def over_budget(self, items: int, budget_s: float) -> bool:
-        """Whether `items` more would be scored later than `budget_s` from now. Never when nothing is queued: a
-        request that can start at once is served, however large."""
-        return self.queued > 0 and self.expected_s(items) > budget_s
 
     async def submit(self, items: list) -> tuple[list, dict]:
         """Score `items`; returns (results, timing) with timing = {queue_s, compute_s, **phase seconds}.
