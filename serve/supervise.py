@@ -10,7 +10,8 @@ SIGTERM (or Ctrl-C).
   with it (the same version: its running replicas stay).
 - SIGTERM/SIGINT: the ingress refuses new requests (503 shutting_down, /readyz 503) while those in flight finish, up
   to serve.graceful_shutdown_s; then the app is deleted (its replicas finish what they hold) and, when this
-  process started Ray itself, Serve and Ray are shut down. The process exits 0. A second signal skips the drain.
+  process started Ray itself, Serve and Ray are shut down. The process exits 0. A second signal skips the drain;
+  while the first deploy still runs, a second one stops at once (KeyboardInterrupt).
 """
 from __future__ import annotations
 
@@ -51,10 +52,16 @@ class Supervisor:
         self.url = f"http://{settings.host}:{settings.port}"
         self.probe = f"http://{host}:{settings.port}{route_prefix.rstrip('/')}/readyz"
         self.signals: list[str] = []
+        self.looping = False  # past the first deploy: a second stop signal then skips the drain
 
     def install_signals(self) -> None:
         def note(what):
-            return lambda *_: self.signals.append(what)  # list.append is atomic: safe in a handler
+            def handler(*_):
+                if what == "stop" and "stop" in self.signals and not self.looping:
+                    raise KeyboardInterrupt  # asked twice while still starting (a deploy that cannot place): give up
+                self.signals.append(what)  # list.append is atomic: safe in a handler
+
+            return handler
 
         signal.signal(signal.SIGHUP, note("reload"))
         signal.signal(signal.SIGTERM, note("stop"))
@@ -85,6 +92,7 @@ class Supervisor:
 
     def loop(self) -> None:
         """Until SIGTERM/SIGINT: act on each recorded signal in turn."""
+        self.looping = True
         while True:
             if not self.signals:
                 time.sleep(0.2)
