@@ -28,7 +28,8 @@ VOLATILE = {"seconds", "finished_at", "train_seconds", "started_at", "throughput
 GROUPS = [("data/", "prepare: splits"), ("mpcot/", "generate: rationales, SFT rows"), ("teacher/sft/", "SFT teacher"),
           ("teacher/dpo/", "DPO teacher"), ("teacher/eval/", "teacher evaluation"),
           ("student/targets/", "student targets"), ("student/examples/", "student examples"),
-          ("student/variants/", "students (weights, predictions, metrics)"), ("student/", "student reports"), ("", "other")]
+          ("student/variants/", "students (weights, predictions, metrics)"), ("student/", "student reports"),
+          ("lrkd", "LRKD students"), ("logit_kd", "logit-KD students"), ("vanilla", "vanilla students"), ("", "other")]
 
 
 def _strip(obj):
@@ -49,7 +50,7 @@ def _digest(path: Path, content: bool) -> str:
 
 
 def _files(run: Path) -> dict[str, Path]:
-    skip = ("trainer/", "ray/", "/logs/", ".config_hash")
+    skip = ("trainer/", "ray/", "logs/", ".config_hash")
     return {p.relative_to(run).as_posix(): p for p in run.rglob("*")
             if p.is_file() and not any(s in p.relative_to(run).as_posix() for s in skip) and not p.name.startswith(".")}
 
@@ -104,14 +105,24 @@ def main() -> int:
             subprocess.run(cmd, cwd=ROOT, check=True, stdout=log, stderr=subprocess.STDOUT)
         times[name] = round(time.time() - t0, 1)
     groups = compare(work / "a", work / "b")
+    # the student stage alone: run a's students retrained from its own examples and targets (a copy without them)
+    shutil.copytree(work / "a", work / "c", ignore=shutil.ignore_patterns("variants", "trainer", "logs"))
+    t0 = time.time()
+    cmd = [str(ROOT / ".venv" / "bin" / "thinkbroad"), "distill", "--config", args.config, "--run-dir", str(work / "c"),
+           *[x for s in args.set for x in ("--set", s)]]
+    with open(work.with_name(work.name + "-c.log"), "w") as log:
+        subprocess.run(cmd, cwd=ROOT, check=True, stdout=log, stderr=subprocess.STDOUT)
+    times["retrain"] = round(time.time() - t0, 1)
+    retrain = compare(work / "a" / "student" / "variants", work / "c" / "student" / "variants")
     result = {"bench": "determinism", "machine": machine(), "config": args.config, "overrides": args.set,
-              "run_seconds": times, "groups": groups}
+              "run_seconds": times, "groups": groups, "retrain_groups": retrain}
     out = ROOT / "bench" / "results" / "determinism.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     if args.docs:
         (ROOT / "docs" / "determinism.json").write_text(json.dumps(result, indent=2) + "\n")
     print(table(groups))
+    print("students retrained from run a's examples and targets:\n" + table(retrain))
     print(f"{summary(result)} -> {out}")
     return 0
 
@@ -121,8 +132,14 @@ def summary(result: dict) -> str:
     groups = result["groups"]
     same = sum(g["identical_content"] for g in groups.values())
     total = sum(g["files"] for g in groups.values())
-    return (f"determinism: {same}/{total} artifacts identical in content across two runs of {result['config']} "
+    line = (f"determinism: {same}/{total} artifacts identical in content across two runs of {result['config']} "
             f"({', '.join(n for n, g in groups.items() if g['differ'] or g['only_one_run']) or 'none'} differ)")
+    if "retrain_groups" in result:
+        r = result["retrain_groups"]
+        line += (f"; students retrained from the same examples and targets: {sum(g['identical_bytes'] for g in r.values())}"
+                 f"/{sum(g['files'] for g in r.values())} files byte-identical, "
+                 f"{sum(g['identical_content'] for g in r.values())} identical in content")
+    return line
 
 
 if __name__ == "__main__":

@@ -54,6 +54,7 @@ RENDERERS: dict[str, Callable[[dict], str]] = {
     "code_parity.summary": _renderer("code_parity", "summary"),
     "determinism.table": _renderer("determinism", "table", "groups"),
     "determinism.summary": _renderer("determinism", "summary"),
+    "determinism.retrain_table": _renderer("determinism", "table", "retrain_groups"),
     "metrics_memory.summary": _renderer("metrics_memory", "summary"),
 }
 

@@ -167,3 +167,16 @@ def canonical_parquet(src: str, dst: str, keys: list[str], bucket_bytes: int = 6
         n += t.num_rows
     shutil.rmtree(work, ignore_errors=True)
     return n
+
+
+def canonicalise(folders: list[str], keys: list[str]) -> None:
+    """Each Parquet folder rewritten in place as canonical_parquet files (scored parts arrive in the order actors
+    finish: the same rows, other files)."""
+    import os
+    import shutil
+
+    for folder in folders:
+        tmp = f"{folder}.canonical"
+        canonical_parquet(folder, tmp, keys)
+        shutil.rmtree(folder)
+        os.replace(tmp, folder)

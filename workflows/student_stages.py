@@ -490,6 +490,9 @@ def train_variants(cfg: RunConfig, run_dir: Path, variants: list[Variant], teach
                                                      f"val:{kind}": str(out / "predictions" / "val")},
                                  _trivial(data, v), v.target_perspectives))
         score_many(jobs, sources, cfg.distill.score)
+        from student.stream import canonicalise  # the parts named and ordered by pair_id, not by actor timing
+
+        _remote(canonicalise)([folder for j in jobs for folder in j.outputs.values()], ["pair_id"])
         for v, out, key, inputs in todo:
             history = json.loads((out / "history.json").read_text())
             write_json_atomic(_score(out, data, v, history), out / "eval.json")
