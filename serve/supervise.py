@@ -119,13 +119,13 @@ class Supervisor:
             path = deploy(new, self.settings, self.name, self.route_prefix)
         except Exception as exc:
             failure = f"{type(exc).__name__}: {exc}"
-            _say(f"reload failed, still serving {self.student_dir}: {failure}", err=True)
             if tried:  # its replicas may have failed to start: back to the version that served
                 try:
                     deploy(self.student_dir, self.settings, self.name, self.route_prefix)
                 except Exception as again:
                     _say(f"redeploying {self.student_dir} failed too: {type(again).__name__}: {again}", err=True)
-            self._report(failure)
+            self._report(failure)  # counted in /v1/model before it is said
+            _say(f"reload failed, still serving {self.student_dir}: {failure}", err=True)
             return
         self.student_dir = new
         self._report(None)
