@@ -206,8 +206,7 @@ class RelevanceService:
     @app.get("/readyz", responses={503: {"model": Problem}})
     async def readyz(self):
         """Ready: not shutting down, a model replica runs (it ran its warm-up forwards before it could), and this
-        ingress has reached one (its first call through the handle sets up the routing: 1.7 s on a busy host, which
-        the first request would otherwise wait, past its deadline)."""
+        ingress has reached one through its handle (the first call sets up the routing, so no request pays for it)."""
         running = await self.view.refresh_replicas(max_age_s=0.5)
         warm = running and await self.view.warm_up()
         if self.draining or not warm:
