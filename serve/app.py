@@ -15,6 +15,7 @@ could not finish before its deadline (`serve.latency_budget_ms` from arrival at 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import statistics
@@ -273,5 +274,24 @@ def build_app(args: dict) -> serve.Application:
                "graceful_shutdown_timeout_s": settings.graceful_shutdown_s,
                "logging_config": {"enable_access_log": settings.access_log}, "ray_actor_options": {"num_cpus": 0}}
     student = str(Path(args["student_dir"]).resolve())
-    return RelevanceService.options(**ingress).bind(StudentModel.options(**model).bind(student, settings.model_dump()),
-                                                    settings.model_dump())
+    # versions that change only with what the replicas run: serve.run gives every deployment a new random version,
+    # so each SIGHUP restarted the ingress too (its counters, its warm handle) and a rollback after a failed reload
+    # replaced the very replicas that served. Ray 2.60 accepts a version only through the internal flag.
+    model_version = _version(settings.model_dump(), _fingerprint(Path(student)))
+    ingress_version = _version(settings.model_dump())
+    bound = StudentModel.options(**model).options(version=model_version, _internal=True).bind(student, settings.model_dump())
+    return RelevanceService.options(**ingress).options(version=ingress_version, _internal=True).bind(bound, settings.model_dump())
+
+
+def _fingerprint(folder: Path) -> list:
+    """The student folder's files by name, size and modification time (a retrained student changes them)."""
+    return [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(folder.iterdir()) if f.is_file()]
+
+
+def _version(*parts) -> str:
+    """A deployment version: the serving code (serve/*.py) and `parts`."""
+    h = hashlib.sha256()
+    for f in sorted(Path(__file__).parent.glob("*.py")):
+        h.update(f.read_bytes())
+    h.update(json.dumps(parts, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]

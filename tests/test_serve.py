@@ -285,13 +285,13 @@ def test_autoscaling_on_demand_adds_a_replica_under_overload(flood_app):
     serve.delete("flood")
 
 
-def model_pids(app: str) -> dict[str, int]:
+def model_pids(app: str, deployment: str = "StudentModel") -> dict[str, int]:
     import ray
     from ray.util.state import list_actors
 
     alive = list_actors(address=ray.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE")], limit=1000)
     return {a.name: a.pid for a in alive
-            if a.class_name == f"ServeReplica:{app}:StudentModel"}
+            if a.class_name == f"ServeReplica:{app}:{deployment}"}
 
 
 @pytest.fixture(scope="module")
@@ -336,6 +336,7 @@ def test_a_redeploy_under_load_drops_nothing_and_switches_to_the_new_student(ser
     url, settings = fault_app
     new = tiny_student(tmp_path_factory.mktemp("new"), seed=1)
     old_digest = model_info_noauth(url)["digest"]
+    ingress = model_pids("fault", "RelevanceService")
     done = []
 
     def redeploy():  # what SIGHUP to `thinkbroad serve` does (serve/launch.py run_local)
@@ -353,6 +354,10 @@ def test_a_redeploy_under_load_drops_nothing_and_switches_to_the_new_student(ser
     assert digests[0] == old_digest and weights_digest(new) != old_digest
     assert set(digests[-4:]) == {weights_digest(new)}
     assert model_info_noauth(url)["digest"] == weights_digest(new)
+    assert model_pids("fault", "RelevanceService") == ingress  # only the model replicas were replaced
+    pids = model_pids("fault")
+    deploy(server, "fault", new, **settings)  # the same student again (a SIGHUP with nothing new): nothing restarts
+    assert model_pids("fault") == pids and model_pids("fault", "RelevanceService") == ingress
 
 
 def test_serve_takes_set_and_its_print_config_carries_replicas_autoscaling_and_the_timeout(tmp_path, capsys):
