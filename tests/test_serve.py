@@ -247,16 +247,19 @@ def test_a_flood_gets_fast_503s_with_a_reason_and_no_other_error(flood_app):
     assert refused and statuses.count(200) > 0, (len(refused), len(answers))
     for start, end, _, body, retry_after in refused:
         # refused on the queue it would wait behind, or because the hops alone took the 20 ms budget (the deadline
-        # counts from arrival at the ingress)
-        assert body["reason"] in ("latency_budget", "deadline") and "serve.latency_budget_ms" in body["error"], body
+        # counts from arrival at the ingress), or by the ingress itself when no answer came 0.25 s before this app's
+        # request timeout (2 s: on a busy host, while a second replica starts)
+        assert body["reason"] in ("latency_budget", "deadline", "unavailable"), body
+        assert ("serve.latency_budget_ms" if body["reason"] != "unavailable" else "no model replica answered") in body["error"]
         assert retry_after is not None and int(retry_after) >= 1
-    # refusals come back at once, not after the proxy's timeout (60 s here): with the deadline counted from arrival
-    # at the ingress, a refusal may come after the answers that got through (it waited longer for the replica), so
-    # its speed is the bench's goal (100 ms, serve_load's overload phase), not a comparison with the answers here
+    # refusals come back within 3 s (the ingress gives up at 1.75 s), not after the proxy's timeout (60 s here): with
+    # the deadline counted from arrival at the ingress, a refusal may come after the answers that got through (it
+    # waited longer for the replica), so its speed is the bench's goal (100 ms, serve_load's overload phase), not a
+    # comparison with the answers here
     took = sorted(a[1] - a[0] for a in refused)
-    assert took[int(0.99 * (len(took) - 1))] < 2.0, [round(1000 * x) for x in took[-5:]]
+    assert took[int(0.99 * (len(took) - 1))] < 3.0, [round(1000 * x) for x in took[-5:]]
     counts = requests.get(f"{url}/v1/model", timeout=30).json()["requests"]
-    assert counts["refused_latency_budget"] + counts["refused_deadline"] == len(refused)
+    assert counts["refused_latency_budget"] + counts["refused_deadline"] + counts["timed_out"] == len(refused)
 
 
 def test_autoscaling_on_demand_adds_a_replica_under_overload(flood_app):
