@@ -4,6 +4,7 @@ Returns plain Ray remote arguments, environment variables and engine defaults; t
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from hardware.cpu import cpu_info
@@ -42,8 +43,9 @@ def engine_placement(
                 "OMP_NUM_THREADS": str(cpus),
                 # the engine core runs inside the actor instead of a spawned process: one `import vllm` less per
                 # engine (25 -> 5 s engine start for the tiny test model on 2 loaded cores) and no child process
-                # that outlives the actor and prints resource_tracker KeyErrors when Ray Data tears the pool down
-                "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+                # that outlives the actor and prints resource_tracker KeyErrors when Ray Data tears the pool down;
+                # VLLM_ENABLE_V1_MULTIPROCESSING=1 on the driver gives the engine its own process again
+                "VLLM_ENABLE_V1_MULTIPROCESSING": os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0"),
             },
             # the dtype this CPU generates fastest in (hardware/cpu.py); decided on the driver's CPU, so a cluster of
             # mixed processors sets generation.engine.dtype itself

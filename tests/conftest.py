@@ -1,5 +1,6 @@
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -62,13 +63,30 @@ def pair(i: int, query_id: str | None = None, label: str = "E", **extra) -> dict
     return row
 
 
+@pytest.fixture(scope="session")
+def _ray_session():
+    """The local Ray instance `ray_local` shares between test modules (a start costs 5-20 s on 2 cores)."""
+    yield
+    import ray
+
+    ray.shutdown()
+
+
 @pytest.fixture(scope="module")
-def ray_local():
-    """One local Ray instance for a test module, shut down at its end (Ray-heavy modules run one at a time)."""
+def ray_local(_ray_session):
+    """A local Ray instance for a test module (Ray-heavy modules run one at a time): the session's, started by the
+    first module that asks or again after a test shut it down. A module that leaves CPUs held (an actor or a training
+    run a failed test left behind) hands the next module a fresh instance rather than one that would wait forever."""
     import ray
 
     from workflows.runtime import ensure_ray
 
     ensure_ray()
     yield ray
-    ray.shutdown()
+    if ray.is_initialized():
+        deadline = time.time() + 15
+        while ray.available_resources().get("CPU", 0) < ray.cluster_resources().get("CPU", 0):
+            if time.time() > deadline:
+                ray.shutdown()
+                break
+            time.sleep(0.5)

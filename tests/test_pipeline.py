@@ -205,6 +205,7 @@ def test_smoke_pipeline_on_two_nodes_killed_mid_stage_resumes(submitted, tmp_pat
         shutil.copytree(submitted["run_dir"] / part, run_dir / part)
     cmd = [sys.executable, "-m", "workflows.cli", "run", "--config", "configs/smoke.yaml", "--run-dir", str(run_dir)]
 
+    ray.shutdown()  # the session's local instance (tests/conftest.py ray_local), if a module before started it
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
