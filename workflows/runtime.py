@@ -78,8 +78,9 @@ class Stopped(KeyboardInterrupt):
 
 
 _installed = False
-stopped_by: int | None = None  # the signal that stopped this process: Ray's `ray.get` turns Stopped into a plain
-# KeyboardInterrupt (its core worker reports "interrupted"), so the signal is kept here too
+# the signal that stopped this process: Ray's `ray.get` turns Stopped into a plain KeyboardInterrupt (its core worker
+# reports "interrupted"), so the signal is kept here too
+stopped_by: int | None = None
 
 
 def _raise_stopped(signum, frame):
@@ -98,10 +99,13 @@ def stop_on_signals() -> None:
     if threading.current_thread() is not threading.main_thread():
         return
     _installed = True
-    _reclaim_signals()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _raise_stopped)
 
 
 def _reclaim_signals() -> None:
+    """Our handlers again after ray.init replaced SIGTERM's, and Ray Train's SIGINT handler off (Ray Train is imported
+    here, once Ray is up, not at the start of every command)."""
     if not _installed:
         return
     for sig in (signal.SIGINT, signal.SIGTERM):
