@@ -65,7 +65,9 @@ def test_a_changed_file_changes_every_generated_block():
         data = dt.load(b["file"])
         rendered = dt.render(b["renderer"], data)
         assert dt.block_matches(b, rendered)
-        assert not dt.block_matches(b, dt.render(b["renderer"], _perturb(copy.deepcopy(data)))), b
+        if dt.block_matches(b, dt.render(b["renderer"], _perturb(copy.deepcopy(data)))):
+            # a table of counts (determinism's): the floats moved change nothing, so every number moves
+            assert not dt.block_matches(b, dt.render(b["renderer"], _perturb(copy.deepcopy(data), ints=True))), b
 
 
 def test_a_changed_file_fails_every_marked_figure():
