@@ -121,7 +121,8 @@ def test_guidance_sends_the_encoder_a_real_share_of_the_gradient(encoder_path, e
 
     from conftest import ROOT
     from student.data import Collator, examples_table
-    from student.train import Variant, loss_diagnostics
+    from student.diagnostics import loss_diagnostics
+    from student.train import Variant
     from transformers import AutoTokenizer
 
     rows = [json.loads(x) for x in (ROOT / "data" / "esci_us_subset.jsonl").read_text().splitlines()[:16]]
