@@ -129,9 +129,10 @@ def _needing_resample(rationales: Path):
             yield rows, wrong
 
 
-def preferences(cfg: RunConfig, run_dir: Path, sft_model: Path) -> tuple[Path, dict]:
+def preferences(cfg: RunConfig, run_dir: Path, sft_model: Path, inputs: dict[str, str] | None = None) -> tuple[Path, dict]:
     """Mine conflict samples into RUN_DIR/teacher/dpo/preferences.parquet (pass@k resampling with the SFT model),
-    streaming over the rationales pair by pair: the driver holds one pair's rows and one batch of output rows."""
+    streaming over the rationales pair by pair: the driver holds one pair's rows and one batch of output rows.
+    `inputs`: the DPO stage's input fingerprints (SFT model, rationales): resampled parts of others are discarded."""
     rationales = run_dir / "mpcot" / "rationales.parquet"
     out = run_dir / "teacher" / "dpo"
     path = out / "preferences.parquet"
@@ -154,7 +155,7 @@ def preferences(cfg: RunConfig, run_dir: Path, sft_model: Path) -> tuple[Path, d
             ensure_ray()
             spec = judge_spec(cfg, str(sft_model), "sft", [NEUTRAL_PERSPECTIVE], gen)
             start_attempt(out / "resample" / "parts", cfg.section_hash("teacher", "generation", "sft", "dpo"), "dpo resample",
-                          {"sft_model": fingerprint(sft_model), "pairs": fingerprint(need_path)})
+                          inputs)
             plan = TaskPlan((PairSource("resample", str(need_path)),), (NEUTRAL_PERSPECTIVE.name,), k)
             result = run_generation(plan, out / "resample", spec, gen)
             tried = pair_groups(result.rationales_path, ["pair_id", "perspective", "sample_idx", "parse_ok", "correct", "completion"])
@@ -177,7 +178,7 @@ def dpo(cfg: RunConfig, run_dir: Path) -> Path:
         return out / "model"
     invalidate(out)
     t0 = time.time()
-    path, counts = preferences(cfg, run_dir, sft_model)
+    path, counts = preferences(cfg, run_dir, sft_model, inputs)
     log(f"dpo: {counts['preference_rows']} preference rows from {counts['conflict_pairs']} conflict pairs "
         f"({counts['cross_perspective_rows']} cross-perspective, {counts['rescued_by_resampling']} rescued by pass@{cfg.dpo.pass_k}, "
         f"{counts['skipped_no_correct']} skipped)")
