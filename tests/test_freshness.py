@@ -2,7 +2,6 @@
 stage reruns with output that reflects the new input; work made from other inputs is discarded, not resumed."""
 import hashlib
 import json
-import os
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -46,7 +45,7 @@ def test_paired_verdicts_refuse_misaligned_predictions(tmp_path):
 
 
 @pytest.mark.ray
-def test_students_retrain_exactly_when_what_they_read_changes(tmp_path, ray_local):
+def test_students_retrain_exactly_when_what_they_read_changes(tmp_path, ray_local, monkeypatch):
     """Vanilla, LRKD (lambda > 0) and its lambda = 0 control from label_text targets (no LLM). The control has its
     twin's architecture (target width, centroids), not vanilla's. New targets (what a retrained teacher writes)
     retrain the two LRKD students, which read them, and leave vanilla as it was."""
@@ -54,7 +53,7 @@ def test_students_retrain_exactly_when_what_they_read_changes(tmp_path, ray_loca
     from workflows.config import load_config
     from workflows.student_stages import train_variants
 
-    os.chdir(ROOT)
+    monkeypatch.chdir(ROOT)  # the config's data path is relative to the repository
     cfg = load_config("configs/smoke.yaml", [
         "distill.target_source=label_text", "distill.max_target_pairs=null", "distill.fidelity_pairs=null",
         "data.split={train: 0.3, val: 0.1, test: 0.6, seed: 0}",
