@@ -1,9 +1,12 @@
 """Cross-validation by query: every pair a test pair exactly once, no query on two sides of a fold."""
+from pathlib import Path
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from workflows.folds import fold_of_pairs, pooled_gold, query_folds, write_folds
+from workflows.data import SPLITS
+from workflows.folds import pooled_gold, query_folds, write_folds
 
 
 def _splits(tmp_path, n=120):
@@ -14,6 +17,17 @@ def _splits(tmp_path, n=120):
         paths[split] = tmp_path / f"{split}.parquet"
         pq.write_table(pa.Table.from_pylist(rows[j::3]), paths[split])
     return paths, rows
+
+
+def fold_of_pairs(fold_paths: list[dict[str, Path]]) -> pa.Table:
+    """pair_id -> fold, split (for checks and reports)."""
+    parts = []
+    for f, p in enumerate(fold_paths):
+        for split in SPLITS:
+            ids = pq.read_table(p[split], columns=["pair_id"]).column("pair_id")
+            parts.append(pa.table({"pair_id": ids, "fold": pa.array([f] * len(ids), pa.int32()),
+                                   "split": pa.array([split] * len(ids), pa.string())}))
+    return pa.concat_tables(parts).sort_by([("fold", "ascending"), ("pair_id", "ascending")]) if parts else pa.table({})
 
 
 def test_every_pair_is_a_test_pair_once_and_queries_never_straddle(tmp_path):

@@ -81,15 +81,3 @@ def pooled_gold(fold_paths: list[dict[str, Path]], codes: list[str]) -> tuple[li
     if len(set(ids)) != len(ids):
         raise ValueError("a pair is a test pair in more than one fold")
     return ids, gold
-
-
-def fold_of_pairs(fold_paths: list[dict[str, Path]]) -> pa.Table:
-    """pair_id -> fold, split (for checks and reports)."""
-    parts = []
-    for f, p in enumerate(fold_paths):
-        for split in SPLITS:
-            ids = pq.read_table(p[split], columns=["pair_id"]).column("pair_id")
-            parts.append(pa.table({"pair_id": ids, "fold": pa.array([f] * len(ids), pa.int32()),
-                                   "split": pa.array([split] * len(ids), pa.string())}))
-    return pa.concat_tables(parts).sort_by([("fold", "ascending"), ("pair_id", "ascending")]) if parts else pa.table({})
-
