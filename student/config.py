@@ -56,6 +56,11 @@ class DistillConfig(_Strict):
                                       "95% interval of the difference lies inside +-margin; an interval that holds 0 but "
                                       "reaches past it is 'not enough data to tell'")
 
+    cv_folds: int = Field(1, ge=1, description="k > 1: `distill` cross-validates by query instead of using the test "
+                          "split: every labelled pair is a test pair once (k students per variant and seed, trained on "
+                          "the other folds), folds x seeds pooled in the paired verdicts; the report goes to "
+                          "RUN_DIR/student/cv/metrics.json (the served student still comes from a plain `distill`)")
+
     default_extractor: Literal["mlp", "poly", "gat"] = "poly"
     default_mode: Literal["average", "multi_teacher", "unified"] = "unified"
 

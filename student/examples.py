@@ -207,7 +207,7 @@ def read_parquet(path: str | Path, light: bool = False, concurrency: int | None 
     ctx = ray.data.DataContext.get_current()
     v2, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
     try:
-        return ray.data.read_parquet(str(Path(path).resolve()), ray_remote_args={"num_cpus": 0}, concurrency=concurrency)
+        return ray.data.read_parquet(str(Path(path).resolve()), num_cpus=0, concurrency=concurrency)
     finally:
         ctx.use_datasource_v2 = v2
 

@@ -1,10 +1,13 @@
 """Cross-validation by query: every pair a test pair exactly once, no query on two sides of a fold."""
+import json
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import ROOT
+from student.train import Variant
 from workflows.data import SPLITS
 from workflows.folds import pooled_gold, query_folds, write_folds
 
@@ -49,3 +52,66 @@ def test_every_pair_is_a_test_pair_once_and_queries_never_straddle(tmp_path):
     assert query_folds([r["query_id"] for r in rows], 4, 0) != query_folds([r["query_id"] for r in rows], 4, 1)
     with pytest.raises(ValueError, match="cannot fill 50 folds"):
         query_folds([r["query_id"] for r in rows], 50, 0)
+
+
+@pytest.mark.ray
+def test_cross_validated_distill_pools_every_pair_once(tmp_path, ray_local, monkeypatch):
+    """distill.cv_folds = 2 on label_text targets (no LLM): each fold's students train without its test pairs' targets,
+    every labelled pair is scored once by a student that never trained on it, the verdicts pool the folds, and a
+    rerun trains nothing."""
+    import hashlib
+
+    from student.score import aligned_predictions
+    from workflows.config import load_config
+    from workflows.student_cv import distill_cv
+
+    monkeypatch.chdir(ROOT)
+    cfg = load_config("configs/smoke.yaml", [
+        "distill.cv_folds=2", "distill.target_source=label_text", "distill.max_target_pairs=40", "distill.fidelity_pairs=8",
+        "distill.train={num_workers: 2, epochs: 1, batch_size: 32, learning_rate: 1.0e-3, latent_dim: 16, poly_codes: 6}"])
+    run = tmp_path / "run"
+    d = cfg.distill
+    variants = [Variant("vanilla", "vanilla", seed=0), d.lrkd("poly", "unified", 0.1, 0)]
+    report = json.loads(distill_cv(cfg, run, variants).read_text())
+    splits = {s: pq.read_table(run / "data" / f"{s}.parquet", columns=["pair_id", "query_id"]) for s in SPLITS}
+    everything = set(pa.concat_tables(splits.values()).column("pair_id").to_pylist())
+    assert report["test_pairs"] == len(everything) == sum(report["fold_test_pairs"])
+    # targets drawn from every split (the test split's pairs train in some fold), about (40 + 8) x 2 pairs in all
+    base = run / "student" / "targets" / "label_text-cv2" / "targets.parquet"
+    tagged = pq.read_table(base, columns=["pair_id", "split"])
+    assert set(tagged.column("split").to_pylist()) == {"train", "val", "test"}
+    assert 90 <= len(set(tagged.column("pair_id").to_pylist())) <= 100
+    tests = []
+    for f in range(2):
+        fold = run / "student" / "cv" / "splits" / f"fold-{f}"
+        test_ids = set(pq.read_table(fold / "test.parquet").column("pair_id").to_pylist())
+        train_ids = set(pq.read_table(fold / "train.parquet").column("pair_id").to_pylist())
+        tests.append(test_ids)
+        view = pq.read_table(run / "student" / "cv" / f"fold-{f}" / "targets" / "label_text-cv2" / "targets.parquet")
+        ids = set(view.column("pair_id").to_pylist())
+        assert ids and not ids & test_ids  # no student learns from its test pairs' targets
+        assert {p for p, s in zip(view.column("pair_id").to_pylist(), view.column("split").to_pylist()) if s == "train"} == ids & train_ids
+        # the queries of a test fold are nowhere else in that fold
+        q = lambda name: set(pq.read_table(fold / name, columns=["query_id"]).column("query_id").to_pylist())  # noqa: E731
+        assert not q("test.parquet") & (q("train.parquet") | q("val.parquet"))
+    assert not tests[0] & tests[1] and tests[0] | tests[1] == everything
+    # the pooled macro-F1 is that of the fold students' own predictions, pair for pair
+    codes = [lab.name for lab in cfg.labels]
+    run0 = next(r for r in report["runs"] if r["variant"] == "vanilla")
+    gold, pred = [], []
+    for f, folder in enumerate(run0["predictions"]):
+        t = pq.read_table(run / "student" / "cv" / "splits" / f"fold-{f}" / "test.parquet", columns=["pair_id", "label"])
+        gold += [codes.index(c) for c in t.column("label").to_pylist()]
+        pred += aligned_predictions(folder, t.column("pair_id").combine_chunks(), codes).tolist()
+    from sklearn.metrics import f1_score
+
+    assert run0["metrics"]["macro_f1"] == pytest.approx(f1_score(gold, pred, average="macro", labels=range(len(codes)), zero_division=0))
+    v = report["vanilla_verdicts"]["lrkd-poly-unified"]
+    assert v["against"] == "vanilla" and v["test_pairs"] == len(everything) and v["seeds"] == [0]
+    # nothing changed: nothing retrained
+    digest = lambda: {p: (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)  # noqa: E731
+                      for p in sorted((run / "student" / "cv").rglob("model.safetensors"))}
+    before = digest()
+    assert len(before) >= 4
+    distill_cv(cfg, run, variants)
+    assert digest() == before

@@ -20,7 +20,6 @@ SEEN = [
     "2026-12-05 15:13:44,412\tINFO streaming_executor.py:330 -- ✔️  Dataset dataset_12_0 execution finished in 12.34 seconds",
     "2026-12-05 15:38:12,695\tINFO dataset.py:6884 -- Data sink Parquet finished. 72 rows and 115.4KiB data written.",
     "/work/main/.venv/lib/python3.11/site-packages/ray/data/_internal/execution/operators/task_pool_map_operator.py:319: UserWarning: The maximum number of concurrent tasks for 'ReadParquet->SplitBlocks(4)' is set to 2, but the operator only received 1 input(s).",
-    "/work/main/student/examples.py:210: RayDeprecationWarning: `ray_remote_args` is deprecated and will be removed in Ray 2.64. Use the named remote parameters instead.",
     "\x1b[36m(RayTrainWorker pid=9551)\x1b[0m [2026-12-05 15:05:20,000] [WARNING] [real_accelerator.py:213:get_accelerator] Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to detect it.",
     "\x1b[36m(RayTrainWorker pid=9551)\x1b[0m DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully",
     "\x1b[36m(RayTrainWorker pid=9551)\x1b[0m /work/main/.venv/lib/python3.11/site-packages/torch/distributed/c10d_logger.py:83: FutureWarning: `torch.distributed.all_gather_into_tensor` is deprecated. Please use `torch.distributed.all_gather_single` instead.",

@@ -41,8 +41,6 @@ HARMLESS: list[tuple[str, str]] = [
      r"(encoding ratio|reader batch size)", "Ray Data's bookkeeping for a write or a read; the stage's line gives the counts"),
     (r"UserWarning: The maximum number of concurrent tasks for '.*' is set to \d+, but the operator only received",
      "Ray Data notes that a small split has fewer blocks than its read concurrency: the read is merely small"),
-    (r"RayDeprecationWarning: `ray_remote_args` is deprecated", "Ray 2.60 prefers named arguments to read_parquet; "
-     "ours still work until Ray 2.64 (a change for our code, nothing for a user)"),
     # --- Ray Train + DeepSpeed + Trainer (teacher SFT/DPO, students) ---
     (r"Setting accelerator to CPU\. If you have GPU", "DeepSpeed found no GPU: a CPU run is the plan"),
     (r"deepspeed_shm_comm_op built successfully", "DeepSpeed compiled its shared-memory comm op (first use only)"),

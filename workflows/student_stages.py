@@ -54,6 +54,8 @@ def targets_key(cfg: RunConfig, teacher: str, source: str) -> str:
     d = cfg.distill
     parts = [source, d.max_target_pairs, d.fidelity_pairs, cfg.seed, d.embedder, d.embed_pooling,
              cfg.section_hash("labels", "perspectives")]
+    if d.cv_folds > 1:  # the sample is drawn from every split (every pair trains in some fold)
+        parts.append(["cv", d.cv_folds])
     if source != "label_text":
         parts += [cfg.section_hash("teacher", "generation"), teacher]
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
@@ -87,8 +89,18 @@ def _sample_ids(path: Path, n: int | None, seed: int) -> pa.Array | None:
 
 def target_pairs(cfg: RunConfig, paths: dict[str, Path]) -> dict[str, pa.Array | None]:
     """The ids of the train pairs that get targets (for the guidance term) and of the val pairs that get them (for
-    latent fidelity only), each a stratified sample; None where every pair of the split does."""
+    latent fidelity only), each a stratified sample; None where every pair of the split does.
+
+    Cross-validation (distill.cv_folds = k > 1): every split's pairs train in some fold, so each split gets a
+    stratified sample of its share of (max_target_pairs + fidelity_pairs) x k / (k - 1) pairs: a fold's train and val
+    pairs then hold about as many targets as the plain split's do."""
     d = cfg.distill
+    if d.cv_folds > 1:
+        rows = {s: pq.ParquetFile(paths[s]).metadata.num_rows for s in ("train", "val", "test")}
+        wanted = None if d.max_target_pairs is None or d.fidelity_pairs is None else \
+            (d.max_target_pairs + d.fidelity_pairs) * d.cv_folds / (d.cv_folds - 1)
+        return {s: _sample_ids(paths[s], None if wanted is None else max(1, round(wanted * n / sum(rows.values()))),
+                               cfg.seed + i) for i, (s, n) in enumerate(rows.items())}
     return {"train": _sample_ids(paths["train"], d.max_target_pairs, cfg.seed),
             "val": _sample_ids(paths["val"], d.fidelity_pairs, cfg.seed + 1)}
 
@@ -114,12 +126,14 @@ def targets(cfg: RunConfig, run_dir: Path, source: str | None = None, teacher: s
     d: DistillConfig = cfg.distill
     source, teacher = source or d.target_source, teacher or d.teacher
     llm = source != "label_text"
-    out = run_dir / "student" / "targets" / (source + (_teacher_tag(cfg, teacher) if llm else ""))
+    # cross-validation samples every split: its targets sit beside the plain run's, not in their place
+    cv = f"-cv{d.cv_folds}" if d.cv_folds > 1 else ""
+    out = run_dir / "student" / "targets" / (source + (_teacher_tag(cfg, teacher) if llm else "") + cv)
     path = out / "targets.parquet"
     split_paths = prepare(cfg, run_dir)
     teacher_path, teacher_name = _teacher_model(cfg, run_dir, teacher) if llm else ("", "")
     key = targets_key(cfg, teacher if llm else "", source)
-    inputs = {"train": fingerprint(split_paths["train"]), "val": fingerprint(split_paths["val"])}
+    inputs = {s: fingerprint(split_paths[s]) for s in (("train", "val", "test") if d.cv_folds > 1 else ("train", "val"))}
     if llm:
         inputs["teacher"] = fingerprint(teacher_path)
     if is_fresh(out, key, inputs):
@@ -137,12 +151,12 @@ def targets(cfg: RunConfig, run_dir: Path, source: str | None = None, teacher: s
     n = _write_parquet_folder(rows, path)
     probe = _remote(informativeness)(str(path), [p.name for p in cfg.perspectives], d.target_filter)
     write_json_atomic(probe, out / "probe.json")
-    counts = {s: len(ids[s]) if ids[s] is not None else pq.ParquetFile(split_paths[s]).metadata.num_rows for s in ("train", "val")}
+    counts = {s: len(ids[s]) if ids[s] is not None else pq.ParquetFile(split_paths[s]).metadata.num_rows for s in ids}
     write_manifest(out, "targets", key, inputs, t0, rows=n, source=source, teacher=teacher_name or None,
                    embedder=d.embedder, pairs=counts, probe=probe)
     shutil.rmtree(out / "parts", ignore_errors=True)
     shutil.rmtree(out / "rationales.parquet", ignore_errors=True)
-    for split in ("train", "val"):
+    for split in ids:
         (out / f"pairs-{split}.parquet").unlink(missing_ok=True)
     log(f"targets [{source}]: {n} rationale embeddings ({d.embedder}) -> {path}")
     log(f"targets [{source}]: probe (5-fold logistic regression, embeddings -> gold label, macro-F1 vs majority): "
@@ -164,14 +178,14 @@ def _teacher_rationales(cfg: RunConfig, split_paths: dict[str, Path], ids: dict,
     """The teacher's rationales for the sampled pairs (a Ray Dataset with TARGET_COLUMNS)."""
     import ray
 
-    sources = {s: _sampled_pairs(split_paths[s], ids[s], out / f"pairs-{s}.parquet") for s in ("train", "val")}
+    sources = {s: _sampled_pairs(split_paths[s], ids[s], out / f"pairs-{s}.parquet") for s in ids}
     tasks = TaskPlan(tuple(PairSource(s, str(p)) for s, p in sources.items()), tuple(p.name for p in cfg.perspectives), 1)
     pairs = dict(zip(sources, tasks.pair_counts()))
     gen = cfg.generation.model_copy(update={"temperature": 0.0, "samples_per_prompt": 1})
     spec = dataclasses.replace(judge_spec(cfg, teacher_path, teacher_name, cfg.perspectives, gen),
                                gold_hint=source == "gold_conditioned")
-    log(f"targets [{source}]: {teacher_name} teacher writes {tasks.num_tasks()} rationales ({pairs['train']} train + "
-        f"{pairs['val']} val pairs x {len(cfg.perspectives)} perspectives"
+    log(f"targets [{source}]: {teacher_name} teacher writes {tasks.num_tasks()} rationales ("
+        + " + ".join(f"{n} {s}" for s, n in pairs.items()) + f" pairs x {len(cfg.perspectives)} perspectives"
         + ("; told the gold label" if spec.gold_hint else "") + ")")
     start_attempt(out / "parts", key, "targets")
     res = run_generation(tasks, out, spec, gen)
@@ -215,7 +229,7 @@ def _label_text_rows(cfg: RunConfig, split_paths: dict[str, Path], ids: dict):
     vectors = dict(zip(text, vecs))
     persp = [p.name for p in cfg.perspectives]
     parts = []
-    for split in ("train", "val"):
+    for split in ids:
         ds = ray.data.read_parquet(str(split_paths[split].resolve())).select_columns(["pair_id", "label"])
         if ids[split] is not None:
             ref = ray.put(ids[split])
@@ -224,7 +238,7 @@ def _label_text_rows(cfg: RunConfig, split_paths: dict[str, Path], ids: dict):
                                                                   "vectors": vectors}, batch_format="pyarrow"))
     log(f"targets [label_text]: gold label descriptions as every (pair, perspective)'s rationale, {len(text)} texts "
         "embedded once, no LLM")
-    return parts[0].union(parts[1])
+    return parts[0].union(*parts[1:])
 
 
 def _in_sample(batch: pa.Table, ids_ref) -> pa.Table:
@@ -337,11 +351,15 @@ class StudentData:
 
     kinds: plain (pairs only: vanilla and lambda = 0 students), targets:<source> (pairs + that source's rationale
     embeddings: LRKD with lambda > 0; validation keeps the sampled fidelity targets), votes (pairs + the
-    teacher's answers: logit-KD)."""
+    teacher's answers: logit-KD).
 
-    def __init__(self, cfg: RunConfig, run_dir: Path, teacher: str | None = None):
-        self.cfg, self.run_dir, self.teacher = cfg, run_dir, teacher
-        self.paths = prepare(cfg, run_dir)
+    `fold` (cross-validation): the fold's split files instead of the run's, its view of the targets (the run's
+    target rows of its train and val pairs), and its own folder for examples and students."""
+
+    def __init__(self, cfg: RunConfig, run_dir: Path, teacher: str | None = None, fold=None):
+        self.cfg, self.run_dir, self.teacher, self.fold = cfg, run_dir, teacher, fold
+        self.paths = fold.paths if fold else prepare(cfg, run_dir)
+        self.root = fold.root if fold else run_dir / "student"
         self.codes = [lab.name for lab in cfg.labels]
         self.persp = [p.name for p in cfg.perspectives]
         self._paths: dict[str, Path] = {}
@@ -356,7 +374,12 @@ class StudentData:
 
     def target_path(self, source: str) -> Path:
         if source not in self._paths:
-            self._paths[source] = targets(self.cfg, self.run_dir, source, self.teacher)
+            path = targets(self.cfg, self.run_dir, source, self.teacher)
+            if self.fold is not None:
+                from workflows.student_cv import fold_targets
+
+                path = fold_targets(path, self.fold, self.fingerprint(path))
+            self._paths[source] = path
         return self._paths[source]
 
     def key(self, v: Variant) -> str:
@@ -406,7 +429,7 @@ class StudentData:
         source = kind.split(":", 1)[1] if kind.startswith("targets:") else "teacher" if kind == "votes" else None
         tpath = self.target_path(source) if source else None
         tag = _teacher_tag(self.cfg, self.teacher) if source and source != "label_text" else ""
-        out = self.run_dir / "student" / "examples" / (kind.replace(":", "-") + tag)
+        out = self.root / "examples" / (kind.replace(":", "-") + tag)
         inputs = {s: self.fingerprint(self.paths[s]) for s in ("train", "val")} | ({"targets": self.fingerprint(tpath)} if tpath else {})
         key = hashlib.sha256(json.dumps([kind, self.cfg.distill.target_filter, self.codes, self.persp,
                                          self.cfg.distill.train.batch_size]).encode()).hexdigest()[:16]
@@ -441,22 +464,24 @@ class StudentData:
                          target_dim=len(cents[0]), probe=str(ex["dir"] / f"train.{PROBE}"))
 
 
-def train_variants(cfg: RunConfig, run_dir: Path, variants: list[Variant], teacher: str | None = None) -> list[dict]:
+def train_variants(cfg: RunConfig, run_dir: Path, variants: list[Variant], teacher: str | None = None,
+                   fold=None) -> list[dict]:
     """Train + evaluate each variant/seed (each cached in its own folder); returns [{variant, seed, metrics}].
 
     The ones not up to date train one after another in one Ray Train worker group, then each is scored on Ray Data
     workers: the test split once (with per-pair predictions), `val` (the reloaded best model on validation: what
     selection uses), `fidelity` (validation pairs with targets) and `diagnostics` (first and last epoch).
-    `teacher`: learn from another teacher's targets than `distill.teacher`; the variant names get a suffix."""
+    `teacher`: learn from another teacher's targets than `distill.teacher`; the variant names get a suffix.
+    `fold` (a workflows.folds.FoldView): train and score on that fold's splits, under its folder."""
     from student.score import ScoreJob, score_many
     from student.train import StudentJob, train_students
 
     tag = _teacher_tag(cfg, teacher)
-    data = StudentData(cfg, run_dir, teacher)
+    data = StudentData(cfg, run_dir, teacher, fold)
     settings = cfg.distill.train
     base_key = cfg.section_hash("labels", "perspectives", "data")
     splits = {s: data.fingerprint(data.paths[s]) for s in ("train", "val", "test")}
-    folder = {id(v): run_dir / "student" / "variants" / f"{v.name}{tag}-seed{v.seed}" for v in variants}
+    folder = {id(v): data.root / "variants" / f"{v.name}{tag}-seed{v.seed}" for v in variants}
     data_key = {id(v): data.job_key(v) for v in variants}
     todo = []
     for v in variants:
@@ -476,7 +501,7 @@ def train_variants(cfg: RunConfig, run_dir: Path, variants: list[Variant], teach
         t0 = time.time()
         datasets = {data_key[id(v)]: data.for_variant(v) for v, *_ in todo}
         group = hashlib.sha256(json.dumps(sorted((str(o), attempt_key(k, i)) for _, o, k, i in todo)).encode()).hexdigest()[:12]
-        storage = run_dir / "student" / "trainer" / group
+        storage = data.root / "trainer" / group
         log(f"students: {len(todo)} to train ({sum((o / TRAINED).exists() for _, o, *_ in todo)} already trained), one after "
             f"another in one Ray Train worker group ({settings.num_workers} workers); progress per epoch below")
         train_students([StudentJob(v, str(o), data_key[id(v)], attempt_key(k, i)) for v, o, k, i in todo], datasets, settings,
@@ -561,19 +586,27 @@ def _twin(name: str) -> str | None:
     return "-".join(parts[:3]) + "-lam0"
 
 
-def verdicts(runs: list[dict], codes: list[str], resamples: int, test: pa.Table, against: dict[str, str] | None = None,
-             margin: float = 0.02) -> dict:
+def verdicts(runs: list[dict], codes: list[str], resamples: int, test: pa.Table | list[pa.Table],
+             against: dict[str, str] | None = None, margin: float = 0.02) -> dict:
     """Paired by seed on the test split (`test`: its pair_id and label columns): mean macro-F1 difference with a
     bootstrap 95% interval and a verdict, for each variant -> control in `against` (default: every LRKD variant
     against its lambda = 0 twin, and logit-KD against vanilla). Each run's predictions are read from its scored
-    parts joined on pair_id (an error if they do not cover the split pair for pair)."""
+    parts joined on pair_id (an error if they do not cover the split pair for pair).
+
+    Cross-validation: `test` is every fold's test table and each run's "predictions" the list of its folds' scored
+    folders, in fold order; the folds' pairs are pooled."""
     from student.score import aligned_predictions
 
-    ids = test.column("pair_id").combine_chunks()
-    test_gold = [codes.index(c) for c in test.column("label").to_pylist()]
+    tests = test if isinstance(test, list) else [test]
+    ids = [t.column("pair_id").combine_chunks() for t in tests]
+    test_gold = [codes.index(c) for t in tests for c in t.column("label").to_pylist()]
     preds: dict[str, dict[int, list[int]]] = {}
     for r in runs:
-        preds.setdefault(r["variant"], {})[r["seed"]] = aligned_predictions(r["predictions"], ids, codes).tolist()
+        folders = r["predictions"] if isinstance(r["predictions"], list) else [r["predictions"]]
+        if len(folders) != len(ids):
+            raise ValueError(f"{r['variant']} seed {r['seed']}: predictions of {len(folders)} folds, {len(ids)} test sets")
+        preds.setdefault(r["variant"], {})[r["seed"]] = np.concatenate(
+            [aligned_predictions(f, i, codes) for f, i in zip(folders, ids)]).tolist()
     if against is None:
         against = {name: _twin(name) for name in preds} | {"logit_kd": "vanilla"}
     out = {}
@@ -623,7 +656,15 @@ def _report(cfg: RunConfig, run_dir: Path, runs: list[dict]) -> dict:
             "verdicts": verdicts(runs, codes, cfg.distill.bootstrap_resamples, test, margin=cfg.distill.equivalence_margin),
             "perspective_verdicts": verdicts(runs, codes, cfg.distill.bootstrap_resamples, test, alone,
                                              cfg.distill.equivalence_margin) if alone else {},
+            "vanilla_verdicts": verdicts(runs, codes, cfg.distill.bootstrap_resamples, test, against_vanilla(names),
+                                         cfg.distill.equivalence_margin),
             "diagnostics": _summaries(runs), "runs": runs}
+
+
+def against_vanilla(names) -> dict[str, str]:
+    """Every LRKD variant with guidance (lambda > 0) against the plain cross-encoder: the comparison a user deciding
+    whether to distil at all makes (the lambda = 0 twin isolates the guidance term; vanilla is the baseline)."""
+    return {n: "vanilla" for n in sorted(names) if n.startswith("lrkd-") and not n.endswith("-lam0") and "vanilla" in names}
 
 
 def probes(run_dir: Path) -> dict:
@@ -633,19 +674,26 @@ def probes(run_dir: Path) -> dict:
 
 def distill(cfg: RunConfig, run_dir: Path) -> Path:
     """Targets + every main variant side by side -> RUN_DIR/student/metrics.json (test metrics, the paired verdicts,
-    validation metrics, diagnostics, the probes)."""
+    validation metrics, diagnostics, the probes). With distill.cv_folds > 1: cross-validation instead
+    (workflows/student_cv.py) -> RUN_DIR/student/cv/metrics.json."""
+    if cfg.distill.cv_folds > 1:
+        from workflows.student_cv import distill_cv
+
+        return distill_cv(cfg, run_dir)
     runs = train_variants(cfg, run_dir, cfg.distill.main_variants())
     report = _report(cfg, run_dir, runs) | {"probes": probes(run_dir)}
     path = run_dir / "student" / "metrics.json"
     write_json_atomic(report, path)
     log("student (test, mean +- std over seeds):\n" + metrics_table(report["variants"]))
-    log("paired verdicts (test macro-F1 difference, 95% bootstrap interval):\n" + verdict_lines(report["verdicts"]))
+    log("paired verdicts (test macro-F1 difference, 95% bootstrap interval):\n"
+        + verdict_lines(report["verdicts"], report["vanilla_verdicts"]))
     return path
 
 
-def verdict_lines(v: dict) -> str:
+def verdict_lines(*groups: dict) -> str:
     return "\n".join(f"- {name} vs {r['against']}: {r['mean_diff']:+.3f} [{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}] over "
-                     f"{len(r['seeds'])} seeds x {r['test_pairs']} test pairs: {r['verdict']}" for name, r in v.items())
+                     f"{len(r['seeds'])} seeds x {r['test_pairs']} test pairs: {r['verdict']}"
+                     for v in groups for name, r in v.items())
 
 
 def _other_teacher(cfg: RunConfig, run_dir: Path) -> str | None:
