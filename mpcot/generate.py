@@ -9,6 +9,7 @@ stats, the SFT filter and conflict mining read in batches: the driver's memory d
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -280,9 +281,9 @@ def judge(llm, tasks: pa.Table, gen: GenerationConfig, labels: list[Label], pers
     by_name = {p.name: p for p in perspectives}
     rows_in = tasks.to_pylist()
     golds = [by_code[t["gold_label"]] if gold_hint else None for t in rows_in]
-    per_label = {lab.name: _sampling_params(gen, [lab]) for lab in labels} if gold_hint else {}
-    default = _sampling_params(gen, labels)
-    sampling = [per_label[g.name] if g else default for g in golds]
+    # sampled answers: one seed per task (greedy needs none)
+    seeds = [task_seed(gen.seed, t) for t in rows_in] if gen.temperature > 0 else [None] * len(rows_in)
+    sampling = [_sampling_params(gen, [g] if g else labels, s) for g, s in zip(golds, seeds)]
     messages = [task_messages(t, by_name[t["perspective"]], labels, gen, g) for t, g in zip(rows_in, golds)]
     prompts = [render_prompt(tokenizer, m, **(template_kwargs or {})) for m in messages]
     outs = llm.generate(prompts, [s["main"] for s in sampling], use_tqdm=False)
@@ -330,12 +331,21 @@ def _parse_choice(rationale: str, choice: str, labels: list[Label]) -> ParsedJud
     return ParsedJudgement(rationale.strip(), code, "" if code else f"label step returned {choice!r}")
 
 
-def _sampling_params(gen: GenerationConfig, labels: list[Label]) -> dict:
+def task_seed(seed: int, task: dict) -> int:
+    """The sampling seed of one task: a pure function of (seed, pair, perspective, sample), so a sampled answer does
+    not depend on which tasks shared its batch, the slot the engine gave it, or a resume. With the engine's seed alone
+    every request drew from one shared stream by batch slot: two smoke runs resampled the same 8 answers for DPO, each
+    given to the next task over (measured; bench/determinism.py)."""
+    key = f"{seed}|{task['pair_id']}|{task['perspective']}|{task['sample_idx']}".encode()
+    return int.from_bytes(hashlib.sha256(key).digest()[:4], "little") & 0x7FFFFFFF
+
+
+def _sampling_params(gen: GenerationConfig, labels: list[Label], seed: int | None = None) -> dict:
     from vllm import SamplingParams
     from vllm.sampling_params import StructuredOutputsParams
 
     base = {"temperature": gen.temperature, "top_p": gen.top_p, "max_tokens": gen.max_tokens,
-            "repetition_penalty": gen.repetition_penalty}
+            "repetition_penalty": gen.repetition_penalty, "seed": seed}
     out = {}
     if gen.output_mode == "json":
         out["main"] = SamplingParams(**base, structured_outputs=StructuredOutputsParams(regex=json_regex(labels, gen.rationale_max_chars)))

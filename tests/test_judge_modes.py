@@ -60,6 +60,20 @@ def test_structured_modes_always_parse(llm, tasks, labels, mode):
         assert all(r["raw_output"].split("\nLabel: ")[-1] in {"Exact", "Substitute", "Complement", "Irrelevant"} for r in rows)
 
 
+def test_a_sampled_answer_depends_on_its_task_not_on_its_batch(llm, tasks, labels):
+    """At temperature > 0 each task draws from its own seed: the same task gets the same answer whatever tasks
+    share its batch and in whatever order; another sample index of the same prompt gets another answer."""
+    gen = GenerationConfig(output_mode="json", temperature=0.9, max_tokens=60, rationale_max_chars=30)
+    whole = judge(llm, tasks, gen, labels, PERSPECTIVES, "tiny").to_pylist()
+    order = list(range(tasks.num_rows))[::-1][::3]  # a third of the tasks, reversed: other batch slots and partners
+    part = judge(llm, tasks.take(order), gen, labels, PERSPECTIVES, "tiny").to_pylist()
+    assert [r["raw_output"] for r in part] == [whole[i]["raw_output"] for i in order]
+    by_prompt: dict = {}
+    for r in whole:
+        by_prompt.setdefault((r["pair_id"], r["perspective"]), set()).add(r["raw_output"])
+    assert any(len(v) == 2 for v in by_prompt.values())  # two samples of one prompt are two draws
+
+
 def test_rationale_rows_rebuild_the_prompts_the_engine_was_given(llm, tasks, labels, tmp_path):
     """Rows keep the pair's fields and a prompt hash, not the prompt: SFT rebuilds it, and it is the text vLLM got."""
     import pyarrow.parquet as pq
