@@ -10,11 +10,17 @@ from dataclasses import dataclass, field
 from hardware.cpu import cpu_info
 
 
+# Every engine, CPU or GPU: our structured-output regex (a rationale of up to generation.rationale_max_chars
+# characters, then one label title) is ours, not a caller's, and its bounded repetition takes xgrammar seconds to
+# compile: on a loaded 2-core host it passed vLLM's 5 s guard against hostile patterns and failed the whole stage.
+ENGINE_ENV = {"VLLM_REGEX_COMPILATION_TIMEOUT_S": "300"}
+
+
 @dataclass(frozen=True)
 class EnginePlacement:
     device: str  # "cpu" or "gpu"
     remote_args: dict = field(default_factory=dict)  # num_cpus / num_gpus for the actor holding vllm.LLM
-    env: dict = field(default_factory=dict)  # set in the actor before vllm is imported
+    env: dict = field(default_factory=lambda: dict(ENGINE_ENV))  # set in the actor before vllm is imported
     engine_defaults: dict = field(default_factory=dict)  # vllm.LLM kwargs the user's `engine:` may override
 
 
@@ -38,6 +44,7 @@ def engine_placement(
             device="cpu",
             remote_args={"num_cpus": cpus},
             env={
+                **ENGINE_ENV,
                 "VLLM_CPU_KVCACHE_SPACE": "1",  # GiB of KV cache; the default (4) is too much for small machines
                 "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
                 "OMP_NUM_THREADS": str(cpus),
