@@ -4,7 +4,12 @@ run's split and teacher targets, the same seeds, trained by this code and by the
 `train_loop_config`). Test macro-F1 of each variant per seed and the paired bootstrap of new - old; also LRKD -
 vanilla within each code. Goal: the difference holds 0 (quality unchanged), within the seed noise.
 
-    .venv/bin/python bench/code_parity.py [--run runs/local] [--seeds 0 1 2] [--variants vanilla lrkd-poly-unified]
+    .venv/bin/python bench/code_parity.py [--run runs/local] [--seeds 0 1 2] [--variants vanilla lrkd-poly-unified] [--cv]
+
+--cv compares under the run's cross-validation instead of its test split: it needs a finished
+`thinkbroad distill --config configs/local.yaml --set distill.cv_folds=K` of the run, whose fold students are this
+code's side (nothing is retrained); the old code is given each fold's split and target view in turn, and the folds'
+test pairs (every labelled pair once) are pooled in the verdicts (docs/code_parity_cv.json with --docs).
 
 Needs a finished `make demo` run (its teacher targets are reused by both codes, so the comparison is of the student
 stage alone). The old code is unpacked with `git archive` under --workdir and reads the same targets through a
@@ -46,11 +51,12 @@ def main() -> int:
     ap.add_argument("--variants", nargs="+", default=["vanilla", "lrkd-poly-unified"])
     ap.add_argument("--workdir", default="/tmp/thinkbroad-code-parity", help="where the old code is unpacked and runs")
     ap.add_argument("--resamples", type=int, default=2000)
-    ap.add_argument("--docs", action="store_true", help="also write docs/code_parity.json (the README's figures)")
+    ap.add_argument("--docs", action="store_true", help="also write docs/code_parity[_cv].json (the README's figures)")
+    ap.add_argument("--cv", action="store_true", help="pool the folds of the run's cross-validated distill")
     args = ap.parse_args()
     run = (ROOT / args.run).resolve()
     teacher = run / "teacher" / "dpo" / "model"
-    if not (run / "student" / "targets" / "teacher" / "manifest.json").exists():
+    if not args.cv and not (run / "student" / "targets" / "teacher" / "manifest.json").exists():
         raise SystemExit(f"{run}: no finished teacher targets; run `make demo` first")
     old_root = Path(args.workdir) / OLD
     if not (old_root / "workflows").is_dir():
@@ -60,6 +66,8 @@ def main() -> int:
     old_run = old_root / "runs" / "code-parity"
     seeds = sorted(args.seeds)
     print(f"[code_parity] {machine()['cpu']}", flush=True)
+    if args.cv:
+        return _cross_validated(args, run, teacher, old_root, seeds)
     subprocess.run([sys.executable, str(ROOT / "bench" / "_code_parity_old.py"), str(old_run), str(run), str(teacher)],
                    cwd=old_root, env={**os.environ, "PYTHONPATH": str(old_root)}, check=True)
     times = {}
@@ -109,13 +117,82 @@ def main() -> int:
     return 0
 
 
+def _cross_validated(args, run: Path, teacher: Path, old_root: Path, seeds: list[int]) -> int:
+    """The comparison over the run's cross-validation folds: this code's fold students as its CV distill left them, the
+    old code trained on each fold's split and target view; predictions pooled over the folds in fold order."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from hardware.cpu import machine
+    from student.evaluate import macro_f1_fast, paired_bootstrap
+    from student.score import aligned_predictions
+    from workflows.config import load_config
+
+    report_path = run / "student" / "cv" / "metrics.json"
+    if not report_path.exists():
+        raise SystemExit(f"{run}: no cross-validated distill; run `thinkbroad distill --config configs/local.yaml "
+                         "--set distill.cv_folds=3` first")
+    report = json.loads(report_path.read_text())
+    k = report["cv_folds"]
+    codes = [label.name for label in load_config(ROOT / "configs" / "local.yaml").labels]
+    folds = [run / "student" / "cv" / "splits" / f"fold-{f}" for f in range(k)]
+    tests = [pq.read_table(f / "test.parquet", columns=["pair_id", "label"]) for f in folds]
+    gold = [codes.index(c) for t in tests for c in t.column("label").to_pylist()]
+    ids = [t.column("pair_id").combine_chunks() for t in tests]
+    new = {}
+    for r in report["runs"]:
+        if r["variant"] in args.variants and r["seed"] in seeds:
+            new.setdefault(r["variant"], {})[r["seed"]] = np.concatenate(
+                [aligned_predictions(p, i, codes) for p, i in zip(r["predictions"], ids)]).tolist()
+    missing = [(v, s) for v in args.variants for s in seeds if s not in new.get(v, {})]
+    if missing:
+        raise SystemExit(f"{report_path}: no fold students for {missing}; rerun the CV distill with those seeds")
+    t0 = time.time()
+    old = {v: {s: [] for s in seeds} for v in args.variants}
+    for f, fold in enumerate(folds):
+        old_run = old_root / "runs" / f"code-parity-fold{f}"
+        view = run / "student" / "cv" / f"fold-{f}" / "targets" / f"teacher-cv{k}" / "targets.parquet"
+        subprocess.run([sys.executable, str(ROOT / "bench" / "_code_parity_old.py"), str(old_run), str(run), str(teacher),
+                        str(fold), str(view)], cwd=old_root, env={**os.environ, "PYTHONPATH": str(old_root)}, check=True)
+        _distill(old_root, old_run, seeds, args.variants, ["--set", f"distill.teacher={teacher}"])
+        runs = json.loads((old_run / "student" / "metrics.json").read_text())["runs"]
+        for r in runs:
+            if r["variant"] in old and r["seed"] in seeds:
+                if len(r["metrics"]["predictions"]) != len(ids[f]):
+                    raise SystemExit(f"{old_run}: {r['variant']} seed {r['seed']} predicted {len(r['metrics']['predictions'])} "
+                                     f"pairs of a {len(ids[f])}-pair test fold")
+                old[r["variant"]][r["seed"]] += r["metrics"]["predictions"]
+
+    def f1(p: dict[int, list[int]]) -> dict[int, float]:
+        return {s: round(float(macro_f1_fast(np.asarray([gold]), np.asarray([x]), len(codes))[0]), 4) for s, x in sorted(p.items())}
+
+    margin = load_config(ROOT / "configs" / "local.yaml").distill.equivalence_margin
+    out = {**machine(), "old_commit": OLD, "run": str(run), "seeds": seeds, "cv_folds": k, "test_pairs": len(gold),
+           "old_distill_seconds": round(time.time() - t0, 1), "variants": {}, "lrkd_vs_vanilla": {}}
+    for v in args.variants:
+        out["variants"][v] = {"new": f1(new[v]), "old": f1(old[v]),
+                              "new_minus_old": paired_bootstrap(gold, new[v], old[v], len(codes), args.resamples, margin=margin)}
+    if {"vanilla", "lrkd-poly-unified"} <= set(args.variants):
+        for side, p in (("new", new), ("old", old)):
+            out["lrkd_vs_vanilla"][side] = paired_bootstrap(gold, p["lrkd-poly-unified"], p["vanilla"], len(codes),
+                                                            args.resamples, margin=margin)
+    path = ROOT / "bench" / "results" / "code_parity_cv.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2))
+    if args.docs:
+        (ROOT / "docs" / "code_parity_cv.json").write_text(json.dumps(out, indent=2))
+    print(f"{summary(out)} -> {path}")
+    return 0
+
+
 def summary(out: dict) -> str:
     """The one-line summary the bench prints (and the README quotes) from its results."""
     parts = []
     for v, r in out["variants"].items():
         d = r["new_minus_old"]
         parts.append(f"{v} new-old {d['mean_diff']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] {d['verdict']}")
-    return f"code_parity ({len(out['seeds'])} seeds, {out['test_pairs']} test pairs): " + "; ".join(parts)
+    folds = f" x {out['cv_folds']} folds" if out.get("cv_folds") else ""
+    return f"code_parity ({len(out['seeds'])} seeds{folds}, {out['test_pairs']} test pairs): " + "; ".join(parts)
 
 
 def table(out: dict) -> str:

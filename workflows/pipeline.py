@@ -96,6 +96,14 @@ def write_report(cfg: RunConfig, run_dir: Path) -> Path:
     if student:
         lines += student_sections(student, run_dir)
         _student_plot(plots / "student.png", student)
+    cv = _read(run_dir / "student" / "cv" / "metrics.json")
+    if cv:  # written by `distill` with distill.cv_folds > 1
+        from workflows.student_stages import metrics_table, verdict_lines
+
+        lines += [f"## Student variants under cross-validation ({cv['split']}: {cv['test_pairs']} test pairs)", "",
+                  "Mean ± std over seeds of the pooled test macro-F1 (each pair predicted by the fold student that never "
+                  "trained on it); verdicts paired by seed over the pooled pairs, 95% bootstrap interval.", "",
+                  metrics_table(cv["variants"]), "", verdict_lines(cv["verdicts"], cv["vanilla_verdicts"]), ""]
     ablation = _read(run_dir / "student" / "ablation.json")
     if ablation:  # written by `thinkbroad ablate`, which is not part of the run
         from workflows.student_stages import verdict_lines
@@ -137,7 +145,7 @@ def student_sections(student: dict, run_dir: Path) -> list[str]:
               "**Paired verdicts** (test macro-F1 difference against the control, paired by seed, 95% bootstrap interval "
               "over seeds and test pairs; better or worse when it excludes 0, equivalent when it lies inside the margin, "
               "else not enough data to tell):", "",
-              verdict_lines(student["verdicts"]), "",
+              verdict_lines(student["verdicts"], student.get("vanilla_verdicts", {})), "",
               "**Guidance diagnostics** (one fixed training batch, at the start of the first and of the last epoch; "
               "grad ratio = |grad of λ·guidance| / |grad of CE| on the encoder's parameters):", "",
               "| variant | CE (init → last) | guidance (init → last) | λ·guidance / CE (last) | grad ratio (init → last) |",
