@@ -43,7 +43,6 @@ def _distill(tree: Path, run_dir: Path, seeds: list[int], variants: list[str], e
 
 def main() -> int:
     from hardware.cpu import machine
-    from student.evaluate import macro_f1_fast, paired_bootstrap
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", default="runs/local", help="a finished run of configs/local.yaml (make demo)")
@@ -77,7 +76,6 @@ def main() -> int:
         _distill(cwd, run_dir, seeds, args.variants, extra)
         times[side] = round(time.time() - t0, 1)
 
-    import numpy as np
     import pyarrow.parquet as pq
 
     from workflows.config import load_config
@@ -96,23 +94,35 @@ def main() -> int:
                 else aligned_predictions(r["predictions"], ids, codes).tolist()
                 for r in metrics[side]["runs"] if r["variant"] == variant and r["seed"] in seeds}
 
+    out = {**machine(), "old_commit": OLD, "run": str(run), "seeds": seeds, "test_pairs": len(gold), "distill_seconds": times}
+    sides = {side: {v: preds(side, v) for v in args.variants} for side in ("new", "old")}
+    return _compare(out, gold, sides, codes, args, "code_parity")
+
+
+def _compare(out: dict, gold: list[int], sides: dict, codes: list[str], args, name: str, margin: float = 0.02) -> int:
+    """Per variant: each side's macro-F1 per seed and new - old paired by seed; LRKD - vanilla within each side.
+    `sides`: {"new"|"old": {variant: {seed: predictions in `gold`'s order}}} -> bench/results/<name>.json (+ docs/)."""
+    import numpy as np
+
+    from student.evaluate import macro_f1_fast, paired_bootstrap
+
     def f1(p: dict[int, list[int]]) -> dict[int, float]:
         return {s: round(float(macro_f1_fast(np.asarray([gold]), np.asarray([x]), len(codes))[0]), 4) for s, x in sorted(p.items())}
 
-    out = {**machine(), "old_commit": OLD, "run": str(run), "seeds": seeds, "test_pairs": len(gold),
-           "distill_seconds": times, "variants": {}, "lrkd_vs_vanilla": {}}
+    new, old = sides["new"], sides["old"]
+    out |= {"variants": {}, "lrkd_vs_vanilla": {}}
     for v in args.variants:
-        out["variants"][v] = {"new": f1(preds("new", v)), "old": f1(preds("old", v)),
-                              "new_minus_old": paired_bootstrap(gold, preds("new", v), preds("old", v), len(codes), args.resamples)}
+        out["variants"][v] = {"new": f1(new[v]), "old": f1(old[v]), "new_minus_old": paired_bootstrap(
+            gold, new[v], old[v], len(codes), args.resamples, margin=margin)}
     if {"vanilla", "lrkd-poly-unified"} <= set(args.variants):
-        for side in ("new", "old"):
-            out["lrkd_vs_vanilla"][side] = paired_bootstrap(gold, preds(side, "lrkd-poly-unified"), preds(side, "vanilla"),
-                                                            len(codes), args.resamples)
-    path = ROOT / "bench" / "results" / "code_parity.json"
+        for side, p in sides.items():
+            out["lrkd_vs_vanilla"][side] = paired_bootstrap(gold, p["lrkd-poly-unified"], p["vanilla"], len(codes),
+                                                            args.resamples, margin=margin)
+    path = ROOT / "bench" / "results" / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2))
     if args.docs:
-        (ROOT / "docs" / "code_parity.json").write_text(json.dumps(out, indent=2))
+        (ROOT / "docs" / f"{name}.json").write_text(json.dumps(out, indent=2))
     print(f"{summary(out)} -> {path}")
     return 0
 
@@ -124,7 +134,6 @@ def _cross_validated(args, run: Path, teacher: Path, old_root: Path, seeds: list
     import pyarrow.parquet as pq
 
     from hardware.cpu import machine
-    from student.evaluate import macro_f1_fast, paired_bootstrap
     from student.score import aligned_predictions
     from workflows.config import load_config
 
@@ -163,26 +172,10 @@ def _cross_validated(args, run: Path, teacher: Path, old_root: Path, seeds: list
                                      f"pairs of a {len(ids[f])}-pair test fold")
                 old[r["variant"]][r["seed"]] += r["metrics"]["predictions"]
 
-    def f1(p: dict[int, list[int]]) -> dict[int, float]:
-        return {s: round(float(macro_f1_fast(np.asarray([gold]), np.asarray([x]), len(codes))[0]), 4) for s, x in sorted(p.items())}
-
     margin = load_config(ROOT / "configs" / "local.yaml").distill.equivalence_margin
     out = {**machine(), "old_commit": OLD, "run": str(run), "seeds": seeds, "cv_folds": k, "test_pairs": len(gold),
-           "old_distill_seconds": round(time.time() - t0, 1), "variants": {}, "lrkd_vs_vanilla": {}}
-    for v in args.variants:
-        out["variants"][v] = {"new": f1(new[v]), "old": f1(old[v]),
-                              "new_minus_old": paired_bootstrap(gold, new[v], old[v], len(codes), args.resamples, margin=margin)}
-    if {"vanilla", "lrkd-poly-unified"} <= set(args.variants):
-        for side, p in (("new", new), ("old", old)):
-            out["lrkd_vs_vanilla"][side] = paired_bootstrap(gold, p["lrkd-poly-unified"], p["vanilla"], len(codes),
-                                                            args.resamples, margin=margin)
-    path = ROOT / "bench" / "results" / "code_parity_cv.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=2))
-    if args.docs:
-        (ROOT / "docs" / "code_parity_cv.json").write_text(json.dumps(out, indent=2))
-    print(f"{summary(out)} -> {path}")
-    return 0
+           "old_distill_seconds": round(time.time() - t0, 1)}
+    return _compare(out, gold, {"new": new, "old": old}, codes, args, "code_parity_cv", margin)
 
 
 def summary(out: dict) -> str:
