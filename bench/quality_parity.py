@@ -7,8 +7,10 @@ difference with a bootstrap interval, and training pairs/s of each (epochs x tra
 per-epoch validation included on both sides). Goals: vanilla within 0.02 of the library; ours >= 0.9x its pairs/s.
 
     .venv/bin/python bench/quality_parity.py [--config configs/local.yaml] [--seeds 0 1 2] [--lr LR] [--epochs N]
+        [--folds K] [--docs]
 
-Writes bench/results/quality_parity.json and prints one summary line.
+Writes bench/results/quality_parity.json (and docs/quality_parity.json with --docs: the README's summary line is
+rendered from it by `python -m bench.docs_tables`) and prints one summary line.
 """
 from __future__ import annotations
 
@@ -89,6 +91,7 @@ def main() -> None:
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--folds", type=int, default=1, help="k-fold cross-validation by query over all labelled pairs "
                     "(each pair a test pair once); 1 = the run's test split")
+    ap.add_argument("--docs", action="store_true", help="also write docs/quality_parity.json (the README's figures)")
     args = ap.parse_args()
 
     import pyarrow.parquet as pq
@@ -164,13 +167,19 @@ def main() -> None:
     out = ROOT / "bench" / "results" / "quality_parity.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
-    d = paired
-    print(f"quality parity ({cpu}, {cfg.distill.backbone}, {len(args.seeds)} seeds x {len(folds)} folds, {len(gold)} test pairs): library "
-          f"Trainer {result['library']['mean']:.3f} ± {result['library']['std']:.3f}, vanilla student "
-          f"{result['vanilla']['mean']:.3f} ± {result['vanilla']['std']:.3f} test macro-F1; vanilla - library "
-          f"{d['mean_diff']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]: {d['verdict']}; "
-          f"training {result['pairs_per_s']['vanilla']:.1f} vs {result['pairs_per_s']['library']:.1f} pairs/s = {speed:.2f}x "
-          f"(goal >= 0.9x)")
+    if args.docs:
+        (ROOT / "docs" / "quality_parity.json").write_text(json.dumps(result, indent=2))
+    print(summary(result))
+
+
+def summary(result: dict) -> str:
+    """The one-line summary the bench prints (and the README quotes) from its results."""
+    d, speed = result["vanilla_minus_library"], result["pairs_per_s"]
+    return (f"quality parity ({result['cpu']}, {result['backbone']}, {len(result['seeds'])} seeds x {result['folds']} folds, "
+            f"{result['test_pairs']} test pairs): library Trainer {result['library']['mean']:.3f} ± {result['library']['std']:.3f}, "
+            f"vanilla student {result['vanilla']['mean']:.3f} ± {result['vanilla']['std']:.3f} test macro-F1; vanilla - library "
+            f"{d['mean_diff']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]: {d['verdict']}; training "
+            f"{speed['vanilla']:.1f} vs {speed['library']:.1f} pairs/s = {speed['vanilla_over_library']:.2f}x (goal >= 0.9x)")
 
 
 if __name__ == "__main__":
