@@ -1,10 +1,10 @@
 # The two commands a new user needs: `make demo` (set up + run the main job) and `make test`.
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast docs bench clean
 
 setup:
 	bash scripts/setup.sh
 
-# the first line names the CPU and the dtype its flags pick: bf16 is fast only with native support (README, Results).
+# the first line names the CPU and the dtype its flags pick: bf16 is fast only with native support (docs/results.md).
 # The demo trains its students for one seed; `thinkbroad distill --config configs/local.yaml` adds the config's other
 # seeds to the same run (the paired verdicts need them) and `thinkbroad ablate` the ablation.
 demo: setup
@@ -18,6 +18,13 @@ test: setup
 test-fast: setup
 	.venv/bin/python -m pytest -q -p no:cacheprovider -m "not ray and not vllm and not slow" --durations=10
 
+# the documentation site (MkDocs, Material theme) into site/: the generated pages are checked against the config
+# models and docs/*.json first, then --strict fails on a broken link or anchor (tests/test_docs_site.py, in `make test`)
+docs: setup
+	.venv/bin/python -m bench.docs_config --check
+	.venv/bin/python -m bench.docs_tables --check
+	NO_MKDOCS_2_WARNING=1 .venv/bin/mkdocs build --strict -d site
+
 # each benchmark writes bench/results/<name>.json and prints one summary line; run them on a quiet machine
 bench: setup
 	.venv/bin/python bench/generation.py
@@ -26,4 +33,4 @@ bench: setup
 	.venv/bin/python bench/serve_load.py --clients 1,32 --seconds 30
 
 clean:
-	rm -rf runs bench/results
+	rm -rf runs bench/results site

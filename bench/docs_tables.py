@@ -1,6 +1,8 @@
-"""The README's figures from docs/*.json, the files the benches write with --docs (issue 23, item 7).
+"""The figures of README.md and the documentation pages (docs/**/*.md) from docs/*.json, the files the benches
+write with --docs (issue 23, item 7; the pages since issue 26).
 
-Two kinds of link in README.md, both checked by tests/test_docs_figures.py:
+Two kinds of link, in README.md and every page under docs/, both checked by tests/test_docs_figures.py (the file
+names in them are relative to the repository root, whichever page holds them):
 
 - A generated block, for tables and the benches' summary lines: the text between
   `<!-- begin docs/NAME.json: RENDERER -->` and `<!-- end docs/NAME.json -->` is RENDERER's rendering of the file
@@ -12,8 +14,9 @@ Two kinds of link in README.md, both checked by tests/test_docs_figures.py:
   values at those dotted keys, to the decimals written. A key may end in @neg, @abs, @GB (GiB to GB), @mean or
   @std (sample standard deviation of a list or dict of numbers).
 
-    .venv/bin/python -m bench.docs_tables          # rewrite the README's generated blocks from docs/*.json
+    .venv/bin/python -m bench.docs_tables          # rewrite the pages' generated blocks from docs/*.json
     .venv/bin/python -m bench.docs_tables --check  # list every block and figure that differs from its file; exit 1
+    .venv/bin/python -m bench.docs_tables --check docs/results.md   # only these pages
 """
 from __future__ import annotations
 
@@ -28,6 +31,18 @@ from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
+
+
+def pages(root: Path = ROOT) -> list[Path]:
+    """Every page whose blocks and markers are checked: README.md, then docs/**/*.md in name order."""
+    return [root / "README.md", *sorted((root / "docs").rglob("*.md"))]
+
+
+def page_name(path: Path, root: Path = ROOT) -> str:
+    try:
+        return path.resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return str(path)
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
@@ -118,8 +133,9 @@ def _parse(number: str) -> tuple[float, int]:
     return float(s), len(s.split(".")[1]) if "." in s else 0
 
 
-def figures(text: str) -> list[dict]:
-    """Every figure marker with the numbers written before it: file, keys, written strings, line number."""
+def figures(text: str, name: str = "README.md") -> list[dict]:
+    """Every figure marker with the numbers written before it: file, keys, written strings, line number (and the
+    page's name, for messages)."""
     out = []
     prev = 0
     for m in MARKER.finditer(text):
@@ -129,14 +145,14 @@ def figures(text: str) -> list[dict]:
         keys = m.group(2).split()
         nums = NUMBER.findall(before)
         out.append({"file": m.group(1), "keys": keys, "written": nums[-len(keys):] if len(nums) >= len(keys) else nums,
-                    "line": text.count("\n", 0, m.start()) + 1})
+                    "line": text.count("\n", 0, m.start()) + 1, "page": name})
         prev = m.end()
     return out
 
 
 def figure_errors(fig: dict, data: dict) -> list[str]:
     """What is wrong with one marker: too few numbers before it, a key the file lacks, or a number that differs."""
-    where = f"README.md:{fig['line']} ({fig['file']})"
+    where = f"{fig.get('page', 'README.md')}:{fig['line']} ({fig['file']})"
     if len(fig["written"]) < len(fig["keys"]):
         return [f"{where}: {len(fig['keys'])} keys but only {len(fig['written'])} numbers before the marker"]
     errors = []
@@ -148,18 +164,19 @@ def figure_errors(fig: dict, data: dict) -> list[str]:
             continue
         w, decimals = _parse(written)
         if abs(w - v) > 0.5 * 10 ** -decimals + 1e-9:
-            errors.append(f"{where}: {key} is {v!r} in the file, the README writes {written}")
+            errors.append(f"{where}: {key} is {v!r} in the file, the page writes {written}")
     return errors
 
 
-def check(text: str, root: Path = ROOT) -> list[str]:
-    """Every generated block and marked figure of `text` that differs from its docs file (empty: all agree)."""
+def check(text: str, root: Path = ROOT, name: str = "README.md") -> list[str]:
+    """Every generated block and marked figure of `text` (the page `name`) that differs from its docs file (empty:
+    all agree)."""
     errors = []
     for b in blocks(text):
         rendered = render(b["renderer"], load(b["file"], root))
         if not block_matches(b, rendered):
-            errors.append(f"{b['file']} {b['renderer']}: the README's block differs from the rendering:\n{rendered}")
-    for fig in figures(text):
+            errors.append(f"{name}: {b['file']} {b['renderer']}: the block differs from the rendering:\n{rendered}")
+    for fig in figures(text, name):
         errors += figure_errors(fig, load(fig["file"], root))
     return errors
 
@@ -183,22 +200,27 @@ def regenerate(text: str, root: Path = ROOT, width: int = 116) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("pages", nargs="*", help="the pages to rewrite or check (default: README.md and docs/**/*.md)")
     ap.add_argument("--check", action="store_true", help="only report what differs (exit 1 if anything does)")
-    ap.add_argument("--readme", default=str(README))
     args = ap.parse_args()
-    path = Path(args.readme)
-    text = path.read_text()
-    if not args.check:
-        new = regenerate(text)
-        if new != text:
-            path.write_text(new)
-            print(f"docs_tables: {path.name} rewritten where a generated block differed from its file")
-        text = new
-    errors = check(text)
+    paths = [Path(p) for p in args.pages] or pages()
+    n_blocks = n_fig = 0
+    errors = []
+    for path in paths:
+        name = page_name(path)
+        text = path.read_text()
+        if not args.check:
+            new = regenerate(text)
+            if new != text:
+                path.write_text(new)
+                print(f"docs_tables: {name} rewritten where a generated block differed from its file")
+            text = new
+        errors += check(text, name=name)
+        n_blocks += len(blocks(text))
+        n_fig += sum(len(f["keys"]) for f in figures(text, name))
     for e in errors:
         print(e)
-    n_fig = sum(len(f["keys"]) for f in figures(text))
-    print(f"docs_tables: {len(blocks(text))} generated blocks, {n_fig} marked figures; {len(errors)} differ")
+    print(f"docs_tables: {len(paths)} pages, {n_blocks} generated blocks, {n_fig} marked figures; {len(errors)} differ")
     return 1 if errors else 0
 
 
