@@ -3,9 +3,9 @@
 bf16 is fast only with native support (AVX-512 BF16 or AMX on x86, the BF16 extension on Arm); elsewhere torch and
 vLLM emulate it, several times slower than fp32 (the demo's generation took 849 s instead of 97 s on an AVX2-only
 EPYC). fp16 without AVX-512 FP16 is emulated too: measured 0.14x fp32 in vLLM. What we measured decides the rest
-(README, Results): with native bf16, torch runs the student 2.6x faster in bf16 than in fp32, but vLLM-CPU
-generated 0.70x as fast in bf16 as in fp32 on AVX-512 BF16 without AMX, so vLLM gets bf16 only with AMX (the
-path vLLM's CPU backend is built for; not measured by us).
+(docs/results.md, "Generation dtype by processor"): with native bf16, torch runs the student 2.6x faster in bf16
+than in fp32, but vLLM-CPU generated 0.70x as fast in bf16 as in fp32 on AVX-512 BF16 without AMX, so vLLM gets
+bf16 only with AMX (the path vLLM's CPU backend is built for; not measured by us).
 Used by mpcot/placement.py (vLLM dtype), teacher/placement.py (training precision), serve (inference precision),
 the benchmarks and `make demo` (`python -m hardware.cpu` prints the line they show).
 """

@@ -37,7 +37,8 @@ from serve.scorer import StudentScorer
 from serve.view import ModelView
 
 # a replica queues work for this share of the latency budget, leaving the rest for HTTP, parsing and the hops (a
-# choice, not fitted; on 2 shared cores under 4x overload those took more: README, "Serving under load and faults")
+# choice, not fitted; on 2 shared cores under 4x overload those took more: docs/results.md, "Serving under load
+# and faults")
 QUEUE_SHARE = 0.75
 PROBE = ("usb c cable", "Anker USB-C to USB-C cable 2 m | color: black")  # the health check's tiny forward
 

@@ -29,8 +29,8 @@ def resolve_path(device: str, backend: str, precision: str, export: dict | None)
 
     export: the student's current onnx_export.json (`export_status`), whose parity rows say which reduced-precision
     paths keep the fp32 labels. `auto` on CPU takes the fastest of those, in the order measured on our CPU
-    (README, "Serving the student"): onnxruntime int8, torch bf16 (native bf16 only), onnxruntime fp32; torch fp32
-    when there is no export.
+    (docs/serving.md, "Which path serves"): onnxruntime int8, torch bf16 (native bf16 only), onnxruntime fp32;
+    torch fp32 when there is no export.
     """
     import torch
 

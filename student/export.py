@@ -8,11 +8,11 @@ Files written into the student folder:
   onnx_export.json  input/output names, opset, versions, the digest of the weights it came from, parity checks
                     (each file, and torch bf16 where the CPU has native bf16, against torch fp32)
 
-Graph interface (see README, "Serving the student"): inputs `input_ids`, `attention_mask` and, where the backbone's
-tokenizer produces them, `token_type_ids` — int64, shape [batch, sequence], both axes dynamic, from the student's
-own tokenizer on `[CLS] query [SEP] product text [SEP]`. Outputs, float32: `logits` [batch, labels] in the order
-of `student_config.json` `labels`, and `perspective_scores` [batch, perspectives] (cosine of the latent to each
-perspective's centroid; only for students with an extractor).
+Graph interface (see docs/serving.md, "Export for other serving stacks"): inputs `input_ids`, `attention_mask` and,
+where the backbone's tokenizer produces them, `token_type_ids` — int64, shape [batch, sequence], both axes dynamic,
+from the student's own tokenizer on `[CLS] query [SEP] product text [SEP]`. Outputs, float32: `logits` [batch,
+labels] in the order of `student_config.json` `labels`, and `perspective_scores` [batch, perspectives] (cosine of
+the latent to each perspective's centroid; only for students with an extractor).
 """
 from __future__ import annotations
 
@@ -129,7 +129,8 @@ def export_onnx(student_dir: str | Path, quantize: bool = True, check_pairs: lis
         tmp = student_dir / f".{INT8}.tmp"
         # the fastest int8 recipe we measured; no other we tried (static QDQ, reduce_range, sensitive layers in fp32,
         # per-token activations, 8-bit MatMulNBits) passed parity on the local students' validation splits while
-        # running faster than torch bf16 (README, "int8 recipes tried"), so parity decides whether this file is served
+        # running faster than torch bf16 (docs/results.md, "int8 recipes tried"), so parity decides whether this file
+        # is served
         quantize_dynamic(student_dir / FP32, tmp, weight_type=QuantType.QInt8, per_channel=True)
         os.replace(tmp, student_dir / INT8)
         files.append(INT8)

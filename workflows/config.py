@@ -327,6 +327,6 @@ def load_serve_config(path: str | Path | None, overrides: list[str] | None = Non
         lines = []
         for err in exc.errors():
             where = ".".join(["serve", *map(str, err["loc"])])
-            msg = "unknown key (see the README, Configs)" if err["type"] == "extra_forbidden" else err["msg"]
+            msg = "unknown key (see docs/config-reference.md)" if err["type"] == "extra_forbidden" else err["msg"]
             lines.append(f"  --set {_override_for(where, overrides or [])}: {where}: {msg}")
         raise ConfigError("invalid --set value\n" + "\n".join(lines)) from None
