@@ -29,8 +29,8 @@ def build_tasks(n: int):
     from mpcot.generate import expand_tasks
     from mpcot.labels import DEFAULT_ESCI_LABELS, Label
     from mpcot.perspectives import DEFAULT_PERSPECTIVES, Perspective
-    from workflows.config import ColumnMap
-    from workflows.data import load_pairs
+    from pairs.config import ColumnMap
+    from pairs.scan import load_pairs
 
     labels = [Label(**lab) for lab in DEFAULT_ESCI_LABELS]
     perspectives = [Perspective(**p) for p in DEFAULT_PERSPECTIVES]

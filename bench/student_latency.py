@@ -186,7 +186,8 @@ def _student_and_test(target: str | None, backbone: str) -> tuple[Path, tuple[li
     if split is not None:
         return student, check_set(pq.read_table(split))
     from workflows.config import load_config
-    from workflows.data import load_pairs as load_labelled, split_by_query
+    from pairs.scan import load_pairs as load_labelled
+    from pairs.splits import split_by_query
 
     cfg = load_config(ROOT / "configs" / "local.yaml")
     table = load_labelled(ROOT / cfg.data.path, cfg.data.format, cfg.data.columns, [lab.name for lab in cfg.labels])

@@ -42,7 +42,7 @@ def encode_pairs(tokenizer, queries: list[str], products: list[str], max_length:
 
 
 def pair_rows(batch: pa.Table, codes: list[str]) -> pa.Table:
-    """Canonical pairs (workflows.data's schema; `label` may be absent or null) -> the examples' base columns."""
+    """Canonical pairs (pairs.canonical's schema; `label` may be absent or null) -> the examples' base columns."""
     index = {c: i for i, c in enumerate(codes)}
     labels = batch.column("label").to_pylist() if "label" in batch.column_names else [None] * batch.num_rows
     labels = [lab or None for lab in labels]  # an unlabelled pair's label is null or empty

@@ -56,7 +56,7 @@ def placement(score: ScoreConfig, resources: dict) -> tuple[int, dict, bool]:
 
 class StudentPredictor:
     """A Ray Data actor: holds a student folder's model (fp32; on its GPU when it has one) and scores batches of
-    canonical pairs (workflows/data.py's columns) or examples rows (student/data.py's; with targets, fidelity too).
+    canonical pairs (pairs/canonical.py's columns) or examples rows (student/data.py's; with targets, fidelity too).
 
     trivial: the trivial predictor's answer per projection head (evaluate.trivial_targets), for fidelity."""
 

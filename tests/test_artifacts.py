@@ -6,11 +6,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import ROOT
-from workflows import data as data_module
+from pairs import write as write_module
 from workflows import stages
 from workflows.artifacts import MANIFEST, invalidate, write_manifest
 from workflows.config import load_config
-from workflows.data import load_pairs, split_by_query
+from pairs.scan import load_pairs
+from pairs.splits import split_by_query
 
 
 def test_interrupted_prepare_is_redone_and_no_query_is_in_two_splits(tmp_path, monkeypatch, capsys):
@@ -18,7 +19,7 @@ def test_interrupted_prepare_is_redone_and_no_query_is_in_two_splits(tmp_path, m
     cfg, reseeded = load_config(smoke, [esci]), load_config(smoke, [esci, "data.split.seed=1"])
     run_dir, data = tmp_path / "run", tmp_path / "run" / "data"
     stages.prepare(cfg, run_dir)
-    publish = data_module.publish_file
+    publish = write_module.publish_file
 
     def killed_while_writing_test(tmp, path):  # what `kill -9` during the third file leaves behind
         if Path(path).name == "test.parquet":
@@ -27,7 +28,7 @@ def test_interrupted_prepare_is_redone_and_no_query_is_in_two_splits(tmp_path, m
             raise KeyboardInterrupt
         publish(tmp, path)
 
-    monkeypatch.setattr(data_module, "publish_file", killed_while_writing_test)
+    monkeypatch.setattr(write_module, "publish_file", killed_while_writing_test)
     with pytest.raises(KeyboardInterrupt):
         stages.prepare(reseeded, run_dir)  # train and val now come from seed 1, test still from seed 0
     monkeypatch.undo()

@@ -4,7 +4,7 @@ import pytest
 
 from conftest import ROOT, pair, write_jsonl
 from workflows.config import ConfigError, load_config
-from workflows.data import DataError
+from pairs.errors import DataError
 from workflows.stages import prepare
 
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))

@@ -7,8 +7,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import ROOT, pair, write_jsonl
-from workflows.config import ColumnMap, SplitConfig, load_config
-from workflows.data import DataError, label_support, load_pairs, split_by_query
+from pairs.config import ColumnMap, SplitConfig
+from workflows.config import load_config
+from pairs.errors import DataError
+from pairs.scan import load_pairs
+from pairs.splits import label_support, split_by_query
 
 CODES = ["E", "S", "C", "I"]
 

@@ -18,7 +18,8 @@ def labelled_split(name: str, n: int | None = None):
     """(query, product text) pairs and gold labels of the local config's split of the bundled ESCI sample."""
     from student.export import check_set
     from workflows.config import load_config
-    from workflows.data import load_pairs, split_by_query
+    from pairs.scan import load_pairs
+    from pairs.splits import split_by_query
 
     cfg = load_config(ROOT / "configs" / "local.yaml")
     pairs = load_pairs(ROOT / cfg.data.path, cfg.data.format, cfg.data.columns, [lab.name for lab in cfg.labels])

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import ROOT
 from student.train import Variant
-from workflows.data import SPLITS
+from pairs.splits import SPLITS
 from workflows.folds import pooled_gold, query_folds, write_folds
 
 

@@ -8,10 +8,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import ROOT
-from workflows import data as data_module
-from workflows import readers
+from pairs import runs as runs_module, scan as scan_module, source as source_module
 from workflows.config import load_config
-from workflows.data import DataError, load_pairs
+from pairs.errors import DataError
+from pairs.scan import load_pairs
 from workflows.stages import prepare
 
 ESCI_EXAMPLES = pa.schema([("example_id", pa.int64()), ("query", pa.string()), ("query_id", pa.int64()),
@@ -175,11 +175,11 @@ def test_many_runs_are_merged_back_into_the_pairs_order(tmp_path, monkeypatch):
     paths = write_esci_like(tmp_path / "esci", 3000, seed=1, pairs_per_query=10)
     products = pq.read_table(paths["products"])
     pq.write_table(products.take(pa.array(list(range(products.num_rows))[::-1])), paths["products"])  # another order
-    monkeypatch.setattr(readers, "BATCH_ROWS", 250)
-    monkeypatch.setattr(data_module, "RUN_BYTES", 200_000)
-    monkeypatch.setattr(data_module, "RUN_ROW_GROUP", 64)
-    merge, merged = data_module._merge_runs, []
-    monkeypatch.setattr(data_module, "_merge_runs", lambda runs, *a: merged.append(len(runs)) or merge(runs, *a))
+    monkeypatch.setattr(source_module, "BATCH_ROWS", 250)
+    monkeypatch.setattr(runs_module, "RUN_BYTES", 200_000)
+    monkeypatch.setattr(runs_module, "RUN_ROW_GROUP", 64)
+    merge, merged = scan_module.merge_runs, []
+    monkeypatch.setattr(scan_module, "merge_runs", lambda runs, *a: merged.append(len(runs)) or merge(runs, *a))
     run_dir = tmp_path / "run"
     prepare(esci_config(paths["examples"], paths["products"]), run_dir)
     assert merged[0] > 10
@@ -266,7 +266,7 @@ def test_pairs_without_labels_are_read_for_scoring(tmp_path):
     cfg = esci_config(ex, pr)
     with pytest.raises(DataError, match=r"missing column\(s\) label \(column 'esci_label'\)"):
         prepare(cfg, tmp_path / "run")
-    from workflows.data import scan_pairs
+    from pairs.scan import scan_pairs
 
     scan = scan_pairs(cfg.data, ["E", "S", "C", "I"], tmp_path, require_labels=False)
     rows = pa.concat_tables(scan.batches()).to_pylist()

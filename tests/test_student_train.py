@@ -313,8 +313,8 @@ def test_score_writes_resumable_parts_and_ranking_metrics(tmp_path, ray_local, t
     from transformers import AutoTokenizer
 
     from student.data import pair_rows
-    from workflows.config import ColumnMap
-    from workflows.data import load_pairs
+    from pairs.config import ColumnMap
+    from pairs.scan import load_pairs
 
     table = pair_rows(load_pairs(pairs, "auto", ColumnMap(), LABELS), LABELS)
     model = LRKDStudent.from_pretrained(tiny_student)

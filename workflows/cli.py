@@ -11,7 +11,7 @@ from pathlib import Path
 
 from hardware.cpu import PrecisionError
 from workflows.config import ConfigError, load_config
-from workflows.data import DataError
+from pairs.errors import DataError
 from workflows.models import BUILTIN, ModelNotFound, resolve_model
 from workflows.cluster import PlanError, cluster_from_flags, cluster_from_yaml
 from workflows.plan import PlanRefused
@@ -258,8 +258,8 @@ def _export(args) -> int:
 
     from serve.launch import find_student, run_split
     from student.export import check_set, export_onnx, summarize
-    from workflows.config import ColumnMap
-    from workflows.data import load_pairs
+    from pairs.config import ColumnMap
+    from pairs.scan import load_pairs
 
     try:
         student = find_student(args.target)

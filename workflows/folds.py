@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from workflows.data import SPLITS
+from pairs.splits import SPLITS
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,11 @@ from mpcot.generate import (
 )
 from workflows.artifacts import fingerprint, invalidate, is_fresh, start_attempt, write_json_atomic, write_manifest
 from workflows.config import RunConfig
-from workflows.data import JOINED_NOUN, SPLITS, DataError, input_files, scan_pairs, split_codes, split_summary, write_splits
+from pairs.errors import DataError
+from pairs.joins import JOINED_NOUN
+from pairs.scan import scan_pairs
+from pairs.splits import SPLITS, split_codes, split_summary
+from pairs.write import input_files, write_splits
 from workflows.models import resolve_model
 from workflows.runtime import ensure_ray
 

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from workflows.artifacts import fingerprint, invalidate, is_fresh, write_json_atomic, write_manifest
 from workflows.config import RunConfig
-from workflows.data import SPLITS
+from pairs.splits import SPLITS
 from workflows.folds import FoldView, write_folds
 from workflows.stages import log, prepare
 

@@ -830,7 +830,9 @@ def score_file(pairs: str, student_target: str, output: str, cfg: RunConfig | No
     from serve.launch import find_student
     from student.score import ScoreConfig, gains_of, metrics_from_parts, score_dataset, write_manifest as write_score_manifest
     from workflows.config import DataConfig
-    from workflows.data import DataError, input_files, scan_pairs
+    from pairs.errors import DataError
+    from pairs.scan import scan_pairs
+    from pairs.write import input_files
 
     student = find_student(student_target)
     scfg = json.loads((student / "student_config.json").read_text())

@@ -1,0 +1,7 @@
+"""Labelled (query, product) pairs: reading them from JSONL, CSV/TSV or Parquet (`source`, `textfiles`, `text`),
+joining the products and queries files (`joins`), mapping and checking them into the canonical pair table
+(`canonical`, `scan`, `runs`), splitting them by query (`splits`) and writing the splits (`write`); and the `data`
+section of the config (`config`).
+
+Imports only pyarrow, numpy and pydantic: `workflows` imports this package, never the reverse.
+"""
