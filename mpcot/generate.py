@@ -17,7 +17,7 @@ import re
 import shutil
 import time
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -33,6 +33,8 @@ from mpcot.parsing import ParsedJudgement, normalise_label, parse_output
 from mpcot.perspectives import Perspective
 from mpcot.placement import engine_placement
 from mpcot.prompts import build_messages, format_completion, json_regex, prompt_hash, render_prompt
+from pairs.parquet import (FILE_ROWS, GROUP_ROWS, READ_ROWS, ParquetDatasetWriter, atomic_parquet_writer, pair_groups, read_batches,
+                           write_parquet_atomic)
 
 
 class GenerationConfig(BaseModel):
@@ -361,10 +363,7 @@ def _sampling_params(gen: GenerationConfig, labels: list[Label], seed: int | Non
     return out
 
 
-READ_ROWS = 8192  # rows per Arrow batch when expanding tasks or reading rationales
 MAX_CHUNKS = 1000  # pending-task files per attempt: bounds the blocks Ray Data tracks in the driver
-FILE_ROWS = 65536  # rows per file of a consolidated rationales dataset
-GROUP_ROWS = 8192  # rows per Parquet row group in it
 _PART = re.compile(r"batch-(\d+)\.parquet")
 
 
@@ -562,133 +561,6 @@ def consolidate(parts_dir: Path, total: int, batch_size: int, out_path: Path, fi
     elif out_path.exists():
         out_path.unlink()  # a single-file rationales.parquet of an older version
     os.replace(tmp, out_path)
-
-
-class ParquetDatasetWriter:
-    """Appends tables to a folder of part-NNNNN.parquet files of at most `file_rows` rows, in row groups of
-    `group_rows`; it holds one row group at a time. A folder it closes without rows gets one empty file (the schema)."""
-
-    def __init__(self, folder: Path, schema: pa.Schema, file_rows: int = FILE_ROWS, group_rows: int = GROUP_ROWS):
-        self.folder, self.schema, self.file_rows, self.group_rows = Path(folder), schema, file_rows, group_rows
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.held: list[pa.Table] = []
-        self.held_rows = 0
-        self.files = 0
-        self.writer: pq.ParquetWriter | None = None
-        self.file_rows_written = 0
-
-    def __enter__(self) -> ParquetDatasetWriter:
-        return self
-
-    def __exit__(self, exc_type, *_) -> None:
-        if exc_type is None:
-            self.close()
-        elif self.writer:
-            self.writer.close()
-
-    def write(self, table: pa.Table) -> None:
-        self.held.append(table)
-        self.held_rows += table.num_rows
-        while self.held_rows >= self.group_rows:
-            self._flush(self.group_rows)
-
-    def close(self) -> None:
-        while self.held_rows or not self.files:
-            self._flush(self.held_rows)
-        if self.writer:
-            self.writer.close()
-            self.writer = None
-
-    def _flush(self, rows: int) -> None:
-        """Writes up to `rows` held rows as one row group, no further than the end of the current file."""
-        table = pa.concat_tables(self.held) if self.held else self.schema.empty_table()
-        if self.writer is None or self.file_rows_written >= self.file_rows:
-            if self.writer:
-                self.writer.close()
-            self.writer = pq.ParquetWriter(self.folder / f"part-{self.files:05d}.parquet", self.schema)
-            self.files += 1
-            self.file_rows_written = 0
-        rows = min(rows, self.file_rows - self.file_rows_written)
-        self.writer.write_table(table.slice(0, rows), row_group_size=max(rows, 1))
-        self.file_rows_written += rows
-        rest = table.slice(rows)
-        self.held, self.held_rows = [rest], rest.num_rows
-
-
-def write_parquet_atomic(table: pa.Table, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
-
-
-@contextmanager
-def atomic_parquet_writer(path: str | Path, schema: pa.Schema) -> Iterator[pq.ParquetWriter]:
-    """A ParquetWriter on a temp file beside `path`, renamed to `path` when the block ends without an error."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    writer = pq.ParquetWriter(tmp, schema)
-    try:
-        yield writer
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
-    writer.close()
-    os.replace(tmp, path)
-
-
-class RowBuffer:
-    """Rows (dicts) into a ParquetWriter, `size` at a time (a row group each)."""
-
-    def __init__(self, writer: pq.ParquetWriter, schema: pa.Schema, size: int = GROUP_ROWS):
-        self.writer, self.schema, self.size = writer, schema, size
-        self.rows: list[dict] = []
-
-    def add(self, rows: list[dict]) -> None:
-        self.rows += rows
-        if len(self.rows) >= self.size:
-            self.flush()
-
-    def flush(self) -> None:
-        if self.rows:
-            self.writer.write_table(pa.Table.from_pylist(self.rows, schema=self.schema))
-            self.rows = []
-
-
-def dataset_files(path: str | Path) -> list[Path]:
-    """The files of a Parquet dataset in order: a folder's *.parquet files by name, or the one file."""
-    path = Path(path)
-    if path.is_dir():
-        return sorted(p for p in path.glob("*.parquet") if not p.name.startswith((".", "_")))
-    return [path]
-
-
-def read_batches(path: str | Path, columns: list[str], keep: pc.Expression | None = None,
-                 batch_size: int = READ_ROWS) -> Iterator[pa.Table]:
-    """A Parquet dataset (or file) in row order, `batch_size` rows and `columns` at a time, filtered by `keep`."""
-    for f in dataset_files(path):
-        with pq.ParquetFile(f) as pf:
-            for batch in pf.iter_batches(batch_size=batch_size, columns=columns):
-                table = pa.Table.from_batches([batch])
-                yield table.filter(keep) if keep is not None else table
-
-
-def pair_groups(path: str | Path, columns: list[str], keep: pc.Expression | None = None,
-                batch_size: int = READ_ROWS) -> Iterator[list[dict]]:
-    """Each pair's rows (dicts of `columns`, which include pair_id), relying on task order: a pair's rows are
-    adjacent in a rationales dataset. Holds one batch and one pair."""
-    group: list[dict] = []
-    for batch in read_batches(path, columns, keep, batch_size):
-        for row in batch.to_pylist():
-            if group and row["pair_id"] != group[0]["pair_id"]:
-                yield group
-                group = []
-            group.append(row)
-    if group:
-        yield group
 
 
 class PromptMismatch(RuntimeError):

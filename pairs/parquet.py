@@ -114,7 +114,6 @@ class ParquetDatasetWriter:
         self.held, self.held_rows = [rest], rest.num_rows
 
 
-
 # ---- reading -------------------------------------------------------------------------------------------------------
 def dataset_files(path: str | Path) -> list[Path]:
     """The files of a Parquet dataset in order: a folder's *.parquet files by name, or the one file."""
@@ -166,15 +165,10 @@ def read_rows(files: list[Path], columns: list[str] | None = None, batch_rows: i
                 yield pa.Table.from_batches([b])
 
 
-def count_rows(files: list[Path]) -> int:
-    return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
-
-
 def batches(path: str | Path, columns: list[str] | None = None, batch_rows: int = 8192):
     """Record batches of a Parquet file or folder, a bounded number of rows at a time."""
     for b in pads.dataset(str(path), format="parquet").to_batches(columns=columns, batch_size=batch_rows):
         yield pa.Table.from_batches([b])
-
 
 
 # ---- rewriting -----------------------------------------------------------------------------------------------------

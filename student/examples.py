@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from student.data import PAIR_COLUMNS, fixed_list, pair_rows
+from pairs.parquet import batches
 
 TARGET_READ = ["pair_id", "perspective", "split", "embedding", "predicted_label", "parse_ok", "correct"]
 PROBE = "probe.parquet"
@@ -182,7 +182,7 @@ def write_examples(split_paths: dict[str, str | Path], out_dir: str | Path, code
     ds.write_parquet(str(tmp.resolve()), partition_cols=["split"])
     # Ray Data names files at random and orders rows as tasks finish: rewritten into files named and ordered by
     # content (in a Ray task), so the training stream (student/stream.py) is the same run after run
-    from student.stream import canonical_parquet
+    from pairs.parquet import canonical_parquet
 
     canon = ray.remote(num_cpus=1)(canonical_parquet)
     rows = {}
@@ -210,12 +210,6 @@ def read_parquet(path: str | Path, light: bool = False, concurrency: int | None 
         return ray.data.read_parquet(str(Path(path).resolve()), num_cpus=0, concurrency=concurrency)
     finally:
         ctx.use_datasource_v2 = v2
-
-
-def batches(path: str | Path, columns: list[str] | None = None, batch_rows: int = 8192):
-    """Record batches of a Parquet file or folder, a bounded number of rows at a time."""
-    for b in pads.dataset(str(path), format="parquet").to_batches(columns=columns, batch_size=batch_rows):
-        yield pa.Table.from_batches([b])
 
 
 def target_centroids(targets_path: str | Path, perspectives: list[str], target_filter: str, split: str = "train") -> dict:

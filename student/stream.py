@@ -26,35 +26,13 @@ from typing import Iterator
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-READ_ROWS = 8192  # rows per read batch
+from pairs.parquet import parquet_files, read_rows
 
 
 def rng(*parts: int) -> np.random.Generator:
     """The generator of one random stream, named by its integers (seed, epoch, rank, ...): never a shared one."""
     return np.random.default_rng([int(p) & 0xFFFFFFFF for p in parts])
-
-
-def parquet_files(folder: str | Path) -> list[Path]:
-    """The Parquet files of an examples folder (or the file itself), sorted by their path under it."""
-    folder = Path(folder)
-    if folder.is_file():
-        return [folder]
-    return sorted(folder.rglob("*.parquet"), key=lambda p: p.relative_to(folder).as_posix())
-
-
-def read_rows(files: list[Path], columns: list[str] | None = None, batch_rows: int = READ_ROWS) -> Iterator[pa.Table]:
-    """The rows of `files` in the order given, row group after row group, at most `batch_rows` at a time."""
-    for f in files:
-        pf = pq.ParquetFile(f)
-        for b in pf.iter_batches(batch_size=batch_rows, columns=columns):
-            if b.num_rows:
-                yield pa.Table.from_batches([b])
-
-
-def count_rows(files: list[Path]) -> int:
-    return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
 
 
 @dataclass(frozen=True)
@@ -138,45 +116,3 @@ def validation_rows(folder: str | Path, batch_rows: int) -> Iterator[pa.Table]:
     return read_rows(parquet_files(folder), batch_rows=batch_rows)
 
 
-def canonical_parquet(src: str, dst: str, keys: list[str], bucket_bytes: int = 64 << 20) -> int:
-    """The rows of the Parquet folder `src` rewritten to `dst` as part-<bucket>.parquet files: a row's bucket is a
-    hash of its first key, each bucket sorted by `keys` (unique per row). Two passes, memory bounded by a bucket."""
-    import shutil
-    import zlib
-
-    files = parquet_files(src)
-    buckets = max(1, -(-sum(Path(f).stat().st_size for f in files) // bucket_bytes))
-    work, out = Path(dst).with_name(Path(dst).name + ".buckets"), Path(dst)
-    for d in (work, out):
-        shutil.rmtree(d, ignore_errors=True)
-        d.mkdir(parents=True)
-    writers: dict[int, pq.ParquetWriter] = {}
-    for t in read_rows(files):
-        which = np.array([zlib.crc32(str(k).encode()) % buckets for k in t.column(keys[0]).to_pylist()])
-        for b in np.unique(which):
-            part = t.filter(pa.array(which == b))
-            if b not in writers:
-                writers[b] = pq.ParquetWriter(work / f"{b:05d}.parquet", part.schema)
-            writers[b].write_table(part.cast(writers[b].schema))
-    for w in writers.values():
-        w.close()
-    n = 0
-    for b in sorted(writers):
-        t = pq.read_table(work / f"{b:05d}.parquet").sort_by([(k, "ascending") for k in keys])
-        pq.write_table(t, out / f"part-{b:05d}.parquet")
-        n += t.num_rows
-    shutil.rmtree(work, ignore_errors=True)
-    return n
-
-
-def canonicalise(folders: list[str], keys: list[str]) -> None:
-    """Each Parquet folder rewritten in place as canonical_parquet files (scored parts arrive in the order actors
-    finish: the same rows, other files)."""
-    import os
-    import shutil
-
-    for folder in folders:
-        tmp = f"{folder}.canonical"
-        canonical_parquet(folder, tmp, keys)
-        shutil.rmtree(folder)
-        os.replace(tmp, folder)

@@ -200,7 +200,8 @@ def _train_job(cfg: dict, job: dict, resume: dict | None) -> None:
     from student.data import Collator, class_weights
     from student.diagnostics import loss_diagnostics
     from student.model import LRKDStudent, StudentConfig, logit_kd_loss, lrkd_loss
-    from student.stream import EpochPlan, epoch_batches, parquet_files
+    from pairs.parquet import parquet_files
+    from student.stream import EpochPlan, epoch_batches
 
     settings = StudentTrainConfig(**cfg["settings"])
     variant = Variant(**job["variant"])

@@ -11,7 +11,7 @@ from test_student_train import LABELS, PERSP, _write, esci, fake_targets
 
 def _files(tmp_path, n=203, parts=5):
     from student.data import examples_table
-    from student.stream import parquet_files
+    from pairs.parquet import parquet_files
 
     return parquet_files(_write(examples_table(esci(n), LABELS, PERSP), tmp_path / "ex", parts=parts))
 

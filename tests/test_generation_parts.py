@@ -14,7 +14,6 @@ from mpcot.generate import (
     GenerationResult,
     GenerationConfig,
     PairSource,
-    ParquetDatasetWriter,
     PromptMismatch,
     TaskPlan,
     _PartWriter,
@@ -22,12 +21,12 @@ from mpcot.generate import (
     consolidate,
     expand_tasks,
     generation_stats,
-    pair_groups,
     part_path,
     scan_parts,
     task_batches,
     task_messages,
 )
+from pairs.parquet import ParquetDatasetWriter, pair_groups
 from mpcot.labels import DEFAULT_ESCI_LABELS, Label
 from mpcot.perspectives import DEFAULT_PERSPECTIVES, NEUTRAL_PERSPECTIVE, Perspective
 from mpcot.prompts import build_messages, format_completion, prompt_hash

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 MANIFEST = "manifest.json"
-# what our atomic writers (here and mpcot.generate.write_parquet_atomic) name a file before renaming it
+# what our atomic writers (here and pairs.parquet.write_parquet_atomic) name a file before renaming it
 _TMP = re.compile(r"^\..+\.\d+\.tmp$")
 
 

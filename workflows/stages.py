@@ -15,7 +15,6 @@ from mpcot.generate import (
     consistency_filter,
     generation_stats,
     run_generation,
-    write_parquet_atomic,
 )
 from workflows.artifacts import fingerprint, invalidate, is_fresh, start_attempt, write_json_atomic, write_manifest
 from workflows.config import RunConfig

@@ -55,7 +55,7 @@ def retag_targets(targets: str, splits: dict[str, str], out: str) -> int:
     """The target rows of the pairs in `splits` (a fold's train and val files), their `split` set to the fold's,
     streamed into out/part-00000.parquet in the targets' own order; rows of other pairs (the fold's test pairs) are
     dropped. Memory: the targets' pair ids (a sample) and one batch."""
-    from student.examples import batches
+    from pairs.parquet import batches
 
     ids = pc.unique(pq.read_table(targets, columns=["pair_id"]).column("pair_id").combine_chunks())
     found_ids, found_split = [], []

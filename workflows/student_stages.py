@@ -22,10 +22,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from mpcot.generate import PairSource, TaskPlan, run_generation, write_parquet_atomic
+from mpcot.generate import PairSource, TaskPlan, run_generation
+from pairs.parquet import batches, write_parquet_atomic
 from student.config import DistillConfig
 from student.evaluate import aggregate, paired_bootstrap
-from student.examples import batches, keep_mask
+from student.examples import keep_mask
 from student.train import TRAINED, Variant
 from workflows.artifacts import (attempt_key, fingerprint, invalidate, is_fresh, start_attempt, write_json_atomic,
                                  write_manifest, write_text_atomic)
@@ -270,7 +271,7 @@ def _write_parquet_folder(ds, path: Path) -> int:
     shutil.rmtree(tmp, ignore_errors=True)
     ds.write_parquet(str(tmp.resolve()))
     final = path.with_name(f".{path.name}.canonical")
-    from student.stream import canonical_parquet
+    from pairs.parquet import canonical_parquet
 
     n = _remote(canonical_parquet)(str(tmp), str(final), ["pair_id", "perspective"])
     shutil.rmtree(path, ignore_errors=True)
@@ -515,7 +516,7 @@ def train_variants(cfg: RunConfig, run_dir: Path, variants: list[Variant], teach
                                                      f"val:{kind}": str(out / "predictions" / "val")},
                                  _trivial(data, v), v.target_perspectives))
         score_many(jobs, sources, cfg.distill.score)
-        from student.stream import canonicalise  # the parts named and ordered by pair_id, not by actor timing
+        from pairs.parquet import canonicalise  # the parts named and ordered by pair_id, not by actor timing
 
         _remote(canonicalise)([folder for j in jobs for folder in j.outputs.values()], ["pair_id"])
         for v, out, key, inputs in todo:

@@ -16,19 +16,8 @@ from mpcot.conflicts import (
     raise_preference_problems,
     rescue_pair,
 )
-from mpcot.generate import (
-    MESSAGES,
-    PAIR_COLUMNS,
-    PairSource,
-    RowBuffer,
-    TaskPlan,
-    atomic_parquet_writer,
-    pair_groups,
-    read_batches,
-    run_generation,
-    task_messages,
-    write_parquet_atomic,
-)
+from mpcot.generate import MESSAGES, PAIR_COLUMNS, PairSource, TaskPlan, run_generation, task_messages
+from pairs.parquet import RowBuffer, atomic_parquet_writer, pair_groups, read_batches, write_parquet_atomic
 from mpcot.perspectives import NEUTRAL_PERSPECTIVE
 from teacher.data import balance_by_label
 from teacher.evaluate import score_judgements
