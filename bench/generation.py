@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def build_tasks(n: int):
-    from mpcot.generate import expand_tasks
+    from mpcot.tasks import expand_tasks
     from mpcot.labels import DEFAULT_ESCI_LABELS, Label
     from mpcot.perspectives import DEFAULT_PERSPECTIVES, Perspective
     from pairs.config import ColumnMap
@@ -40,7 +40,7 @@ def build_tasks(n: int):
 
 
 def gen_config(args):
-    from mpcot.generate import GenerationConfig
+    from mpcot.config import GenerationConfig
 
     return GenerationConfig(output_mode="free_text", temperature=0.0, max_tokens=args.max_tokens, batch_size=args.batch_size)
 
@@ -66,7 +66,8 @@ def run_path(path: str, args) -> dict:
     if path == "stage":
         import ray
 
-        from mpcot.generate import JudgeSpec, run_generation
+        from mpcot.generate import run_generation
+        from mpcot.judge import JudgeSpec
         from workflows.runtime import ensure_ray
 
         ensure_ray()

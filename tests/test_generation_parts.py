@@ -9,27 +9,15 @@ import pyarrow.parquet as pq
 import pytest
 
 from mpcot.conflicts import PreferenceDataError, add_resampled, mine_conflict_pairs
-from mpcot.generate import (
-    OUTPUT_SCHEMA,
-    GenerationResult,
-    GenerationConfig,
-    PairSource,
-    PromptMismatch,
-    TaskPlan,
-    _PartWriter,
-    consistency_filter,
-    consolidate,
-    expand_tasks,
-    generation_stats,
-    part_path,
-    scan_parts,
-    task_batches,
-    task_messages,
-)
-from pairs.parquet import ParquetDatasetWriter, pair_groups
+from mpcot.config import GenerationConfig
+from mpcot.generate import GenerationResult, _PartWriter, consolidate, part_path, scan_parts
+from mpcot.judge import task_messages
+from mpcot.rationales import PromptMismatch, consistency_filter, generation_stats
+from mpcot.tasks import OUTPUT_SCHEMA, PairSource, TaskPlan, expand_tasks, task_batches
 from mpcot.labels import DEFAULT_ESCI_LABELS, Label
 from mpcot.perspectives import DEFAULT_PERSPECTIVES, NEUTRAL_PERSPECTIVE, Perspective
 from mpcot.prompts import build_messages, format_completion, prompt_hash
+from pairs.parquet import ParquetDatasetWriter, pair_groups
 
 PERSPECTIVES = [Perspective(**p) for p in DEFAULT_PERSPECTIVES]
 NAMES = tuple(p.name for p in PERSPECTIVES)

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from conftest import ROOT
-from mpcot.generate import OUTPUT_SCHEMA
+from mpcot.tasks import OUTPUT_SCHEMA
 
 pytestmark = [pytest.mark.ray, pytest.mark.vllm]
 PAIRS, PERSPECTIVES = 30, 3

@@ -4,7 +4,9 @@ import json
 import pyarrow as pa
 import pytest
 
-from mpcot.generate import OUTPUT_SCHEMA, GenerationConfig, expand_tasks, judge
+from mpcot.config import GenerationConfig
+from mpcot.judge import judge
+from mpcot.tasks import OUTPUT_SCHEMA, expand_tasks
 from mpcot.perspectives import DEFAULT_PERSPECTIVES, Perspective
 
 pytestmark = pytest.mark.vllm
@@ -78,7 +80,7 @@ def test_rationale_rows_rebuild_the_prompts_the_engine_was_given(llm, tasks, lab
     """Rows keep the pair's fields and a prompt hash, not the prompt: SFT rebuilds it, and it is the text vLLM got."""
     import pyarrow.parquet as pq
 
-    from mpcot.generate import consistency_filter
+    from mpcot.rationales import consistency_filter
     from mpcot.prompts import render_prompt
 
     given = []

@@ -12,7 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from mpcot.generate import GenerationConfig
+from mpcot.config import GenerationConfig
 from mpcot.labels import DEFAULT_ESCI_LABELS, Label
 from mpcot.perspectives import DEFAULT_PERSPECTIVES, Perspective
 from pairs.config import DataConfig

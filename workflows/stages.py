@@ -7,15 +7,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from mpcot.generate import (
-    GenerationConfig,
-    JudgeSpec,
-    PairSource,
-    TaskPlan,
-    consistency_filter,
-    generation_stats,
-    run_generation,
-)
+from mpcot.config import GenerationConfig
+from mpcot.generate import run_generation
+from mpcot.judge import JudgeSpec
+from mpcot.rationales import consistency_filter, generation_stats
+from mpcot.tasks import PairSource, TaskPlan
 from workflows.artifacts import fingerprint, invalidate, is_fresh, start_attempt, write_json_atomic, write_manifest
 from workflows.config import RunConfig
 from pairs.errors import DataError

@@ -22,7 +22,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from mpcot.generate import PairSource, TaskPlan, run_generation
+from mpcot.generate import run_generation
+from mpcot.tasks import PairSource, TaskPlan
 from pairs.parquet import batches, write_parquet_atomic
 from student.config import DistillConfig
 from student.evaluate import aggregate, paired_bootstrap

@@ -16,7 +16,10 @@ from mpcot.conflicts import (
     raise_preference_problems,
     rescue_pair,
 )
-from mpcot.generate import MESSAGES, PAIR_COLUMNS, PairSource, TaskPlan, run_generation, task_messages
+from mpcot.generate import run_generation
+from mpcot.judge import task_messages
+from mpcot.rationales import MESSAGES
+from mpcot.tasks import PAIR_COLUMNS, PairSource, TaskPlan
 from pairs.parquet import RowBuffer, atomic_parquet_writer, pair_groups, read_batches, write_parquet_atomic
 from mpcot.perspectives import NEUTRAL_PERSPECTIVE
 from teacher.data import balance_by_label
