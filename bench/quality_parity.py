@@ -70,12 +70,12 @@ def library_finetune(encoder: str, train: dict, val: dict, test: dict, codes: li
 def _plain_examples(split_paths: dict, out: Path, codes: list[str], persp: list[str]):
     """The plain examples (pairs only) of a split's train and val files, as the vanilla student streams them."""
     from student.examples import PROBE, SUMMARY, examples_summary, write_examples
-    from student.train import StudentData
+    from student.train import TrainData
 
     write_examples({s: split_paths[s] for s in ("train", "val")}, out, codes, persp, targets=False)
     summary = examples_summary(out / "train", codes, persp, 32)
     assert (out / f"train.{SUMMARY}").exists()
-    return StudentData(train=str(out / "train"), val=str(out / "val"), centroids=[[0.0]] * len(persp),
+    return TrainData(train=str(out / "train"), val=str(out / "val"), centroids=[[0.0]] * len(persp),
                        label_counts=summary["label_counts"], rows=summary["rows"], target_dim=1,
                        probe=str(out / f"train.{PROBE}"))
 

@@ -86,7 +86,7 @@ def test_retrained_and_resumed_students_have_identical_weights(tmp_path, ray_loc
     a retrain reproduces the student, and a resume is no other student."""
     from student.examples import PROBE, examples_summary
     from student.data import column_matrix, examples_table
-    from student.train import StudentData, StudentJob, StudentTrainConfig, Variant, train_students
+    from student.train import StudentJob, StudentTrainConfig, TrainData, Variant, train_students
     from workflows.models import TINY_BERT, resolve_model
 
     encoder = resolve_model(TINY_BERT)
@@ -98,7 +98,7 @@ def test_retrained_and_resumed_students_have_identical_weights(tmp_path, ray_loc
     _write(examples_table(val_pairs, LABELS, PERSP, targets, target_dim=8), ex / "val")
     summary = examples_summary(ex / "train", LABELS, PERSP, probe_rows=16)
     centroids = column_matrix(train, "targets").reshape(80, 3, 8).mean(0).tolist()
-    data = StudentData(str(ex / "train"), str(ex / "val"), centroids, summary["label_counts"], 80, 8, str(ex / f"train.{PROBE}"))
+    data = TrainData(str(ex / "train"), str(ex / "val"), centroids, summary["label_counts"], 80, 8, str(ex / f"train.{PROBE}"))
     # 80 pairs, batches of 8 in chunks of 2: 10 batches, 5 steps per rank and epoch; a checkpoint every 2 steps
     settings = StudentTrainConfig(num_workers=2, epochs=2, batch_size=8, learning_rate=1e-3, patience=4, latent_dim=16,
                                   poly_codes=6, length_window=2, shuffle_buffer=24, checkpoint_steps=2)

@@ -107,10 +107,10 @@ def test_product_text_adds_attributes_and_inverse_frequency_weights():
 
 def test_train_loop_config_carries_no_data():
     """What every training worker is sent is settings and paths: its pickled size does not grow with the pairs."""
-    from student.train import StudentData, StudentJob, StudentTrainConfig, Variant, train_loop_config
+    from student.train import StudentJob, StudentTrainConfig, TrainData, Variant, train_loop_config
 
     def size(rows):
-        data = StudentData(train="/data/train", val="/data/val", centroids=np.zeros((3, 1024)).tolist(),
+        data = TrainData(train="/data/train", val="/data/val", centroids=np.zeros((3, 1024)).tolist(),
                            label_counts=[rows // 4] * 4, rows=rows, target_dim=1024, probe="/data/probe.parquet")
         jobs = [StudentJob(Variant(f"v{i}", "lrkd", "poly", "unified", lam=0.1, seed=i), f"/out/{i}", "d") for i in range(30)]
         return len(pickle.dumps(train_loop_config(jobs, {"d": data.__dict__}, StudentTrainConfig(), "/enc", LABELS, PERSP)))
@@ -132,7 +132,7 @@ def test_student_trains_on_two_workers_from_ray_data_and_keeps_best(tmp_path, ra
     from student.examples import PROBE, examples_summary
     from student.model import LRKDStudent
     from student.predict import predict
-    from student.train import StudentData, StudentTrainConfig, Variant, train_student
+    from student.train import StudentTrainConfig, TrainData, Variant, train_student
     from workflows.models import TINY_BERT, resolve_model
 
     encoder = resolve_model(TINY_BERT)
@@ -146,7 +146,7 @@ def test_student_trains_on_two_workers_from_ray_data_and_keeps_best(tmp_path, ra
     summary = examples_summary(ex / "train", LABELS, PERSP, probe_rows=16)
     assert summary["rows"] == 96 and sum(summary["label_counts"]) == 96
     centroids = column_matrix(train, "targets").reshape(96, 3, 8).mean(0).tolist()
-    data = StudentData(str(ex / "train"), str(ex / "val"), centroids, summary["label_counts"], 96, 8, str(ex / f"train.{PROBE}"))
+    data = TrainData(str(ex / "train"), str(ex / "val"), centroids, summary["label_counts"], 96, 8, str(ex / f"train.{PROBE}"))
     settings = StudentTrainConfig(num_workers=2, epochs=4, batch_size=16, learning_rate=1e-3, patience=4, latent_dim=16,
                                   poly_codes=6, length_window=2, shuffle_buffer=64)
     variant = Variant("lrkd-poly-unified", "lrkd", "poly", "unified", lam=0.5, seed=0)

@@ -450,10 +450,10 @@ class StudentData:
         return self._built[kind]
 
     def for_variant(self, v: Variant):
-        """The StudentData (student/train.py) `v` trains on: its examples, with the configured source's centroids
+        """The TrainData (student/train.py) `v` trains on: its examples, with the configured source's centroids
         for any LRKD student (attribution at inference)."""
         from student.examples import PROBE
-        from student.train import StudentData as TrainData
+        from student.train import TrainData
 
         ex = self.examples(self.key(v))
         k = len(self.persp)
