@@ -68,7 +68,7 @@ def run_path(path: str, args) -> dict:
 
         from mpcot.generate import run_generation
         from mpcot.judge import JudgeSpec
-        from workflows.runtime import ensure_ray
+        from hardware.runtime import ensure_ray
 
         ensure_ray()
         spec = JudgeSpec(model, args.model, [lab.model_dump() for lab in labels], [p.model_dump() for p in perspectives],

@@ -101,7 +101,7 @@ def main() -> None:
     from student.train import Variant, train_student
     from workflows.config import load_config
     from workflows.models import resolve_model
-    from workflows.runtime import ensure_ray
+    from hardware.runtime import ensure_ray
     from workflows.stages import prepare, run_dir_for
     from workflows.folds import pooled_gold, write_folds
     from workflows.student_stages import score_split

@@ -225,7 +225,7 @@ def main() -> None:
 
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     from hardware.cpu import cpu_info
-    from workflows.runtime import ensure_ray
+    from hardware.runtime import ensure_ray
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)

@@ -305,7 +305,7 @@ def main() -> int:
     from serve.scorer import StudentScorer
     from student.data import product_text
     from student.export import weights_digest
-    from workflows.runtime import free_port
+    from hardware.runtime import free_port
 
     tmp = tempfile.TemporaryDirectory()
     if args.target:

@@ -28,7 +28,7 @@ def main() -> int:
     from teacher.train import TrainJob, train_teacher
     from teacher_fixtures import write_sft  # hand-made SFT rows on real ESCI pairs
     from workflows.models import resolve_model
-    from workflows.runtime import ensure_ray
+    from hardware.runtime import ensure_ray
 
     ensure_ray()
     model = resolve_model(args.model)

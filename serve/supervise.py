@@ -165,7 +165,7 @@ def run_local(student_dir: Path, settings: ServeConfig, block: bool = True, relo
     from ray import serve
 
     from serve.launch import check_api_key, http_options
-    from workflows.runtime import ensure_ray
+    from hardware.runtime import ensure_ray
 
     check_api_key(settings)
     owned = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")

@@ -79,7 +79,7 @@ def ray_local(_ray_session):
     run a failed test left behind) hands the next module a fresh instance rather than one that would wait forever."""
     import ray
 
-    from workflows.runtime import ensure_ray
+    from hardware.runtime import ensure_ray
 
     ensure_ray()
     yield ray

@@ -51,7 +51,7 @@ def write_dpo(path: Path, n: int = 12) -> Path:
 if __name__ == "__main__":
     # python tests/teacher_fixtures.py JOB.json : run one training job on a fresh local Ray (used to kill it midway)
     from teacher.train import TrainJob, train_teacher
-    from workflows.runtime import ensure_ray
+    from hardware.runtime import ensure_ray
 
     ensure_ray()
     train_teacher(TrainJob(**json.loads(Path(sys.argv[1]).read_text())))

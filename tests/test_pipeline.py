@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from conftest import ROOT
-from workflows.runtime import free_port
+from hardware.runtime import free_port
 
 BIN = Path(sys.executable).parent
 SMOKE_VARIANTS = {"vanilla", "logit_kd", "lrkd-poly-unified", "lrkd-poly-unified-lam0"}

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from workflows.runtime import free_port
+from hardware.runtime import free_port
 
 pytestmark = pytest.mark.ray
 

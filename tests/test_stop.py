@@ -21,7 +21,7 @@ SCRIPT = textwrap.dedent("""
     import sys, time
     from pathlib import Path
     import workflows.stages as stages
-    from workflows.runtime import ensure_ray
+    from hardware.runtime import ensure_ray
 
     def slow_prepare(cfg, run_dir):
         ensure_ray()

@@ -86,7 +86,7 @@ def test_dpo_reward_margin_rises(tmp_path, tiny_qwen2, ray_local):
 
 @pytest.mark.ray
 def test_resume_after_kill_matches_uninterrupted_loss_trajectory(tmp_path, tiny_qwen2, ray_local):
-    from workflows.runtime import ensure_ray
+    from hardware.runtime import ensure_ray
 
     data = write_sft(tmp_path / "sft.parquet")
     settings = sft_settings(max_steps=8, save_steps=2)

@@ -15,8 +15,8 @@ from pairs.errors import DataError
 from workflows.models import BUILTIN, ModelNotFound, resolve_model
 from workflows.cluster import PlanError, cluster_from_flags, cluster_from_yaml
 from workflows.plan import PlanRefused
-from workflows import runtime
-from workflows.runtime import RayStartError, stop_on_signals, stop_ray
+from hardware import runtime
+from hardware.runtime import RayStartError, stop_on_signals, stop_ray
 from workflows.shapes import ShapeError
 
 USER_ERRORS = (ConfigError, DataError, ModelNotFound, RayStartError, PlanError, PlanRefused, ShapeError)

@@ -148,7 +148,7 @@ def cluster_from_ray() -> Cluster:
     Ray reports, unknown where the type does not say it (a plain "A100" is 40 or 80 GB)."""
     import ray
 
-    from workflows.runtime import ensure_ray
+    from hardware.runtime import ensure_ray
 
     ensure_ray()
     groups: dict[tuple, int] = {}

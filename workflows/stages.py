@@ -20,7 +20,7 @@ from pairs.scan import scan_pairs
 from pairs.splits import SPLITS, split_codes, split_summary
 from pairs.write import input_files, write_splits
 from workflows.models import resolve_model
-from workflows.runtime import ensure_ray
+from hardware.runtime import ensure_ray
 
 
 

@@ -33,7 +33,7 @@ from workflows.artifacts import (attempt_key, fingerprint, invalidate, is_fresh,
                                  write_manifest, write_text_atomic)
 from workflows.config import RunConfig
 from workflows.models import resolve_model
-from workflows.runtime import ensure_ray
+from hardware.runtime import ensure_ray
 from workflows.stages import judge_spec, log, prepare
 
 TARGET_COLUMNS = ["pair_id", "perspective", "split", "rationale", "predicted_label", "gold_label", "parse_ok", "correct"]

@@ -28,7 +28,7 @@ from teacher.train import TrainJob, train_teacher
 from workflows.artifacts import fingerprint, invalidate, is_fresh, start_attempt, write_json_atomic, write_manifest
 from workflows.config import RunConfig
 from workflows.models import resolve_model
-from workflows.runtime import ensure_ray
+from hardware.runtime import ensure_ray
 from workflows.stages import generate, judge_spec, log, prepare
 
 
