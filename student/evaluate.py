@@ -87,7 +87,9 @@ def fidelity_rows(projected: np.ndarray, targets: np.ndarray, mask: np.ndarray, 
 
 
 def fidelity_summary(student_cos: np.ndarray, trivial_cos: np.ndarray, has: np.ndarray, names: list[str]) -> dict:
-    """latent_fidelity's report from per-pair cosines (fidelity_rows, possibly computed batch by batch)."""
+    """How well the student predicts the teacher's reasoning, from per-pair cosines (fidelity_rows, possibly computed
+    batch by batch): per projection head, mean cosine of P(z) with the teacher's embedding against the trivial
+    predictor's, their mean gain and the share of pairs where the student beats it."""
     result = {}
     for k, name in enumerate(names):
         rows = has[:, k]
@@ -99,42 +101,6 @@ def fidelity_summary(student_cos: np.ndarray, trivial_cos: np.ndarray, has: np.n
     if result:
         result["mean_gain"] = float(np.mean([v["gain"] for v in result.values()]))
     return result
-
-
-def trivial_targets(train_targets: np.ndarray, train_mask: np.ndarray, mode: str) -> np.ndarray:
-    """The trivial predictor's answer per projection head: each perspective's mean training target (P = K), or in
-    average mode the mean over training pairs of their mean target (P = 1)."""
-    if mode == "average":
-        m = train_mask[..., None]
-        mean = (train_targets * m).sum(1) / np.maximum(m.sum(1), 1)
-        has = train_mask.sum(1) > 0
-        return mean[has].mean(0, keepdims=True) if has.any() else np.zeros((1, train_targets.shape[-1]), np.float32)
-    out = np.zeros(train_targets.shape[1:], np.float32)
-    for k in range(train_targets.shape[1]):
-        rows = train_mask[:, k] > 0
-        if rows.any():
-            out[k] = train_targets[rows, k].mean(0)
-    return out
-
-
-def latent_fidelity(projected, targets, target_mask, train_targets, train_mask, mode: str,
-                    perspectives: list[str]) -> dict:
-    """How well the student predicts the teacher's reasoning on pairs it never trained on.
-
-    projected (N, P, D) from `predict` on those pairs; targets (N, K, D) the teacher's rationale embeddings for
-    them, target_mask (N, K). Per perspective: mean cosine between P(z) (slot k's projection in unified mode,
-    head k in multi_teacher) and the teacher's embedding, against the trivial predictor that always answers that
-    perspective's mean training target. In average mode the one projection is compared with the mean target.
-    Perspectives without a target in both sets are left out.
-    """
-    arr = lambda x: np.asarray(x, dtype=np.float32)  # noqa: E731
-    train_targets, train_mask = arr(train_targets), arr(train_mask)
-    trivial = trivial_targets(train_targets, train_mask, mode)
-    s, t, has = fidelity_rows(arr(projected), arr(targets), arr(target_mask), trivial, mode)
-    names = ["average"] if mode == "average" else list(perspectives)
-    if mode != "average":  # a perspective with no training target has no trivial predictor
-        has = has & (train_mask.sum(0) > 0)[None, :]
-    return fidelity_summary(s, t, has, names)
 
 
 def macro_f1_fast(gold: np.ndarray, pred: np.ndarray, num_classes: int) -> np.ndarray:

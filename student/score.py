@@ -58,7 +58,8 @@ class StudentPredictor:
     """A Ray Data actor: holds a student folder's model (fp32; on its GPU when it has one) and scores batches of
     canonical pairs (pairs/canonical.py's columns) or examples rows (student/data.py's; with targets, fidelity too).
 
-    trivial: the trivial predictor's answer per projection head (evaluate.trivial_targets), for fidelity."""
+    trivial: the trivial predictor's answer per projection head (each perspective's mean training target), for
+    fidelity."""
 
     def __init__(self, student_dir: str, batch_size: int = 64, trivial: list | None = None, keep: list[str] | None = None):
         import torch

@@ -8,7 +8,8 @@ import pytest
 from sklearn.metrics import f1_score
 
 from student.evaluate import ONE_SEED, macro_f1_fast, paired_bootstrap
-from workflows.student_stages import informativeness, keep_target, stratified_sample, verdicts
+from student.examples import keep_mask
+from workflows.student_stages import informativeness, stratified_sample, verdicts
 
 
 def test_fast_macro_f1_matches_sklearn():
@@ -85,12 +86,10 @@ def test_target_sample_is_seeded_and_stratified():
 
 
 def test_target_filter():
-    good = {"parse_ok": True, "correct": True}
-    wrong = {"parse_ok": True, "correct": False}
-    broken = {"parse_ok": False, "correct": False}
-    assert [keep_target(r, "correct") for r in (good, wrong, broken)] == [True, False, False]
-    assert [keep_target(r, "parsed") for r in (good, wrong, broken)] == [True, True, False]
-    assert [keep_target(r, "all") for r in (good, wrong, broken)] == [True, True, True]
+    rows = pa.table({"parse_ok": [True, True, False], "correct": [True, False, False]})  # good, wrong, broken
+    assert keep_mask(rows, "correct").tolist() == [True, False, False]
+    assert keep_mask(rows, "parsed").tolist() == [True, True, False]
+    assert keep_mask(rows, "all").tolist() == [True, True, True]
 
 
 def _rows(emb, labels, perspective="user_intent", correct=True):

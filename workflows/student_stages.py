@@ -281,13 +281,6 @@ def _write_parquet_folder(ds, path: Path) -> int:
     return n
 
 
-def keep_target(row: dict, target_filter: str) -> bool:
-    """correct: the rationale's label is the gold label (the SFT consistency rule); parsed: any parsed answer; all."""
-    if target_filter == "all":
-        return True
-    return bool(row["parse_ok"]) and (target_filter == "parsed" or bool(row["correct"]))
-
-
 PROBE_ROWS = 20_000  # per perspective: a seeded uniform sample beyond this (the fit is what costs, not the rows)
 
 
