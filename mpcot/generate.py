@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from mpcot.labels import Label
 from mpcot.parsing import ParsedJudgement, normalise_label, parse_output
 from mpcot.perspectives import Perspective
-from mpcot.placement import engine_placement
+from mpcot.placement import engine_kwargs, engine_placement
 from mpcot.prompts import build_messages, format_completion, json_regex, prompt_hash, render_prompt
 
 
@@ -411,7 +411,7 @@ def run_generation(
             gen.accelerator, resources.get("CPU", 1), resources.get("GPU", 0), gen.concurrency,
             gen.cpus_per_engine, gen.gpus_per_engine, largest_node_cpus(),
         )
-        spec = JudgeSpec(**{**asdict(spec), "engine_kwargs": {**place.engine_defaults, **spec.engine_kwargs}})
+        spec = JudgeSpec(**{**asdict(spec), "engine_kwargs": engine_kwargs(place, spec.engine_kwargs)})
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False  # one bar, ours, counting judged rows
         # the inputs are file names, not tasks: no Ray task needs a CPU before the engines (which take them all)
