@@ -1,10 +1,11 @@
 """Run by bench/code_parity.py under the OLD code (PYTHONPATH=<old tree>, cwd=<old tree>): give the old run its split
 and the new run's teacher targets, with manifests in the old code's own hashing so its prepare and targets stages are
-up to date. Arguments: OLD_RUN NEW_RUN TEACHER_MODEL [SPLITS TARGETS].
+up to date. Arguments: OLD_RUN NEW_RUN TEACHER_MODEL [SPLITS TARGETS PROBE].
 
 Without SPLITS: the old code splits the data itself, checked to be the new run's pair for pair, and the targets are the
 new run's. With SPLITS (a folder of train/val/test.parquet: one cross-validation fold) and TARGETS (that fold's view
-of the targets, a Parquet file or folder): the old run is given that fold's split and targets."""
+of the targets, a Parquet file or folder) and PROBE (the targets' probe.json): the old run is given that fold's
+split and targets."""
 import json
 import shutil
 import sys
@@ -38,8 +39,7 @@ else:  # the fold's split, with a prepare manifest in the old hashing (the data 
     source = Path(cfg.data.path)
     write_manifest(data, "prepare", cfg.section_hash("data", "labels"), {str(source): fingerprint(source)}, time.time(),
                    rows={s: pq.ParquetFile(p).metadata.num_rows for s, p in splits.items()})
-    target_file = Path(sys.argv[5])
-    probe = new_run / "student" / "targets" / target_file.parent.name / "probe.json"
+    target_file, probe = Path(sys.argv[5]), Path(sys.argv[6])
 out = old_run / "student" / "targets" / "teacher"
 out.mkdir(parents=True, exist_ok=True)
 table = pq.read_table(target_file)

@@ -52,6 +52,7 @@ def main() -> int:
     ap.add_argument("--resamples", type=int, default=2000)
     ap.add_argument("--docs", action="store_true", help="also write docs/code_parity[_cv].json (the README's figures)")
     ap.add_argument("--cv", action="store_true", help="pool the folds of the run's cross-validated distill")
+    ap.add_argument("--folds", type=int, default=3, help="with --cv: the run's distill.cv_folds")
     args = ap.parse_args()
     run = (ROOT / args.run).resolve()
     teacher = run / "teacher" / "dpo" / "model"
@@ -128,41 +129,39 @@ def _compare(out: dict, gold: list[int], sides: dict, codes: list[str], args, na
 
 
 def _cross_validated(args, run: Path, teacher: Path, old_root: Path, seeds: list[int]) -> int:
-    """The comparison over the run's cross-validation folds: this code's fold students as its CV distill left them, the
-    old code trained on each fold's split and target view; predictions pooled over the folds in fold order."""
+    """The comparison over the run's cross-validation folds: the old code trained on each fold's split and target view
+    (the run's CV targets restricted to the fold's train and val pairs, as workflows/student_cv.py gives this code's
+    fold students), then this code's fold students as the run's CV distill left them; predictions pooled over the
+    folds in fold order. The old side needs only the CV splits and targets, so it may run while the CV distill
+    trains; the comparison needs its report."""
     import numpy as np
     import pyarrow.parquet as pq
 
     from hardware.cpu import machine
     from student.score import aligned_predictions
     from workflows.config import load_config
+    from workflows.student_cv import retag_targets
 
-    report_path = run / "student" / "cv" / "metrics.json"
-    if not report_path.exists():
-        raise SystemExit(f"{run}: no cross-validated distill; run `thinkbroad distill --config configs/local.yaml "
-                         "--set distill.cv_folds=3` first")
-    report = json.loads(report_path.read_text())
-    k = report["cv_folds"]
-    codes = [label.name for label in load_config(ROOT / "configs" / "local.yaml").labels]
+    k = args.folds
+    base = run / "student" / "targets" / f"teacher-cv{k}"
     folds = [run / "student" / "cv" / "splits" / f"fold-{f}" for f in range(k)]
+    if not (base / "manifest.json").exists() or not all((f / "test.parquet").exists() for f in folds):
+        raise SystemExit(f"{run}: no {k}-fold splits and targets yet; start `thinkbroad distill --config configs/local.yaml "
+                         f"--set distill.cv_folds={k}` first (this bench can run once its targets are written)")
+    codes = [label.name for label in load_config(ROOT / "configs" / "local.yaml").labels]
     tests = [pq.read_table(f / "test.parquet", columns=["pair_id", "label"]) for f in folds]
     gold = [codes.index(c) for t in tests for c in t.column("label").to_pylist()]
     ids = [t.column("pair_id").combine_chunks() for t in tests]
-    new = {}
-    for r in report["runs"]:
-        if r["variant"] in args.variants and r["seed"] in seeds:
-            new.setdefault(r["variant"], {})[r["seed"]] = np.concatenate(
-                [aligned_predictions(p, i, codes) for p, i in zip(r["predictions"], ids)]).tolist()
-    missing = [(v, s) for v in args.variants for s in seeds if s not in new.get(v, {})]
-    if missing:
-        raise SystemExit(f"{report_path}: no fold students for {missing}; rerun the CV distill with those seeds")
     t0 = time.time()
     old = {v: {s: [] for s in seeds} for v in args.variants}
     for f, fold in enumerate(folds):
         old_run = old_root / "runs" / f"code-parity-fold{f}"
-        view = run / "student" / "cv" / f"fold-{f}" / "targets" / f"teacher-cv{k}" / "targets.parquet"
+        view = old_root / "runs" / f"code-parity-fold{f}-targets"
+        if not view.exists():
+            retag_targets(str(base / "targets.parquet"), {s: str(fold / f"{s}.parquet") for s in ("train", "val")}, str(view))
         subprocess.run([sys.executable, str(ROOT / "bench" / "_code_parity_old.py"), str(old_run), str(run), str(teacher),
-                        str(fold), str(view)], cwd=old_root, env={**os.environ, "PYTHONPATH": str(old_root)}, check=True)
+                        str(fold), str(view / "part-00000.parquet"), str(base / "probe.json")], cwd=old_root,
+                       env={**os.environ, "PYTHONPATH": str(old_root)}, check=True)
         _distill(old_root, old_run, seeds, args.variants, ["--set", f"distill.teacher={teacher}"])
         runs = json.loads((old_run / "student" / "metrics.json").read_text())["runs"]
         for r in runs:
@@ -171,10 +170,23 @@ def _cross_validated(args, run: Path, teacher: Path, old_root: Path, seeds: list
                     raise SystemExit(f"{old_run}: {r['variant']} seed {r['seed']} predicted {len(r['metrics']['predictions'])} "
                                      f"pairs of a {len(ids[f])}-pair test fold")
                 old[r["variant"]][r["seed"]] += r["metrics"]["predictions"]
-
+    old_seconds = round(time.time() - t0, 1)
+    report_path = run / "student" / "cv" / "metrics.json"
+    if not report_path.exists():
+        raise SystemExit(f"old side done ({old_seconds} s); {report_path} is not written yet: rerun this bench once the "
+                         "CV distill has finished (the old students are reused)")
+    report = json.loads(report_path.read_text())
+    new = {}
+    for r in report["runs"]:
+        if r["variant"] in args.variants and r["seed"] in seeds:
+            new.setdefault(r["variant"], {})[r["seed"]] = np.concatenate(
+                [aligned_predictions(p, i, codes) for p, i in zip(r["predictions"], ids)]).tolist()
+    missing = [(v, s) for v in args.variants for s in seeds if s not in new.get(v, {})]
+    if missing:
+        raise SystemExit(f"{report_path}: no fold students for {missing}; rerun the CV distill with those seeds")
     margin = load_config(ROOT / "configs" / "local.yaml").distill.equivalence_margin
     out = {**machine(), "old_commit": OLD, "run": str(run), "seeds": seeds, "cv_folds": k, "test_pairs": len(gold),
-           "old_distill_seconds": round(time.time() - t0, 1)}
+           "old_distill_seconds": old_seconds}
     return _compare(out, gold, {"new": new, "old": old}, codes, args, "code_parity_cv", margin)
 
 

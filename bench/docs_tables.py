@@ -71,6 +71,9 @@ RENDERERS: dict[str, Callable[[dict], str]] = {
     "determinism.summary": _renderer("determinism", "summary"),
     "determinism.retrain_table": _renderer("determinism", "table", "retrain_groups"),
     "metrics_memory.summary": _renderer("metrics_memory", "summary"),
+    "cv_ablation.table": _renderer("cv_ablation", "table"),
+    "cv_ablation.summary": _renderer("cv_ablation", "summary"),
+    "quality_parity.summary": _renderer("quality_parity", "summary"),
 }
 
 BLOCK = re.compile(r"<!-- begin (docs/[\w.-]+\.json): ([\w.]+) -->(.*?)<!-- end \1 -->", re.S)

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from mpcot.config import GenerationConfig
 from mpcot.judge import JudgeSpec, VLLMJudge
-from mpcot.placement import engine_placement
+from mpcot.placement import engine_kwargs, engine_placement
 from mpcot.tasks import OUTPUT_SCHEMA, Tasks, num_tasks, task_batches
 from pairs.parquet import FILE_ROWS, GROUP_ROWS, ParquetDatasetWriter, write_parquet_atomic
 
@@ -76,7 +76,7 @@ def run_generation(
             gen.accelerator, resources.get("CPU", 1), resources.get("GPU", 0), gen.concurrency,
             gen.cpus_per_engine, gen.gpus_per_engine, largest_node_cpus(),
         )
-        spec = JudgeSpec(**{**asdict(spec), "engine_kwargs": {**place.engine_defaults, **spec.engine_kwargs}})
+        spec = JudgeSpec(**{**asdict(spec), "engine_kwargs": engine_kwargs(place, spec.engine_kwargs)})
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False  # one bar, ours, counting judged rows
         # the inputs are file names, not tasks: no Ray task needs a CPU before the engines (which take them all)

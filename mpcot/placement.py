@@ -56,7 +56,11 @@ def engine_placement(
             },
             # the dtype this CPU generates fastest in (hardware/cpu.py); decided on the driver's CPU, so a cluster of
             # mixed processors sets generation.engine.dtype itself
-            engine_defaults={"enforce_eager": True, "max_model_len": 2048, "dtype": cpu_info().generation_dtype},
+            # no chunked prefill: a prompt split across steps has its first sampled token discarded, and vLLM then
+            # rewinds the request's seeded generator, which a CPU generator cannot do ("CPU Generator does not use
+            # offset": the DPO resample crashed); whole prompts only, so the step budget covers the longest one
+            engine_defaults={"enforce_eager": True, "max_model_len": 2048, "dtype": cpu_info().generation_dtype,
+                             "enable_chunked_prefill": False},
         )
     if gpus_per_engine == 1:
         return EnginePlacement(device="gpu", remote_args={"num_cpus": 1, "num_gpus": 1}, engine_defaults={"max_model_len": 4096})
@@ -70,6 +74,16 @@ def engine_placement(
             "distributed_executor_backend": "ray",
         },
     )
+
+
+def engine_kwargs(place: EnginePlacement, user: dict) -> dict:
+    """The engine's kwargs: the placement's defaults under the user's `generation.engine`; without chunked prefill
+    the step's token budget must hold the longest prompt (vLLM refuses a budget below max_model_len)."""
+    kwargs = {**place.engine_defaults, **user}
+    if kwargs.get("enable_chunked_prefill") is False and "max_model_len" in kwargs:
+        batch = kwargs.get("max_num_batched_tokens") or vllm_batch_defaults(place.device)[0]
+        kwargs["max_num_batched_tokens"] = max(batch, kwargs["max_model_len"])
+    return kwargs
 
 
 def vllm_batch_defaults(device: str, gpu_name: str = "", gpu_memory_gib: float = 0.0, world_size: int = 1) -> tuple[int, int]:

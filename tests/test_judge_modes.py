@@ -22,7 +22,11 @@ def llm(tiny_qwen2):
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # as the stages run it (mpcot/placement.py)
     from vllm import LLM
 
-    engine = LLM(model=tiny_qwen2, seed=0, enforce_eager=True, max_model_len=2048)
+    from mpcot.placement import engine_kwargs, engine_placement
+
+    # the CPU engine as the stages build it (no chunked prefill; the step budget holds the longest prompt)
+    kwargs = engine_kwargs(engine_placement("cpu", 2, 0, 1, None, 1, 2), {"max_num_batched_tokens": 2048, "dtype": "float32"})
+    engine = LLM(model=tiny_qwen2, seed=0, **kwargs)
     yield engine
     del engine
 
@@ -64,11 +68,16 @@ def test_structured_modes_always_parse(llm, tasks, labels, mode):
 
 def test_a_sampled_answer_depends_on_its_task_not_on_its_batch(llm, tasks, labels):
     """At temperature > 0 each task draws from its own seed: the same task gets the same answer whatever tasks
-    share its batch and in whatever order; another sample index of the same prompt gets another answer."""
+    share its batch and in whatever order; another sample index of the same prompt gets another answer. The prompts
+    are long enough that the batch takes several prefill steps (the DPO resample's shape, where a prompt split
+    across steps crashed seeded sampling on CPU)."""
+    long = pa.Table.from_pylist([{**r, "title": r["title"] + " braided nylon fast charging" * 40} for r in tasks.to_pylist()],
+                                schema=tasks.schema)
     gen = GenerationConfig(output_mode="json", temperature=0.9, max_tokens=60, rationale_max_chars=30)
-    whole = judge(llm, tasks, gen, labels, PERSPECTIVES, "tiny").to_pylist()
+    whole = judge(llm, long, gen, labels, PERSPECTIVES, "tiny").to_pylist()
+    assert sum(r["prompt_tokens"] for r in whole) > 2 * 2048  # more than one step's budget
     order = list(range(tasks.num_rows))[::-1][::3]  # a third of the tasks, reversed: other batch slots and partners
-    part = judge(llm, tasks.take(order), gen, labels, PERSPECTIVES, "tiny").to_pylist()
+    part = judge(llm, long.take(order), gen, labels, PERSPECTIVES, "tiny").to_pylist()
     assert [r["raw_output"] for r in part] == [whole[i]["raw_output"] for i in order]
     by_prompt: dict = {}
     for r in whole:

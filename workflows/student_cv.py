@@ -122,12 +122,13 @@ def pooled_metrics(runs: list[dict], tests: list[pa.Table], codes: list[str]) ->
     return out
 
 
-def cv_report(runs_by_fold: list[list[dict]], tests: list[pa.Table], codes: list[str], resamples: int,
-              margin: float) -> dict:
-    """The pooled report (run in a Ray task: the pooled predictions never reach the driver)."""
+def cv_report(runs_by_fold: list[list[dict]], tests: list, codes: list[str], resamples: int, margin: float) -> dict:
+    """The pooled report (run in a Ray task: neither the folds' test pairs nor the pooled predictions reach the
+    driver). `tests`: each fold's test split file (or its pair_id and label columns as a table)."""
     from student.evaluate import aggregate
     from workflows.student_stages import against_vanilla, verdicts
 
+    tests = [t if isinstance(t, pa.Table) else pq.read_table(t, columns=["pair_id", "label"]) for t in tests]
     runs = pooled_metrics([r for fold in runs_by_fold for r in fold], tests, codes)
     names = {r["variant"] for r in runs}
     return {"split": f"{len(tests)}-fold cross-validation by query (every labelled pair a test pair once)",
@@ -149,9 +150,9 @@ def distill_cv(cfg: RunConfig, run_dir: Path, variants: list | None = None) -> P
     for fold in folds:
         log(f"cv: fold {fold.index + 1} of {len(folds)}")
         runs_by_fold.append(train_variants(cfg, run_dir, variants, fold=fold))
-    tests = [pq.read_table(f.paths["test"], columns=["pair_id", "label"]) for f in folds]
     codes = [lab.name for lab in cfg.labels]
-    report = _remote(cv_report)(runs_by_fold, tests, codes, cfg.distill.bootstrap_resamples, cfg.distill.equivalence_margin)
+    report = _remote(cv_report)(runs_by_fold, [str(f.paths["test"]) for f in folds], codes, cfg.distill.bootstrap_resamples,
+                                cfg.distill.equivalence_margin)
     path = run_dir / "student" / "cv" / "metrics.json"
     write_json_atomic(report, path)
     log(f"student ({report['split']}, {report['test_pairs']} test pairs; mean +- std over seeds):\n"
