@@ -39,20 +39,14 @@ def test_the_site_builds_strict(tmp_path):
     assert 'id="the-two-commands"' in index and "pipeline proves the mechanics" in index  # the README's overview
 
 
-def test_a_broken_link_fails_the_build(tmp_path):
+@pytest.mark.parametrize("link, named", [("no-such-page.md", "no-such-page.md"),
+                                         ("results.md#no-such-section", "no-such-section")])
+def test_a_broken_link_or_anchor_fails_the_build(tmp_path, link, named):
     root = _copy_site_sources(tmp_path)
     page = root / "docs" / "design.md"
-    page.write_text(page.read_text() + "\nSee [the missing page](no-such-page.md).\n")
+    page.write_text(page.read_text() + f"\nSee [it]({link}).\n")
     r = _build(root, tmp_path / "site")
-    assert r.returncode != 0 and "no-such-page.md" in r.stdout + r.stderr, r.stdout + r.stderr
-
-
-def test_a_broken_anchor_fails_the_build(tmp_path):
-    root = _copy_site_sources(tmp_path)
-    page = root / "docs" / "design.md"
-    page.write_text(page.read_text() + "\nSee [a section](results.md#no-such-section).\n")
-    r = _build(root, tmp_path / "site")
-    assert r.returncode != 0 and "no-such-section" in r.stdout + r.stderr, r.stdout + r.stderr
+    assert r.returncode != 0 and named in r.stdout + r.stderr, r.stdout + r.stderr
 
 
 def _nav_pages(nav) -> list[str]:
