@@ -32,18 +32,23 @@ GROUPS = [("data/", "prepare: splits"), ("mpcot/", "generate: rationales, SFT ro
           ("lrkd", "LRKD students"), ("logit_kd", "logit-KD students"), ("vanilla", "vanilla students"), ("", "other")]
 
 
-def _strip(obj):
+def _strip(obj, run: str = ""):
+    """The JSON without the fields that record time, and with the run's own folder written RUN_DIR (two runs live
+    in two folders; a path inside the run is the same artifact)."""
     if isinstance(obj, dict):
-        return {k: _strip(v) for k, v in obj.items() if k not in VOLATILE}
+        return {k: _strip(v, run) for k, v in obj.items() if k not in VOLATILE}
     if isinstance(obj, list):
-        return [_strip(v) for v in obj]
+        return [_strip(v, run) for v in obj]
+    if isinstance(obj, str) and run:
+        return obj.replace(run, "RUN_DIR")
     return obj
 
 
-def _digest(path: Path, content: bool) -> str:
+def _digest(path: Path, content: bool, run: Path | None = None) -> str:
     if content and path.suffix == ".json":
         try:
-            return hashlib.sha256(json.dumps(_strip(json.loads(path.read_text())), sort_keys=True).encode()).hexdigest()
+            text = json.dumps(_strip(json.loads(path.read_text()), str(run or "")), sort_keys=True)
+            return hashlib.sha256(text.encode()).hexdigest()
         except json.JSONDecodeError:
             pass
     return hashlib.sha256(path.read_bytes()).hexdigest()
@@ -67,7 +72,7 @@ def compare(a: Path, b: Path) -> dict:
             g["only_one_run"].append(rel)
             continue
         same_bytes = _digest(fa[rel], False) == _digest(fb[rel], False)
-        same = same_bytes or _digest(fa[rel], True) == _digest(fb[rel], True)
+        same = same_bytes or _digest(fa[rel], True, a) == _digest(fb[rel], True, b)
         g["identical_bytes"] += same_bytes
         g["identical_content"] += same
         if not same:
@@ -76,7 +81,7 @@ def compare(a: Path, b: Path) -> dict:
 
 
 def table(groups: dict) -> str:
-    lines = ["| artifacts | files | identical bytes | identical content (time fields left out) | differ |",
+    lines = ["| artifacts | files | identical bytes | identical content (time fields and the run's folder left out) | differ |",
              "|---|---|---|---|---|"]
     for name, g in groups.items():
         differ = ", ".join(g["differ"][:4]) + (f" (+{len(g['differ']) - 4})" if len(g["differ"]) > 4 else "")
