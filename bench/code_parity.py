@@ -130,7 +130,7 @@ def _compare(out: dict, gold: list[int], sides: dict, codes: list[str], args, na
 
 def _cross_validated(args, run: Path, teacher: Path, old_root: Path, seeds: list[int]) -> int:
     """The comparison over the run's cross-validation folds: the old code trained on each fold's split and target view
-    (the run's CV targets restricted to the fold's train and val pairs, as workflows/student_cv.py gives this code's
+    (the run's CV targets restricted to the fold's train and val pairs, as workflows/stages/cv.py gives this code's
     fold students), then this code's fold students as the run's CV distill left them; predictions pooled over the
     folds in fold order. The old side needs only the CV splits and targets, so it may run while the CV distill
     trains; the comparison needs its report."""
@@ -140,7 +140,7 @@ def _cross_validated(args, run: Path, teacher: Path, old_root: Path, seeds: list
     from hardware.cpu import machine
     from student.score import aligned_predictions
     from workflows.config import load_config
-    from workflows.student_cv import retag_targets
+    from workflows.stages.cv import retag_targets
 
     k = args.folds
     base = run / "student" / "targets" / f"teacher-cv{k}"

@@ -37,7 +37,7 @@ def main() -> int:
     ap.add_argument("--docs", action="store_true", help="also write docs/cv_ablation.json (the README's figures)")
     args = ap.parse_args()
     from workflows.config import load_config
-    from workflows.stages import run_dir_for
+    from workflows.stages.common import run_dir_for
 
     cfg = load_config(ROOT / args.config)
     run = Path(run_dir_for(cfg, args.run_dir))

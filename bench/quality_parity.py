@@ -119,9 +119,10 @@ def main() -> None:
     from workflows.config import load_config
     from workflows.models import resolve_model
     from hardware.runtime import ensure_ray
-    from workflows.stages import prepare, run_dir_for
-    from workflows.folds import pooled_gold, write_folds
-    from workflows.student_stages import score_split
+    from pairs.folds import pooled_gold, write_folds
+    from workflows.stages.common import run_dir_for
+    from workflows.stages.prepare import prepare
+    from workflows.stages.score import score_split
 
     cfg = load_config(args.config, args.overrides)
     run_dir = run_dir_for(cfg, args.run_dir)

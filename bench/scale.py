@@ -154,9 +154,11 @@ def run_size(n: int, prompts: int | None, work: Path, stages: list[str]) -> dict
 
     from synthetic import write_esci_like
     from student.train import StudentJob, train_students
-    from workflows import stages as st
-    from workflows import student_stages as ss
     from workflows.models import resolve_model
+    from workflows.stages.examples import StudentData
+    from workflows.stages.generate import generate
+    from workflows.stages.prepare import prepare
+    from workflows.stages.score import score_file
 
     data_dir = work / f"data-{n}"
     if not (data_dir / "shopping_queries_dataset_products.parquet").exists():
@@ -185,13 +187,13 @@ def run_size(n: int, prompts: int | None, work: Path, stages: list[str]) -> dict
         return result
 
     paths = timed("prepare", lambda p: sum(pq.ParquetFile(x).metadata.num_rows for x in p.values()),
-                  lambda: st.prepare(cfg, run_dir)) or st.prepare(cfg, run_dir)
+                  lambda: prepare(cfg, run_dir)) or prepare(cfg, run_dir)
     rows = {s: pq.ParquetFile(paths[s]).metadata.num_rows for s in ("train", "val", "test")}
     out["splits"] = rows
     if prompts:
         timed("generate", lambda _: json.loads((run_dir / "mpcot" / "manifest.json").read_text())["rows"],
-              lambda: st.generate(cfg, run_dir, progress=False))
-    data = ss.StudentData(cfg, run_dir)
+              lambda: generate(cfg, run_dir, progress=False))
+    data = StudentData(cfg, run_dir)
     timed("targets", lambda p: sum(pq.ParquetFile(f).metadata.num_rows for f in Path(p).glob("*.parquet")),
           lambda: data.target_path("label_text"))
     v = cfg.distill.lrkd(cfg.distill.default_extractor, cfg.distill.default_mode, cfg.distill.lam, 0)
@@ -206,8 +208,8 @@ def run_size(n: int, prompts: int | None, work: Path, stages: list[str]) -> dict
     history = timed("train", lambda h: h[0]["train_pairs"], train)
     if history:
         out["train"]["train_pairs_per_s"] = round(history[0]["train_pairs"] / history[0]["train_seconds"], 1)
-    timed("score", lambda m: m["scored"], lambda: ss.score_file(str(paths["test"]), str(student_dir / "best"),
-                                                                  str(run_dir / "scored.parquet"), None, progress=False))
+    timed("score", lambda m: m["scored"], lambda: score_file(str(paths["test"]), str(student_dir / "best"),
+                                                               str(run_dir / "scored.parquet"), None, progress=False))
     return out
 
 

@@ -48,7 +48,7 @@ class RationaleEmbedder:
 
 def embedder_placement(cluster_gpus: float) -> tuple[int, dict]:
     """(actors, Ray resources of each) for the rationale embedder: one actor per GPU of the cluster, holding one each,
-    when it has GPUs; else one actor on one CPU. What workflows/student_stages.py `_embed` asks Ray for, and what
+    when it has GPUs; else one actor on one CPU. What workflows/stages/targets.py `_embed` asks Ray for, and what
     `thinkbroad plan` plans."""
     if cluster_gpus:
         return max(1, int(cluster_gpus)), {"num_gpus": 1}

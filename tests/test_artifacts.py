@@ -7,7 +7,7 @@ import pytest
 
 from conftest import ROOT
 from pairs import write as write_module
-from workflows import stages
+from workflows.stages import prepare as stages
 from workflows.artifacts import MANIFEST, invalidate, write_manifest
 from workflows.config import load_config
 from pairs.scan import load_pairs

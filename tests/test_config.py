@@ -5,7 +5,7 @@ import pytest
 from conftest import ROOT, pair, write_jsonl
 from workflows.config import ConfigError, load_config
 from pairs.errors import DataError
-from workflows.stages import prepare
+from workflows.stages.prepare import prepare
 
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 

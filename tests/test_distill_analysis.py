@@ -9,7 +9,9 @@ from sklearn.metrics import f1_score
 
 from student.evaluate import ONE_SEED, macro_f1_fast, paired_bootstrap
 from student.examples import keep_mask
-from workflows.student_stages import informativeness, stratified_sample, verdicts
+from workflows.stages.probe import informativeness
+from workflows.stages.targets import stratified_sample
+from workflows.stages.verdicts import verdicts
 
 
 def test_fast_macro_f1_matches_sklearn():

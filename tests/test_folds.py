@@ -9,7 +9,7 @@ import pytest
 from conftest import ROOT
 from student.train import Variant
 from pairs.splits import SPLITS
-from workflows.folds import pooled_gold, query_folds, write_folds
+from pairs.folds import pooled_gold, query_folds, write_folds
 
 
 def _splits(tmp_path, n=120):
@@ -63,7 +63,7 @@ def test_cross_validated_distill_pools_every_pair_once(tmp_path, ray_local, monk
 
     from student.score import aligned_predictions
     from workflows.config import load_config
-    from workflows.student_cv import distill_cv
+    from workflows.stages.cv import distill_cv
 
     monkeypatch.chdir(ROOT)
     cfg = load_config("configs/smoke.yaml", [

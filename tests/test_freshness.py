@@ -51,7 +51,7 @@ def test_students_retrain_exactly_when_what_they_read_changes(tmp_path, ray_loca
     retrain the two LRKD students, which read them, and leave vanilla as it was."""
     from student.train import Variant
     from workflows.config import load_config
-    from workflows.student_stages import train_variants
+    from workflows.stages.students import train_variants
 
     monkeypatch.chdir(ROOT)  # the config's data path is relative to the repository
     cfg = load_config("configs/smoke.yaml", [
@@ -90,7 +90,7 @@ def test_students_retrain_exactly_when_what_they_read_changes(tmp_path, ray_loca
 
 @pytest.mark.ray
 def test_score_reruns_when_its_input_file_changes(tmp_path, ray_local):
-    from workflows.student_stages import score_file
+    from workflows.stages.score import score_file
 
     rows = (ROOT / "data" / "esci_us_subset.jsonl").read_text().splitlines()[:60]
     pairs, out = tmp_path / "pairs.jsonl", tmp_path / "scored.parquet"

@@ -197,7 +197,7 @@ def test_sft_rows_rebuild_the_prompt_the_teacher_was_given(plan, tmp_path, label
 
 @pytest.mark.parametrize("k", [0, 2])
 def test_dpo_pairs_mined_pair_by_pair_equal_the_in_memory_mining(plan, tmp_path, monkeypatch, k):
-    import workflows.teacher_stages as stages
+    import workflows.stages.teacher as stages
     from workflows.config import load_config
 
     cfg = load_config("configs/smoke.yaml", [f"dpo.pass_k={k}"])
@@ -234,7 +234,7 @@ def test_dpo_pairs_mined_pair_by_pair_equal_the_in_memory_mining(plan, tmp_path,
 
 
 def test_dpo_table_problems_name_the_row_and_leave_no_file(plan, tmp_path, monkeypatch):
-    import workflows.teacher_stages as stages
+    import workflows.stages.teacher as stages
     from workflows.config import load_config
 
     cfg = load_config("configs/smoke.yaml", ["dpo.pass_k=0"])

@@ -12,7 +12,7 @@ from pairs import runs as runs_module, scan as scan_module, source as source_mod
 from workflows.config import load_config
 from pairs.errors import DataError
 from pairs.scan import load_pairs
-from workflows.stages import prepare
+from workflows.stages.prepare import prepare
 
 ESCI_EXAMPLES = pa.schema([("example_id", pa.int64()), ("query", pa.string()), ("query_id", pa.int64()),
                            ("product_id", pa.string()), ("product_locale", pa.string()), ("esci_label", pa.string()),

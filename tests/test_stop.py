@@ -20,7 +20,7 @@ pytestmark = pytest.mark.ray
 SCRIPT = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    import workflows.stages as stages
+    import workflows.stages.prepare as stages
     from hardware.runtime import ensure_ray
 
     def slow_prepare(cfg, run_dir):

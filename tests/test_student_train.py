@@ -306,7 +306,7 @@ def test_score_writes_resumable_parts_and_ranking_metrics(tmp_path, ray_local, t
     small = student.score.ScoreConfig(batch_size=32)
     monkeypatch.setattr(student.score, "ScoreConfig", lambda: small)  # batches of 32 ...
     monkeypatch.setattr(student.score, "PART_ROWS", 40)  # ... in several parts
-    from workflows.student_stages import score_file
+    from workflows.stages.score import score_file
 
     rows = [json.loads(x) for x in (ROOT / "data" / "esci_us_subset.jsonl").read_text().splitlines()[:120]]
     pairs = tmp_path / "pairs.jsonl"

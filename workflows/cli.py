@@ -42,7 +42,7 @@ def _cluster_args(p) -> None:
 
 
 def _cluster(args):
-    """The cluster the flags describe, or None for the default (workflows/plan.py default_cluster)."""
+    """The cluster the flags describe, or None for the default (workflows/cluster.py default_cluster)."""
     if args.cluster:
         if args.nodes or args.gpus_per_node:
             raise PlanError("give --cluster or --nodes/--gpus-per-node, not both")
@@ -122,10 +122,10 @@ def main(argv: list[str] | None = None) -> int:
             return _export(args)
         if args.command == "score":
             return _stopping("score", command_line, _score, args)
-        from workflows import stages
+        from workflows.stages.common import run_dir_for
 
         cfg = load_config(args.config, args.overrides)
-        run_dir = stages.run_dir_for(cfg, args.run_dir)
+        run_dir = run_dir_for(cfg, args.run_dir)
         if args.command == "plan":
             from workflows.cluster import default_cluster
             from workflows.plan import make_plan, render
@@ -179,7 +179,7 @@ def pipeline_stage() -> str | None:
 
 
 def _score(args) -> int:
-    from workflows.student_stages import score_file
+    from workflows.stages.score import score_file
 
     cfg = load_config(args.config, args.overrides) if args.config else None
     if args.overrides and not args.config:
@@ -195,9 +195,7 @@ def _score(args) -> int:
 
 
 def _stage(args, cfg, run_dir: Path) -> int:
-    """One pipeline command on `run_dir`."""
-    from workflows import stages
-
+    """One pipeline command on `run_dir`: each command's stage is one module of workflows/stages/."""
     if args.command == "run":
         from workflows.pipeline import STAGES, run
 
@@ -207,23 +205,31 @@ def _stage(args, cfg, run_dir: Path) -> int:
                 return 2
         print(run(cfg, run_dir, args.from_stage, args.only, check=not args.no_plan, cluster=_cluster(args)))
     elif args.command == "prepare":
-        stages.prepare(cfg, run_dir)
+        from workflows.stages import prepare
+
+        prepare.prepare(cfg, run_dir)
     elif args.command == "generate":
-        out = stages.generate(cfg, run_dir, progress=not args.no_progress)
-        print(stages.summary(Path(out) / "stats.json"))
+        from workflows.stages import generate
+
+        out = generate.generate(cfg, run_dir, progress=not args.no_progress)
+        print(generate.summary(Path(out) / "stats.json"))
     elif args.command in ("sft", "dpo", "teacher-eval"):
-        from workflows import teacher_stages
+        from workflows.stages import teacher
 
-        step = {"sft": teacher_stages.sft, "dpo": teacher_stages.dpo, "teacher-eval": teacher_stages.teacher_eval}
+        step = {"sft": teacher.sft, "dpo": teacher.dpo, "teacher-eval": teacher.teacher_eval}
         print(step[args.command](cfg, run_dir))
-    elif args.command in ("distill", "ablate"):
-        from workflows import student_stages
+    elif args.command == "distill":
+        from workflows.stages import students
 
-        print((student_stages.distill if args.command == "distill" else student_stages.ablate)(cfg, run_dir))
+        print(students.distill(cfg, run_dir))
+    elif args.command == "ablate":
+        from workflows.stages import ablate
+
+        print(ablate.ablate(cfg, run_dir))
     elif args.command == "eval":
-        from workflows import student_stages
+        from workflows.stages import score
 
-        print(json.dumps(student_stages.evaluate_folder(cfg, run_dir, args.student), indent=2))
+        print(json.dumps(score.evaluate_folder(cfg, run_dir, args.student), indent=2))
     return 0
 
 

@@ -57,7 +57,7 @@ def plan_pairs(cfg: RunConfig, run_dir: Path, total: int | None = None) -> Pairs
     if all(p.exists() for p in prepared.values()) and (run_dir / "data" / "manifest.json").exists():
         (counts, sample), source = _split_sizes(prepared), f"the prepared splits in {run_dir / 'data'}"
     elif Path(cfg.data.path).exists():
-        from workflows.stages import prepare
+        from workflows.stages.prepare import prepare
 
         with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
             counts, sample = _split_sizes(prepare(cfg, Path(tmp)))

@@ -1,4 +1,5 @@
-"""Teacher stages: SFT on consistency-filtered rationales, DPO on conflict samples, and base/SFT/DPO evaluation."""
+"""`thinkbroad sft`, `dpo` and `teacher-eval`, the teacher stages: SFT on consistency-filtered rationales, DPO on
+conflict samples (mined here, resampled pass@k with the SFT model), and base/SFT/DPO evaluation."""
 from __future__ import annotations
 
 import shutil
@@ -29,7 +30,9 @@ from workflows.artifacts import fingerprint, invalidate, is_fresh, start_attempt
 from workflows.config import RunConfig
 from workflows.models import resolve_model
 from hardware.runtime import ensure_ray
-from workflows.stages import generate, judge_spec, log, prepare
+from workflows.stages.common import log
+from workflows.stages.generate import generate, judge_spec
+from workflows.stages.prepare import prepare
 
 
 def _losses(history: list[dict], key: str) -> list[float]:

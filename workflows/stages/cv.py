@@ -1,12 +1,12 @@
 """Cross-validation of the student stage (`distill.cv_folds` = k > 1): comparisons that can answer.
 
 One test split of a small sample holds too few pairs to tell two students apart. Here every labelled pair is a test
-pair once: the run's splits are re-split into k folds by query (workflows/folds.py), every main variant and seed is
+pair once: the run's splits are re-split into k folds by query (pairs/folds.py), every main variant and seed is
 trained on each fold's train pairs (selected on its val pairs) and scored on its test pairs, and the paired verdicts
 pool folds x seeds. The teacher is the run's (trained once, on the run's train split); its targets are drawn from
-every split (student_stages.target_pairs), and each fold's students see only the targets of that fold's train and
-val pairs (`fold_targets`). The report goes to RUN_DIR/student/cv/metrics.json; the student that is served and
-exported still comes from a plain `distill` (one student per variant and seed, not k).
+every split (targets.target_pairs), and each fold's students see only the targets of that fold's train and val pairs
+(`fold_targets`). The report goes to RUN_DIR/student/cv/metrics.json; the student that is served and exported still
+comes from a plain `distill` (one student per variant and seed, not k).
 
 Layout: RUN_DIR/student/cv/splits/fold-<f>/{train,val,test}.parquet, and per fold RUN_DIR/student/cv/fold-<f>/
 {targets,examples,variants}/ as RUN_DIR/student/ has them."""
@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,19 +23,30 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pairs.folds import write_folds
+from pairs.splits import SPLITS
 from workflows.artifacts import fingerprint, invalidate, is_fresh, write_json_atomic, write_manifest
 from workflows.config import RunConfig
-from pairs.splits import SPLITS
-from workflows.folds import FoldView, write_folds
-from workflows.stages import log, prepare
+from workflows.stages.common import log, remote
+from workflows.stages.prepare import prepare
+from workflows.stages.verdicts import against_vanilla, metrics_table, verdict_lines, verdicts
+
 
 VAL_SHARE = 1 / 9  # of the queries outside the test fold: the share the run's own split gives validation (0.1 / 0.9)
 
 
+@dataclass(frozen=True)
+class FoldView:
+    """One fold of a cross-validated student stage: its split files and the folder its targets view, examples and
+    students go to (RUN_DIR/student/cv/fold-<index>)."""
+
+    index: int
+    paths: dict[str, Path]
+    root: Path
+
+
 def fold_views(cfg: RunConfig, run_dir: Path) -> list[FoldView]:
     """The k folds of the run's labelled pairs (written once per split contents, fold count and seed)."""
-    from workflows.student_stages import _remote
-
     k = cfg.distill.cv_folds
     paths = prepare(cfg, run_dir)
     cv = run_dir / "student" / "cv"
@@ -44,7 +56,7 @@ def fold_views(cfg: RunConfig, run_dir: Path) -> list[FoldView]:
     if not is_fresh(out, key, inputs):
         invalidate(out)
         t0 = time.time()
-        folds = _remote(write_folds)({s: str(p) for s, p in paths.items()}, k, cfg.seed, str(out), VAL_SHARE)
+        folds = remote(write_folds)({s: str(p) for s, p in paths.items()}, k, cfg.seed, str(out), VAL_SHARE)
         rows = [{s: pq.ParquetFile(p).metadata.num_rows for s, p in f.items()} for f in folds]
         write_manifest(out, "cv-folds", key, inputs, t0, folds=k, rows=rows)
         log(f"cv: {k} folds by query -> {out} (test pairs per fold: {', '.join(str(r['test']) for r in rows)})")
@@ -84,15 +96,13 @@ def retag_targets(targets: str, splits: dict[str, str], out: str) -> int:
 def fold_targets(base: Path, fold: FoldView, base_fingerprint: str) -> Path:
     """The fold's view of a target source: fold.root/targets/<source>/targets.parquet/ (rebuilt when the targets or
     the fold's splits change)."""
-    from workflows.student_stages import _remote
-
     out = fold.root / "targets" / base.parent.name
     path = out / "targets.parquet"
     inputs = {"targets": base_fingerprint, "train": fingerprint(fold.paths["train"]), "val": fingerprint(fold.paths["val"])}
     if not is_fresh(out, "fold-view", inputs):
         invalidate(out)
         t0 = time.time()
-        rows = _remote(retag_targets)(str(base), {s: str(fold.paths[s]) for s in ("train", "val")}, str(path))
+        rows = remote(retag_targets)(str(base), {s: str(fold.paths[s]) for s in ("train", "val")}, str(path))
         write_manifest(out, "targets", "fold-view", inputs, t0, rows=rows, fold=fold.index, source=str(base))
     return path
 
@@ -126,7 +136,6 @@ def cv_report(runs_by_fold: list[list[dict]], tests: list, codes: list[str], res
     """The pooled report (run in a Ray task: neither the folds' test pairs nor the pooled predictions reach the
     driver). `tests`: each fold's test split file (or its pair_id and label columns as a table)."""
     from student.evaluate import aggregate
-    from workflows.student_stages import against_vanilla, verdicts
 
     tests = [t if isinstance(t, pa.Table) else pq.read_table(t, columns=["pair_id", "label"]) for t in tests]
     runs = pooled_metrics([r for fold in runs_by_fold for r in fold], tests, codes)
@@ -142,7 +151,7 @@ def cv_report(runs_by_fold: list[list[dict]], tests: list, codes: list[str], res
 def distill_cv(cfg: RunConfig, run_dir: Path, variants: list | None = None) -> Path:
     """Every main variant (or `variants`) and seed trained and scored on each fold -> RUN_DIR/student/cv/metrics.json
     (pooled test metrics, the paired verdicts over folds x seeds, each fold's own macro-F1)."""
-    from workflows.student_stages import _remote, metrics_table, train_variants, verdict_lines
+    from workflows.stages.students import train_variants
 
     folds = fold_views(cfg, run_dir)
     variants = variants or cfg.distill.main_variants()
@@ -151,8 +160,8 @@ def distill_cv(cfg: RunConfig, run_dir: Path, variants: list | None = None) -> P
         log(f"cv: fold {fold.index + 1} of {len(folds)}")
         runs_by_fold.append(train_variants(cfg, run_dir, variants, fold=fold))
     codes = [lab.name for lab in cfg.labels]
-    report = _remote(cv_report)(runs_by_fold, [str(f.paths["test"]) for f in folds], codes, cfg.distill.bootstrap_resamples,
-                                cfg.distill.equivalence_margin)
+    report = remote(cv_report)(runs_by_fold, [str(f.paths["test"]) for f in folds], codes, cfg.distill.bootstrap_resamples,
+                               cfg.distill.equivalence_margin)
     path = run_dir / "student" / "cv" / "metrics.json"
     write_json_atomic(report, path)
     log(f"student ({report['split']}, {report['test_pairs']} test pairs; mean +- std over seeds):\n"

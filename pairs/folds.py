@@ -7,7 +7,6 @@ number of rows at a time), each fold's splits written as RUN_DIR-style Parquet f
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -15,16 +14,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pairs.splits import SPLITS
-
-
-@dataclass(frozen=True)
-class FoldView:
-    """One fold of a cross-validated student stage: its split files and the folder its targets view, examples and
-    students go to (RUN_DIR/student/cv/fold-<index>)."""
-
-    index: int
-    paths: dict[str, Path]
-    root: Path
 
 
 def query_folds(query_ids: list[str], k: int, seed: int) -> dict[str, int]:
