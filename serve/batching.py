@@ -33,6 +33,16 @@ class _Job:
     started: float | None = None  # when its first item entered a forward
     phases: dict = field(default_factory=dict)  # seconds per phase of the forwards it was in
 
+    def deliver(self, a: int, b: int, results: list, phases: dict) -> None:
+        """The results of its items a..b from one forward, with that forward's seconds per phase; the last
+        resolves the future."""
+        self.results[a:b] = results
+        for k, v in phases.items():
+            self.phases[k] = self.phases.get(k, 0.0) + v
+        self.done += b - a
+        if self.done == len(self.items):
+            self.future.set_result(None)
+
 
 class CostModel:
     """How long forwards take on this replica: a forward of n items takes (a + b n) x slowdown, (a, b) = `profile`
@@ -70,6 +80,12 @@ class CostModel:
         """Whether `items` more would be scored later than `budget_s` from now. Never when nothing is queued: a
         request that can start at once is served, however large."""
         return self.queued > 0 and self.expected_s(items) > budget_s
+
+    def measured(self, items: int, seconds: float) -> None:
+        """A forward of `items` items took `seconds`: its ratio to the profiled time joins the latest slowdowns."""
+        a, b = self.profile
+        if a + b > 0:
+            self._slowdown.append(seconds / (a + b * items))
 
 
 class Batcher(CostModel):
@@ -178,9 +194,8 @@ class Batcher(CostModel):
             self.queued -= len(items)  # a job cancelled meanwhile took only its untaken items off
             s = self.stats
             s["forwards"], s["items"], s["largest"] = s["forwards"] + 1, s["items"] + len(items), max(s["largest"], len(items))
-            a, b = self.profile
-            if error is None and a + b > 0:
-                self._slowdown.append(took / (a + b * len(items)))
+            if error is None:
+                self.measured(len(items), took)
             i = 0
             for job, a, b in parts:
                 if job.future.done():
@@ -190,10 +205,5 @@ class Batcher(CostModel):
                     self.queued -= len(job.items) - job.taken  # its later items will not be scored
                     job.future.set_exception(error)
                     continue
-                job.results[a:b] = results[i:i + b - a]
+                job.deliver(a, b, results[i:i + b - a], phases)
                 i += b - a
-                for k, v in phases.items():
-                    job.phases[k] = job.phases.get(k, 0.0) + v
-                job.done += b - a
-                if job.done == len(job.items):
-                    job.future.set_result(None)
