@@ -1,8 +1,7 @@
 """The Serve application on 127.0.0.1 with tiny students, on one Ray Serve instance: the main app (default path:
 onnxruntime, exported at start; an API key) for valid, malformed, concurrent and batched requests and access
 control; a 1-replica app with a small latency budget for a flood; a 2-replica app for a replica kill and a redeploy
-under load."""
-import json
+under load. The helpers are tests/serve_helpers.py; `thinkbroad serve` without a server: tests/test_serve_cli.py."""
 import os
 import signal
 import statistics
@@ -14,30 +13,10 @@ import pytest
 import requests
 
 from hardware.runtime import free_port
+from serve_helpers import (AUTH, ITEMS, KEY, KEY_ENV, deploy, load, model_info, model_info_noauth, model_pids, post,
+                           tiny_student, timed_posts)
 
 pytestmark = pytest.mark.ray
-
-KEY_ENV, KEY = "THINKBROAD_TEST_API_KEY", "test-key-0123456789"
-os.environ[KEY_ENV] = KEY  # before the module's Ray starts: the replicas inherit this environment
-AUTH = {"Authorization": f"Bearer {KEY}"}
-FAST = {"num_cpus": 0.25, "backend": "torch", "precision": "fp32"}  # no export; four apps' replicas fit in 2 CPUs
-
-
-def tiny_student(folder, seed: int = 0):
-    import torch
-    from transformers import AutoTokenizer
-
-    from student.model import LRKDStudent, StudentConfig
-    from workflows.models import TINY_BERT, resolve_model
-
-    enc = resolve_model(TINY_BERT)
-    torch.manual_seed(seed)
-    model = LRKDStudent.from_encoder(enc, StudentConfig(labels=["E", "S", "C", "I"], extractor="poly", mode="unified",
-                                                        perspectives=["user_intent", "structured_analysis", "business_rules"],
-                                                        target_dim=8, poly_codes=6, max_length=32))
-    model.centroids.copy_(torch.randn(3, 8))
-    model.save_pretrained(folder, tokenizer=AutoTokenizer.from_pretrained(enc))
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -56,30 +35,6 @@ def server(tmp_path_factory, ray_local):
     url = run_local(tiny_student(tmp_path_factory.mktemp("student")), settings, block=False)
     yield url
     serve.shutdown()
-
-
-def deploy(base_url: str, name: str, student, **settings) -> str:
-    """Another app on the same Serve instance, under /<name>; returns its URL."""
-    from serve.config import ServeConfig
-    from serve.launch import deploy as deploy_app
-
-    deploy_app(student, ServeConfig(**FAST, **settings), name=name, route_prefix=f"/{name}")
-    return f"{base_url}/{name}"
-
-
-def post(url, body, raw=False, headers=AUTH):
-    data = body if raw else json.dumps(body)
-    return requests.post(f"{url}/v1/relevance", data=data, headers={"content-type": "application/json", **headers},
-                         timeout=60)
-
-
-def model_info(url) -> dict:
-    return requests.get(f"{url}/v1/model", headers=AUTH, timeout=30).json()
-
-
-ITEMS = [{"id": "a", "title": "Panasonic WhisperCeiling fan 110 CFM", "brand": "Panasonic"},
-         {"id": "b", "title": "Garden hose 20 m", "color": "green"},
-         {"id": "c", "title": "Replacement grille for bathroom fan", "material": "plastic"}]
 
 
 def test_valid_request_returns_a_label_per_item(server):
@@ -187,34 +142,6 @@ def test_without_the_right_key_v1_gets_401_before_the_body_is_read(server, heade
     assert post(server, {"query": "fan", "items": ITEMS}, headers={"Authorization": f"bearer {KEY}"}).status_code == 200
 
 
-def test_serving_with_an_api_key_variable_that_is_unset_is_refused(monkeypatch):
-    from serve.config import ServeConfig
-    from serve.launch import check_api_key
-
-    monkeypatch.delenv("THINKBROAD_UNSET_KEY", raising=False)
-    with pytest.raises(ValueError, match="THINKBROAD_UNSET_KEY"):
-        check_api_key(ServeConfig(api_key_env="THINKBROAD_UNSET_KEY"))
-    check_api_key(ServeConfig())  # no key asked for: nothing to check
-
-
-def load(url: str, seconds: float, threads: int, items: int, stop_at=None) -> list[tuple]:
-    """`threads` clients post back to back for `seconds` (or until stop_at() is true): (start, end, status, body)."""
-    body = {"query": "bathroom fan", "items": [{"id": str(i), "title": f"{ITEMS[i % 3]['title']} {i}"} for i in range(items)]}
-    out, end = [], time.perf_counter() + seconds
-
-    def client():
-        s = requests.Session()
-        while time.perf_counter() < end and not (stop_at and stop_at()):
-            t = time.perf_counter()
-            r = s.post(f"{url}/v1/relevance", json=body, timeout=60)
-            out.append((t, time.perf_counter(), r.status_code, r.json(), r.headers.get("Retry-After")))
-
-    with ThreadPoolExecutor(threads) as pool:
-        for f in [pool.submit(client) for _ in range(threads)]:
-            f.result()
-    return out
-
-
 @pytest.fixture(scope="module")
 def flood_app(server, tmp_path_factory):
     """One replica with a 20 ms budget, autoscaled on demand up to 2 (test_autoscaling_on_demand_...)."""
@@ -288,15 +215,6 @@ def test_autoscaling_on_demand_adds_a_replica_under_overload(flood_app):
     serve.delete("flood")
 
 
-def model_pids(app: str, deployment: str = "StudentModel") -> dict[str, int]:
-    import ray
-    from ray.util.state import list_actors
-
-    alive = list_actors(address=ray.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE")], limit=1000)
-    return {a.name: a.pid for a in alive
-            if a.class_name == f"ServeReplica:{app}:{deployment}"}
-
-
 @pytest.fixture(scope="module")
 def fault_app(server, tmp_path_factory):
     # each forward waits 0.5 s for a batch to fill, so both replicas hold requests whenever one is killed. No latency
@@ -329,10 +247,6 @@ def test_a_killed_replica_of_two_leaves_the_service_answering_and_loses_no_reque
     assert sum(a[0] > killed[0] for a in answers) >= 4  # and the other replica kept answering
 
 
-def model_info_noauth(url) -> dict:
-    return requests.get(f"{url}/v1/model", timeout=30).json()
-
-
 def test_a_redeploy_under_load_drops_nothing_and_switches_to_the_new_student(server, fault_app, tmp_path_factory):
     from student.export import weights_digest
 
@@ -361,49 +275,6 @@ def test_a_redeploy_under_load_drops_nothing_and_switches_to_the_new_student(ser
     pids = model_pids("fault")
     deploy(server, "fault", new, **settings)  # the same student again (a SIGHUP with nothing new): nothing restarts
     assert model_pids("fault") == pids and model_pids("fault", "RelevanceService") == ingress
-
-
-def test_serve_takes_set_and_its_print_config_carries_replicas_autoscaling_and_the_timeout(tmp_path, capsys):
-    import yaml
-
-    from serve.app import build_app
-    from workflows.cli import main
-
-    student = str(tiny_student(tmp_path / "s"))
-    given = ["serve", student, "--print-config", "--backend", "torch", "--precision", "fp32", "--set",
-             "serve.autoscaling={min_replicas: 1, max_replicas: 3}", "--set", "serve.latency_budget_ms=300",
-             "--set", "serve.health_check_period_s=2", "--set", "serve.overload_status=429"]
-    assert main(given) == 0
-    config = yaml.safe_load(capsys.readouterr().out)
-    assert config["http_options"] == {"host": "127.0.0.1", "port": 8000, "request_timeout_s": 2.0}
-    settings = config["applications"][0]["args"]["settings"]
-    assert {k: settings["autoscaling"][k] for k in ("min_replicas", "max_replicas", "metric")} == \
-        {"min_replicas": 1, "max_replicas": 3, "metric": "demand"}
-    assert (settings["latency_budget_ms"], settings["overload_status"]) == (300, 429)
-    # what Ray Serve gets from those settings (private attributes: Ray has no public view of a bound app's options)
-    ingress = build_app(config["applications"][0]["args"])._bound_deployment
-    model = ingress.init_args[0]._bound_deployment
-    autoscaling = model._deployment_config.autoscaling_config
-    assert autoscaling.max_replicas == 3 and autoscaling.policy.policy_function == "serve.autoscale:DemandPolicy"
-    assert model._deployment_config.health_check_period_s == 2
-    assert model.max_queued_requests == 128 and ingress.backpressure_config.status_code == 429
-
-    assert main(["serve", student, "--print-config", "--set", "serve.replica=2"]) == 2
-    assert "--set serve.replica=2: serve.replica: unknown key" in capsys.readouterr().err
-    assert main(["serve", student, "--print-config", "--set", "distill.seeds=[1]"]) == 2
-    assert "without --config only serve.* keys apply" in capsys.readouterr().err
-    assert main(["serve", student, "--print-config", "--set", "serve.autoscaling={min_replicas: 3, max_replicas: 2}"]) == 2
-    assert "min_replicas (3) is above max_replicas (2)" in capsys.readouterr().err
-
-
-def timed_posts(url: str, seconds: float, body: dict) -> list[tuple[float, int]]:
-    """One client posting `body` back to back: (seconds, status) per request."""
-    s, out, end = requests.Session(), [], time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        t = time.perf_counter()
-        r = s.post(f"{url}/v1/relevance", json=body, headers=AUTH, timeout=60)
-        out.append((time.perf_counter() - t, r.status_code))
-    return out
 
 
 def test_a_50_mb_body_is_refused_before_parsing_and_never_stalls_other_callers(server):
