@@ -23,7 +23,8 @@ from mpcot.generate import run_generation
 from mpcot.tasks import PairSource, TaskPlan
 from pairs.parquet import batches, write_parquet_atomic
 from student.config import DistillConfig
-from workflows.artifacts import attempt_key, fingerprint, invalidate, is_fresh, start_attempt, write_json_atomic, write_manifest
+from workflows.artifacts import (attempt_key, fingerprint, invalidate, is_fresh, start_attempt, write_json_atomic,
+                                 write_manifest)
 from workflows.config import RunConfig
 from workflows.models import resolve_model
 from workflows.stages.common import log, remote
