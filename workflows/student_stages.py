@@ -519,6 +519,9 @@ def train_variants(cfg: RunConfig, run_dir: Path, variants: list[Variant], teach
             write_manifest(out, "student", key, inputs, t0, epochs=len(history),
                            best_val_macro_f1=max(h["val_macro_f1"] for h in history))
         shutil.rmtree(storage, ignore_errors=True)
+    from workflows.cards import write_student_cards
+
+    write_student_cards(cfg, run_dir, [(v, v.name + tag, folder[id(v)]) for v in variants], data.paths, teacher, fold)
     return [{"variant": v.name + tag, "seed": v.seed, "metrics": json.loads((folder[id(v)] / "eval.json").read_text()),
              "predictions": str(folder[id(v)] / "predictions" / "test")} for v in variants]
 
@@ -679,6 +682,9 @@ def distill(cfg: RunConfig, run_dir: Path) -> Path:
     report = _report(cfg, run_dir, runs) | {"probes": probes(run_dir)}
     path = run_dir / "student" / "metrics.json"
     write_json_atomic(report, path)
+    from workflows.cards import summarise_cards
+
+    summarise_cards(run_dir, report, path.name)  # each student's card: its variant over seeds, its verdicts
     log("student (test, mean +- std over seeds):\n" + metrics_table(report["variants"]))
     log("paired verdicts (test macro-F1 difference, 95% bootstrap interval):\n"
         + verdict_lines(report["verdicts"], report["vanilla_verdicts"]))
@@ -713,6 +719,9 @@ def ablate(cfg: RunConfig, run_dir: Path) -> Path:
     report = _report(cfg, run_dir, runs) | {"probes": probes(run_dir)}
     out = run_dir / "student"
     write_json_atomic(report, out / "ablation.json")
+    from workflows.cards import summarise_cards
+
+    summarise_cards(run_dir, report, "ablation.json")
     tag = _teacher_tag(cfg, other)
     rows = []
     for name, s in report["variants"].items():
