@@ -145,7 +145,7 @@ def _data(facts: dict) -> list[str]:
                   f"{tp.get('val', 0):,} validation pairs (latent fidelity only; never training or selection); filter "
                   f"`{facts['target_filter']}`."]
     lines += ["", f"Training: up to {t['epochs']} epochs (stop after {t['patience']} without a better validation macro-F1), "
-              f"batch {t['batch_size']} × {t['workers']} workers, learning rate {t['learning_rate']:g} (encoder) / "
+              f"batch {t['batch_size']} × {t['workers']} worker{'s' if t['workers'] > 1 else ''}, learning rate {t['learning_rate']:g} (encoder) / "
               f"{t['head_learning_rate']:g} (new parts), class weighting {t['class_weighting']}, seed {facts['seed']}.", ""]
     return lines
 
