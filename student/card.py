@@ -141,7 +141,9 @@ def _data(facts: dict) -> list[str]:
         lines.append(f"- **{lab['name']}** {lab['title']}{gain}" + (f": {lab['description']}" if lab["description"] else ""))
     if facts["target_pairs"]:
         tp = facts["target_pairs"]
-        lines += ["", f"Targets: {tp.get('train', 0):,} train pairs (the others train on labels only), "
+        rest = p["train"] - tp.get("train", 0)
+        lines += ["", f"Targets: {tp.get('train', 0):,} train pairs" + (f" (the other {rest:,} train on labels only)" if rest > 0 else "")
+                  + ", "
                   f"{tp.get('val', 0):,} validation pairs (latent fidelity only; never training or selection); filter "
                   f"`{facts['target_filter']}`."]
     lines += ["", f"Training: up to {t['epochs']} epochs (stop after {t['patience']} without a better validation macro-F1), "
