@@ -41,6 +41,13 @@ def _params(n: int | None) -> str:
     return f"{n / 1e9:.1f}B parameters" if n >= 1e9 else f"{n / 1e6:.1f}M parameters" if n >= 1e6 else f"{n:,} parameters"
 
 
+def model_size(n: int | None) -> str:
+    """'135M', '7.0B', '139,840-parameter': a model's size as an adjective."""
+    if not n:
+        return "size-unknown"
+    return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.0f}M" if n >= 1e6 else f"{n:,}-parameter"
+
+
 def _f(x, spec=".3f") -> str:
     return "n/a" if x is None else format(x, spec)
 
@@ -260,7 +267,7 @@ def _limits(facts: dict, ev: dict, cross_encoder: bool) -> list[str]:
     train = facts["data"]["pairs"]["train"]
     teacher = facts["teacher"]
     small_teacher = teacher is not None and teacher["params"] is not None and teacher["params"] < DEMO_TEACHER_PARAMS
-    source = f" with a {_params(teacher['params']).replace(' parameters', '')} teacher ({teacher['model']})" if teacher else ""
+    source = f" with a {model_size(teacher['params'])} teacher ({teacher['model']})" if teacher else ""
     lines = ["## Intended use and limits", ""]
     if train < DEMO_TRAIN_PAIRS or small_teacher:
         lines.append(f"Trained on {train:,} {facts['data']['file']} pairs{source}: a demonstration of the pipeline, not a "

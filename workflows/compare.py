@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from student.card import CARD_FACTS, measured_latency, seed_interval
+from student.card import CARD_FACTS, model_size, measured_latency, seed_interval
 
 
 class CompareError(ValueError):
@@ -79,7 +79,7 @@ def _teacher(facts: dict | None) -> str:
     t = facts["teacher"]
     if not t:
         return "none"
-    size = "" if not t["params"] else f", {t['params'] / 1e9:.1f}B" if t["params"] >= 1e9 else f", {t['params'] / 1e6:.0f}M"
+    size = f", {model_size(t['params'])}" if t["params"] else ""
     return f"{t['choice']} ({t['model']}{size})" if t["trained"] else f"{t['model']}{size}"
 
 
