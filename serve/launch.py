@@ -68,6 +68,9 @@ def ensure_export(student_dir: Path, settings: ServeConfig) -> dict | None:
           f"({'on ' + str(val) if val else 'no labelled pairs: int8 and bf16 not judged'}) ...", flush=True)
     report = export_onnx(student_dir, quantize=True, check_pairs=pairs, check_labels=labels)
     print(summarize(report), flush=True)
+    from student.card import refresh_card
+
+    refresh_card(student_dir)  # its model card states the export
     return report
 
 

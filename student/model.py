@@ -166,7 +166,7 @@ class LRKDStudent(nn.Module):
 
     def forward(self, input_ids, attention_mask, token_type_ids=None):
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if token_type_ids is not None and "token_type_ids" in self.encoder.forward.__code__.co_varnames:
+        if token_type_ids is not None and self.passes_token_type_ids:
             kwargs["token_type_ids"] = token_type_ids
         h = self.encoder(**kwargs).last_hidden_state
         cls = h[:, 0]
@@ -177,6 +177,13 @@ class LRKDStudent(nn.Module):
         # projections run inside forward so that DDP sees every parameter used in one pass
         return {"logits": self.classifier(torch.cat([cls, z], -1)), "slots": slots, "z": z,
                 "projected": self._project(slots, z)}
+
+    @property
+    def passes_token_type_ids(self) -> bool:
+        """Whether forward hands token_type_ids to the encoder. The test reads the code object of the encoder's
+        forward, which under transformers 5's decorated forwards holds (args, kwargs): there it is False, and the
+        encoder sees segment 0 everywhere (students trained so depend on it; student/interop.py mirrors it)."""
+        return "token_type_ids" in self.encoder.forward.__code__.co_varnames
 
     def segments(self, input_ids: torch.Tensor) -> torch.Tensor:
         """0 for [CLS] query [SEP], 1 for the product side; from the [SEP] token, so the model needs no
@@ -224,6 +231,9 @@ class LRKDStudent(nn.Module):
         save_file(state, str(path / WEIGHTS))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(path))
+        from student.interop import write_cross_encoder_files
+
+        write_cross_encoder_files(self, path, tokenizer)  # a vanilla student also loads as a CrossEncoder
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str = "cpu") -> "LRKDStudent":

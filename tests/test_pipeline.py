@@ -125,6 +125,19 @@ def test_ray_job_submit_runs_the_smoke_pipeline(submitted):
     assert submitted["after_again"] == submitted["done"]
     assert "student [" not in out and "teacher eval: base" not in out
 
+    # every student folder carries its model card, written from the run's numbers; vanilla is also a CrossEncoder
+    for best in (run_dir / "student" / "variants").glob("*-seed0/best"):
+        card = (best / "README.md").read_text()
+        assert "pipeline_tag: text-classification" in card and "## Evaluation" in card and "## ONNX interface" in card[card.index("## Use"):]
+        # no extractor (vanilla, logit-KD): also a CrossEncoder
+        assert (best / "modules.json").exists() == best.parent.name.startswith(("vanilla", "logit_kd"))
+    smoke_card = (run_dir / "student" / "variants" / "lrkd-poly-unified-seed0" / "best" / "README.md").read_text()
+    assert "DPO-trained tiny-random-qwen2" in smoke_card and "a demonstration of the pipeline, not a production model" in smoke_card
+    cmp = subprocess.run([sys.executable, "-m", "workflows.cli", "compare", str(run_dir)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    table = cmp.stdout.splitlines()[2:]  # below the header and its rule (the header's first cell is "run" too)
+    assert cmp.returncode == 0 and {line.split(" | ")[1] for line in table
+                                    if line.startswith(f"| {run_dir.name} |")} == SMOKE_VARIANTS, cmp.stdout + cmp.stderr
     # a finished run's students evaluate again through the CLI, and the ablation adds only what distill did not train
     cfg = str(ROOT / "configs" / "smoke.yaml")
     student = run_dir / "student" / "variants" / "lrkd-poly-unified-seed0" / "best"

@@ -98,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--format", default="onnx", choices=["onnx"])
     x.add_argument("--quantize", default=None, choices=["int8"], help="also write model.int8.onnx (dynamic quantization)")
     x.add_argument("--data", default=None, help="labelled pairs to check parity on (default: the run's validation split)")
+    cp = sub.add_parser("compare", help="the students of several runs side by side: macro-F1 with intervals, latency, "
+                        "teacher, target source, lambda (Markdown + PNG)")
+    cp.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders whose student stage has finished")
+    cp.add_argument("--out", default=None, help="also write the Markdown table here (and the plot beside it as .png)")
+    cp.add_argument("--plot", default=None, help="the PNG plot (default: --out with .png)")
     m = sub.add_parser("setup-models", help="build/convert the built-in local models into the cache (once)")
     m.add_argument("names", nargs="*", default=list(BUILTIN), help=f"any of {', '.join(BUILTIN)}")
     return parser
@@ -120,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
             return _serve(args)
         if args.command == "export":
             return _export(args)
+        if args.command == "compare":
+            return _compare(args)
         if args.command == "score":
             return _stopping("score", command_line, _score, args)
         from workflows.stages.common import run_dir_for
@@ -258,6 +265,17 @@ def _serve(args) -> int:
     return 0
 
 
+def _compare(args) -> int:
+    from workflows.compare import CompareError, compare
+
+    try:
+        print(compare(args.run_dirs, args.out, args.plot))
+    except CompareError as exc:
+        print(f"thinkbroad: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _export(args) -> int:
     """`thinkbroad export`: model.onnx (+ model.int8.onnx) and onnx_export.json into the student folder."""
     import pyarrow.parquet as pq
@@ -277,6 +295,9 @@ def _export(args) -> int:
     table = None if source is None else load_pairs(source, "auto", ColumnMap(), labels) if args.data else pq.read_table(source)
     pairs, gold = check_set(table) if table is not None else (None, None)
     report = export_onnx(student, quantize=args.quantize == "int8", check_pairs=pairs, check_labels=gold)
+    from student.card import refresh_card
+
+    refresh_card(student)  # the model card (README.md, beside model.onnx) states the export and its parity
     print(f"exported {student}: {', '.join(report['files'])}; inputs {', '.join(report['inputs'])}; outputs "
           f"{', '.join(report['outputs'])}; parity checked on {source or 'built-in probe pairs (int8 not judged; give --data)'}")
     print(summarize(report))

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from workflows.artifacts import write_json_atomic, write_text_atomic
+from workflows.cards import summarise_cards
 from workflows.config import RunConfig
 from workflows.stages.common import log
 from workflows.stages.probe import probes
@@ -39,6 +40,7 @@ def ablate(cfg: RunConfig, run_dir: Path) -> Path:
     report = variant_report(cfg, run_dir, runs) | {"probes": probes(run_dir)}
     out = run_dir / "student"
     write_json_atomic(report, out / "ablation.json")
+    summarise_cards(run_dir, report, "ablation.json")
     tag = teacher_tag(cfg, other)
     rows = []
     for name, s in report["variants"].items():

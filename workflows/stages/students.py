@@ -16,6 +16,7 @@ from pathlib import Path
 from hardware.runtime import ensure_ray
 from student.train import TRAINED, Variant
 from workflows.artifacts import attempt_key, invalidate, is_fresh, start_attempt, write_json_atomic, write_manifest
+from workflows.cards import summarise_cards, write_student_cards
 from workflows.config import RunConfig
 from workflows.models import resolve_model
 from workflows.stages.common import log, remote
@@ -37,6 +38,7 @@ def distill(cfg: RunConfig, run_dir: Path) -> Path:
     report = variant_report(cfg, run_dir, runs) | {"probes": probes(run_dir)}
     path = run_dir / "student" / "metrics.json"
     write_json_atomic(report, path)
+    summarise_cards(run_dir, report, path.name)  # each student's card: its variant over seeds, its verdicts
     log("student (test, mean +- std over seeds):\n" + metrics_table(report["variants"]))
     log("paired verdicts (test macro-F1 difference, 95% bootstrap interval):\n"
         + verdict_lines(report["verdicts"], report["vanilla_verdicts"]))
@@ -103,6 +105,7 @@ def train_variants(cfg: RunConfig, run_dir: Path, variants: list[Variant], teach
             write_manifest(out, "student", key, inputs, t0, epochs=len(history),
                            best_val_macro_f1=max(h["val_macro_f1"] for h in history))
         shutil.rmtree(storage, ignore_errors=True)
+    write_student_cards(cfg, run_dir, [(v, v.name + tag, folder[id(v)]) for v in variants], data.paths, teacher, fold)
     return [{"variant": v.name + tag, "seed": v.seed, "metrics": json.loads((folder[id(v)] / "eval.json").read_text()),
              "predictions": str(folder[id(v)] / "predictions" / "test")} for v in variants]
 
