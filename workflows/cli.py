@@ -18,8 +18,9 @@ from workflows.plan import PlanRefused
 from hardware import runtime
 from hardware.runtime import RayStartError, stop_on_signals, stop_ray
 from workflows.shapes import ShapeError
+from workflows.tracking import TrackingError
 
-USER_ERRORS = (ConfigError, DataError, ModelNotFound, RayStartError, PlanError, PlanRefused, ShapeError)
+USER_ERRORS = (ConfigError, DataError, ModelNotFound, RayStartError, PlanError, PlanRefused, ShapeError, TrackingError)
 
 
 def _with_config(sub, name: str, help_text: str):
@@ -195,8 +196,10 @@ def _score(args) -> int:
 
 
 def _stage(args, cfg, run_dir: Path) -> int:
-    """One pipeline command on `run_dir`."""
-    from workflows import stages
+    """One pipeline command on `run_dir`; then MLflow gets what it finished (workflows/tracking.py)."""
+    from workflows import stages, tracking
+
+    tracking.check(cfg)
 
     if args.command == "run":
         from workflows.pipeline import STAGES, run
@@ -224,6 +227,8 @@ def _stage(args, cfg, run_dir: Path) -> int:
         from workflows import student_stages
 
         print(json.dumps(student_stages.evaluate_folder(cfg, run_dir, args.student), indent=2))
+    if args.command != "eval":
+        tracking.sync(cfg, run_dir, stages.log)
     return 0
 
 

@@ -517,7 +517,8 @@ def train_variants(cfg: RunConfig, run_dir: Path, variants: list[Variant], teach
             history = json.loads((out / "history.json").read_text())
             write_json_atomic(_score(out, data, v, history), out / "eval.json")
             write_manifest(out, "student", key, inputs, t0, epochs=len(history),
-                           best_val_macro_f1=max(h["val_macro_f1"] for h in history))
+                           best_val_macro_f1=max(h["val_macro_f1"] for h in history),
+                           variant=dataclasses.asdict(v), train=settings.model_dump())  # both: MLflow parameters
         shutil.rmtree(storage, ignore_errors=True)
     return [{"variant": v.name + tag, "seed": v.seed, "metrics": json.loads((folder[id(v)] / "eval.json").read_text()),
              "predictions": str(folder[id(v)] / "predictions" / "test")} for v in variants]
