@@ -129,11 +129,14 @@ def mlflow_server(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_tracking_server_gets_the_stage_once(tmp_path, mlflow_server):
+def test_a_tracking_server_gets_the_stage_once(tmp_path, mlflow_server, capsys):
     uri, store = mlflow_server
     run_dir = tmp_path / "run"
     for _ in range(2):  # the second run finds the stage up to date and its MLflow run on the server
         assert _prepare(run_dir, f"tracking.uri={uri}", "tracking.experiment=smoke-on-server") == 0
+    out = capsys.readouterr().out
+    assert out.count("[thinkbroad] tracking: 1 new MLflow run (prepare) -> " + uri + "/#/experiments/") == 1, out
+    assert "View run" not in out  # MLflow's own two lines per run are left out
     client, runs = _runs(uri, "smoke-on-server")
     _check_prepare(client, runs, run_dir)
     assert not (run_dir / "mlflow").exists()  # nothing local: the server holds the runs and (proxied) the artifacts

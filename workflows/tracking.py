@@ -62,6 +62,7 @@ def _quiet():
     console shows warnings only (the whole output is still in RUN_DIR/logs)."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # offline: no usage reports
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")  # a server that went away fails in seconds, not minutes
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # two lines per run: ours names the run once
     loggers = [logging.getLogger(n) for n in ("mlflow", "alembic", "sqlalchemy")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
@@ -170,5 +171,7 @@ def sync(cfg, run_dir: Path, log=None) -> int:
                             f"results are in {run_dir} and the next command logs what is missing; or run without "
                             "tracking: --set tracking.backend=none") from None
     if made and log:
-        log(f"tracking: {len(made)} new MLflow run{'s' if len(made) > 1 else ''} ({', '.join(r.name for r in found if r.key not in have)}) -> {uri}")
+        where = f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{parent}" if uri.startswith("http") else uri
+        log(f"tracking: {len(made)} new MLflow run{'s' if len(made) > 1 else ''} "
+            f"({', '.join(r.name for r in found if r.key not in have)}) -> {where}")
     return len(made)
