@@ -55,7 +55,7 @@ def _digest(path: Path, content: bool, run: Path | None = None) -> str:
 
 
 def _files(run: Path) -> dict[str, Path]:
-    skip = ("trainer/", "ray/", "logs/", ".config_hash")
+    skip = ("trainer/", "ray/", "logs/", "mlflow/", ".config_hash")  # mlflow/: the tracking store (run ids, times)
     return {p.relative_to(run).as_posix(): p for p in run.rglob("*")
             if p.is_file() and not any(s in p.relative_to(run).as_posix() for s in skip) and not p.name.startswith(".")}
 

@@ -99,7 +99,8 @@ def test_products_path_can_be_set_on_the_command_line(tmp_path):
     from workflows.cli import main
 
     assert main(["prepare", "--config", str(ROOT / "configs" / "esci.yaml"), "--run-dir", str(tmp_path / "run"),
-                 "--set", f"data.path={ex}", "--set", f"data.products.path={other}"]) == 0
+                 "--set", f"data.path={ex}", "--set", f"data.products.path={other}",
+                 "--set", "tracking.backend=none"]) == 0  # MLflow's first store costs seconds: tests/test_tracking.py
     titles = {r["pair_id"]: r["title"] for t in read_splits(tmp_path / "run").values() for r in t.to_pylist()}
     assert titles["0"] == "Other Anker cable B0000"
 

@@ -118,12 +118,19 @@ def test_ray_job_submit_runs_the_smoke_pipeline(submitted):
     assert "Starting execution of Dataset" in full[0] and "Starting execution of Dataset" not in out
     metrics = _check_report(run_dir, SMOKE_VARIANTS, teacher_eval=True)
     assert set(metrics["teacher_eval"]["models"]) == {"base", "sft", "dpo"}
+    # MLflow: each stage's results as it finishes (11 nested runs: 7 stages, 4 students), and no library chatter
+    assert sum(int(n) for n in re.findall(r"tracking: (\d+) new MLflow runs? ", out)) == 11, out[-4000:]
+    assert "alembic" not in out and "mlflow.store" not in out
 
     # the same job again: every stage is up to date, nothing reruns
     out = again.stdout + again.stderr
     assert again.returncode == 0, out[-4000:]
     assert submitted["after_again"] == submitted["done"]
     assert "student [" not in out and "teacher eval: base" not in out
+    # ... and nothing is logged twice: the store holds each stage and student once, with the numbers of its files
+    stages = _check_tracking(run_dir, {"prepare", "generate", "sft", "dpo", "teacher_eval", "distill", "report",
+                                       *(f"student {v}-seed0" for v in SMOKE_VARIANTS)})
+    assert "tracking:" not in out
 
     # every student folder carries its model card, written from the run's numbers; vanilla is also a CrossEncoder
     for best in (run_dir / "student" / "variants").glob("*-seed0/best"):
@@ -170,6 +177,63 @@ def test_ray_job_submit_runs_the_smoke_pipeline(submitted):
     assert report.returncode == 0, report.stderr[-2000:]
     text = (run_dir / "report.md").read_text()
     assert "## Student ablation" in text and "| label_text |" in text and "lrkd-poly-unified-label_text vs lrkd-poly-unified-lam0" in text
+    # MLflow: the ablation (its table and plot), its three new students and the new report, beside the earlier runs
+    after = _check_tracking(run_dir, {"ablate", "student lrkd-poly-unified-gold_conditioned-seed0",
+                                      "student lrkd-poly-unified-label_text-seed0", "student lrkd-poly-unified-sftteacher-seed0",
+                                      *{r.info.run_name for r in stages}})
+    assert len(after) == len(stages) + 5  # + ablate, 3 students, the report written again
+    client, ablation = _mlflow(run_dir)[0], next(r for r in after if r.info.run_name == "ablate")
+    assert {a.path for a in client.list_artifacts(ablation.info.run_id)} >= {"ablation.csv", "ablation.png", "ablation.md"}
+
+
+def _mlflow(run_dir: Path) -> tuple:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{run_dir / 'mlflow' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("smoke").experiment_id], max_results=1000)
+    return client, [r for r in runs if r.data.tags.get("thinkbroad.kind") == "stage"]
+
+
+def _numbers(obj, prefix: str = "") -> dict:
+    """The numeric leaves of a JSON document by dotted path (MLflow's names: '@' and '~' as '_')."""
+    if isinstance(obj, (dict, list)):
+        items = obj.items() if isinstance(obj, dict) else enumerate(obj)
+        return {k: v for key, value in items for k, v in _numbers(value, f"{prefix}{key}.").items()}
+    if isinstance(obj, (int, float)) and not isinstance(obj, bool) and obj == obj:
+        return {re.sub(r"[@~]", "_", prefix[:-1]): float(obj)}
+    return {}
+
+
+def _check_tracking(run_dir: Path, names: set[str]) -> list:
+    """RUN_DIR/mlflow holds one nested run per stage and student result (`names`: the newest of each), each with
+    the numbers of the files its stage wrote; returns the nested runs."""
+    client, runs = _mlflow(run_dir)
+    keys = [r.data.tags["thinkbroad.key"] for r in runs]
+    assert len(keys) == len(set(keys)), "a result logged twice"
+    newest = {}
+    for r in sorted(runs, key=lambda r: r.info.start_time):
+        newest[r.info.run_name] = r
+    assert set(newest) == names
+    assert all(r.info.status == "FINISHED" and r.data.tags.get("thinkbroad.complete") == "1" for r in runs)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics.pop("benchmarks")
+    report = newest["report"]
+    assert report.data.metrics == _numbers(metrics)  # every number of metrics.json, and nothing else
+    assert {a.path for a in client.list_artifacts(report.info.run_id)} == {"metrics.json", "report.md", "plots"}
+    assert {a.path for a in client.list_artifacts(report.info.run_id, "plots")} == {"plots/student.png", "plots/teacher.png"}
+    assert newest["teacher_eval"].data.metrics["models.dpo.all.accuracy"] == metrics["teacher_eval"]["models"]["dpo"]["all"]["accuracy"]
+    student = json.loads((run_dir / "student" / "metrics.json").read_text())
+    for r in student["runs"]:  # each student: its test metrics and its per-epoch curves
+        run = newest[f"student {r['variant']}-seed{r['seed']}"]
+        assert run.data.metrics["test.macro_f1"] == r["metrics"]["macro_f1"] and run.data.params["variant.seed"] == str(r["seed"])
+        history = json.loads((run_dir / "student" / "variants" / f"{r['variant']}-seed{r['seed']}" / "history.json").read_text())
+        for key in ("val_macro_f1", "train_ce", *(["train_guidance", "diag_grad_ratio"] if r["variant"] == "lrkd-poly-unified" else [])):
+            curve = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
+            assert curve == [(h["epoch"], h[key]) for h in history], key
+    sft = json.loads((run_dir / "teacher" / "sft" / "log_history.json").read_text())
+    assert sorted((m.step, m.value) for m in client.get_metric_history(newest["sft"].info.run_id, "loss")) == \
+        [(h["step"], h["loss"]) for h in sft if "loss" in h]
+    return runs
 
 
 def _submit(cmd: list[str], env: dict) -> subprocess.CompletedProcess:

@@ -18,8 +18,9 @@ from workflows.plan import PlanRefused
 from hardware import runtime
 from hardware.runtime import RayStartError, stop_on_signals, stop_ray
 from workflows.shapes import ShapeError
+from workflows.tracking import TrackingError
 
-USER_ERRORS = (ConfigError, DataError, ModelNotFound, RayStartError, PlanError, PlanRefused, ShapeError)
+USER_ERRORS = (ConfigError, DataError, ModelNotFound, RayStartError, PlanError, PlanRefused, ShapeError, TrackingError)
 
 
 def _with_config(sub, name: str, help_text: str):
@@ -202,7 +203,13 @@ def _score(args) -> int:
 
 
 def _stage(args, cfg, run_dir: Path) -> int:
-    """One pipeline command on `run_dir`: each command's stage is one module of workflows/stages/."""
+    """One pipeline command on `run_dir`: each command's stage is one module of workflows/stages/; then MLflow gets
+    what it finished (workflows/tracking.py)."""
+    from workflows import tracking
+    from workflows.stages.common import log
+
+    tracking.check(cfg)
+
     if args.command == "run":
         from workflows.pipeline import STAGES, run
 
@@ -237,6 +244,8 @@ def _stage(args, cfg, run_dir: Path) -> int:
         from workflows.stages import score
 
         print(json.dumps(score.evaluate_folder(cfg, run_dir, args.student), indent=2))
+    if args.command != "eval":
+        tracking.sync(cfg, run_dir, log)
     return 0
 
 

@@ -72,6 +72,19 @@ class PlanConfig(_Strict):
     assume: PlanAssumptions = Field(default_factory=PlanAssumptions)
 
 
+class TrackingConfig(_Strict):
+    """Experiment tracking with MLflow: one run per run directory, a nested run per stage and per student
+    (workflows/tracking.py; docs/tracking.md)."""
+
+    backend: Literal["mlflow", "none"] = Field("mlflow", description="mlflow: log every finished stage's parameters, "
+                                               "metrics and files to MLflow; none: log and write nothing")
+    uri: str | None = Field(None, description="MLflow tracking URI; null = a SQLite store in RUN_DIR/mlflow (no server: "
+                            "`mlflow ui --backend-store-uri sqlite:///RUN_DIR/mlflow/mlflow.db` shows it); "
+                            "http://HOST:PORT = an MLflow tracking server (`mlflow server`), which every run of a team "
+                            "can share")
+    experiment: str | None = Field(None, description="the MLflow experiment; null = the config's `name`")
+
+
 class RunConfig(_Strict):
     name: str
     run_dir: str | None = None
@@ -87,6 +100,7 @@ class RunConfig(_Strict):
     distill: DistillConfig = Field(default_factory=DistillConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     plan: PlanConfig = Field(default_factory=PlanConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @field_validator("labels")
     @classmethod

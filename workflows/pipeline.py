@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from workflows import tracking
 from workflows.artifacts import MANIFEST
 from workflows.config import RunConfig
 from workflows.stages.common import log
@@ -61,6 +62,7 @@ def run(cfg: RunConfig, run_dir: Path, from_stage: str | None = None, only: str 
         log(f"=== stage {i}/{len(stages)}: {name} ===")
         current_stage = name
         _stage_fn(name)(cfg, run_dir)
+        tracking.sync(cfg, run_dir, log)  # MLflow: what this stage wrote (workflows/tracking.py)
     current_stage = None
     return run_dir / "report.md"
 

@@ -103,7 +103,8 @@ def train_variants(cfg: RunConfig, run_dir: Path, variants: list[Variant], teach
             history = json.loads((out / "history.json").read_text())
             write_json_atomic(_score(out, data, v, history), out / "eval.json")
             write_manifest(out, "student", key, inputs, t0, epochs=len(history),
-                           best_val_macro_f1=max(h["val_macro_f1"] for h in history))
+                           best_val_macro_f1=max(h["val_macro_f1"] for h in history),
+                           variant=dataclasses.asdict(v), train=settings.model_dump())  # both: MLflow parameters
         shutil.rmtree(storage, ignore_errors=True)
     write_student_cards(cfg, run_dir, [(v, v.name + tag, folder[id(v)]) for v in variants], data.paths, teacher, fold)
     return [{"variant": v.name + tag, "seed": v.seed, "metrics": json.loads((folder[id(v)] / "eval.json").read_text()),
