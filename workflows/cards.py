@@ -67,8 +67,9 @@ def card_facts(cfg, run_dir: Path, variant, name: str, paths: dict, teacher: str
     source = variant.target_source or d.target_source if variant.kind != "vanilla" else None
     targets = None
     if variant.kind == "lrkd" and variant.lam > 0:
-        tag = "" if source == "label_text" or teacher in (None, d.teacher) else f"-{teacher}teacher"
-        manifest = run_dir / "student" / "targets" / (source + tag + (f"-cv{d.cv_folds}" if d.cv_folds > 1 else "")) / "manifest.json"
+        from workflows.stages.targets import targets_folder
+
+        manifest = targets_folder(cfg, run_dir, source, teacher) / "manifest.json"
         targets = json.loads(manifest.read_text()).get("pairs") if manifest.exists() else None
     backbone = local_folder(d.backbone)
     return {

@@ -112,6 +112,15 @@ def _sampled_pairs(path: Path, ids: pa.Array | None, out: Path) -> Path:
     return out
 
 
+def targets_folder(cfg: RunConfig, run_dir: Path, source: str, teacher: str | None) -> Path:
+    """RUN_DIR/student/targets/<source>[-<teacher>teacher][-cv<k>]: the teacher's tag only for an LLM source;
+    cross-validation samples every split, so its targets sit beside the plain run's, not in their place."""
+    d = cfg.distill
+    cv = f"-cv{d.cv_folds}" if d.cv_folds > 1 else ""
+    tag = teacher_tag(cfg, teacher or d.teacher) if source != "label_text" else ""
+    return run_dir / "student" / "targets" / (source + tag + cv)
+
+
 def targets(cfg: RunConfig, run_dir: Path, source: str | None = None, teacher: str | None = None) -> Path:
     """RUN_DIR/student/targets/<source>[-<teacher>teacher]/targets.parquet/ (a Parquet folder): one row per
     (pair, perspective) of the sampled train and val pairs: the rationale, its labels and flags, and its
@@ -125,9 +134,7 @@ def targets(cfg: RunConfig, run_dir: Path, source: str | None = None, teacher: s
     d: DistillConfig = cfg.distill
     source, teacher = source or d.target_source, teacher or d.teacher
     llm = source != "label_text"
-    # cross-validation samples every split: its targets sit beside the plain run's, not in their place
-    cv = f"-cv{d.cv_folds}" if d.cv_folds > 1 else ""
-    out = run_dir / "student" / "targets" / (source + (teacher_tag(cfg, teacher) if llm else "") + cv)
+    out = targets_folder(cfg, run_dir, source, teacher)
     path = out / "targets.parquet"
     split_paths = prepare(cfg, run_dir)
     teacher_path, teacher_name = _teacher_model(cfg, run_dir, teacher) if llm else ("", "")
