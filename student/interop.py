@@ -58,9 +58,10 @@ def write_cross_encoder_files(model, path: str | Path, tokenizer) -> bool:
     hidden, labels = model.classifier.in_features, model.classifier.out_features
     model_kwargs: dict = {"key_mapping": {r"^encoder\.": ""}}
     processor_kwargs: dict = {"model_max_length": model.cfg.max_length}
-    if not model.passes_token_type_ids and "token_type_ids" in tokenizer.model_input_names:
-        # the student's forward does not hand segment ids to its encoder (LRKDStudent.passes_token_type_ids): the
-        # CrossEncoder's tokenizer must not produce them either, or the encoder would add segment-1 embeddings
+    if not model.cfg.segment_ids and "token_type_ids" in tokenizer.model_input_names:
+        # the student's forward does not hand segment ids to its encoder (StudentConfig.segment_ids, off in students
+        # saved before 2026-12-06): the CrossEncoder's tokenizer must not produce them either, or the encoder would
+        # add segment-1 embeddings
         processor_kwargs["model_input_names"] = [n for n in tokenizer.model_input_names if n != "token_type_ids"]
     if "add_pooling_layer" in inspect.signature(type(model.encoder).__init__).parameters:
         model_kwargs["add_pooling_layer"] = False  # the student has no pooler (student/model.py): none to initialise

@@ -16,6 +16,7 @@ unit targets, the order of the cross-entropy), or 1 - cos; averaged over the per
 """
 from __future__ import annotations
 
+import inspect
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -41,6 +42,10 @@ class StudentConfig:
     max_length: int = 128
     gat_heads: int = 4
     sep_token_id: int | None = None  # splits query from product tokens (gat's edge segments); None = one segment
+    # hand the tokenizer's token_type_ids to the encoder: None = wherever the encoder takes them (BERT-class backbones
+    # were pretrained with segment ids); a saved folder without the key is read as False, the forward students had
+    # before 2026-12-06, so an old student keeps its predictions
+    segment_ids: bool | None = None
     encoder_config: dict = field(default_factory=dict)
 
     @property
@@ -150,6 +155,7 @@ class LRKDStudent(nn.Module):
         if getattr(encoder, "pooler", None) is not None:
             encoder.pooler = None  # h_CLS is read from the last hidden state; an unused pooler only confuses DDP
         self.encoder = encoder
+        cfg.segment_ids = (cfg.segment_ids is not False) and takes_segment_ids(encoder)
         hidden = encoder.config.hidden_size
         k = len(cfg.perspectives)
         if cfg.extractor == "none":
@@ -166,7 +172,7 @@ class LRKDStudent(nn.Module):
 
     def forward(self, input_ids, attention_mask, token_type_ids=None):
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if token_type_ids is not None and self.passes_token_type_ids:
+        if token_type_ids is not None and self.cfg.segment_ids:
             kwargs["token_type_ids"] = token_type_ids
         h = self.encoder(**kwargs).last_hidden_state
         cls = h[:, 0]
@@ -177,13 +183,6 @@ class LRKDStudent(nn.Module):
         # projections run inside forward so that DDP sees every parameter used in one pass
         return {"logits": self.classifier(torch.cat([cls, z], -1)), "slots": slots, "z": z,
                 "projected": self._project(slots, z)}
-
-    @property
-    def passes_token_type_ids(self) -> bool:
-        """Whether forward hands token_type_ids to the encoder. The test reads the code object of the encoder's
-        forward, which under transformers 5's decorated forwards holds (args, kwargs): there it is False, and the
-        encoder sees segment 0 everywhere (students trained so depend on it; student/interop.py mirrors it)."""
-        return "token_type_ids" in self.encoder.forward.__code__.co_varnames
 
     def segments(self, input_ids: torch.Tensor) -> torch.Tensor:
         """0 for [CLS] query [SEP], 1 for the product side; from the [SEP] token, so the model needs no
@@ -242,7 +241,7 @@ class LRKDStudent(nn.Module):
         path = Path(path)
         if not (path / STUDENT_CONFIG).exists():
             raise FileNotFoundError(f"{path} is not a student folder: {STUDENT_CONFIG} is missing")
-        cfg = StudentConfig(**json.loads((path / STUDENT_CONFIG).read_text()))
+        cfg = StudentConfig(**({"segment_ids": False} | json.loads((path / STUDENT_CONFIG).read_text())))
         model = cls(cfg)
         model.load_state_dict(load_file(str(path / WEIGHTS), device=device))
         return model.to(device).eval()
@@ -259,6 +258,17 @@ class LRKDStudent(nn.Module):
         if cfg.sep_token_id is None:
             cfg.sep_token_id = AutoTokenizer.from_pretrained(encoder_path).sep_token_id
         return cls(cfg, encoder=encoder)
+
+
+def takes_segment_ids(encoder: nn.Module) -> bool:
+    """Whether the encoder's forward takes token_type_ids and has more than one segment embedding to read them
+    with (BERT, MiniLM: yes; RoBERTa: one type; ModernBERT: no such argument). The signature, not the code object:
+    transformers 5 wraps forwards in decorators whose code holds only (args, kwargs)."""
+    try:
+        params = inspect.signature(encoder.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return "token_type_ids" in params and getattr(encoder.config, "type_vocab_size", 0) > 1
 
 
 class _Width(nn.Module):

@@ -52,6 +52,8 @@ class StudentTrainConfig(BaseModel):
     warmup_ratio: float = Field(0.1, ge=0, lt=1, description="linear warm-up over this share of the steps, then linear decay to 0")
     weight_decay: float = Field(0.01, ge=0)
     max_length: int = Field(128, ge=8)
+    segment_ids: bool = Field(True, description="hand the tokenizer's token_type_ids (query 0, product 1) to encoders "
+                              "that take them; false = every token in segment 0, as students trained before 2026-12-06")
     class_weighting: str = Field("inverse_frequency", pattern="^(none|inverse_frequency)$")
     patience: int = Field(2, ge=1, description="stop after this many epochs without a better val macro-F1")
     latent_dim: int = Field(256, ge=1)

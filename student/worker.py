@@ -135,7 +135,7 @@ def _train_job(cfg: dict, job: dict, resume: dict | None) -> None:
                                 extractor=variant.extractor if variant.kind == "lrkd" else "none", mode=variant.mode,
                                 latent_dim=settings.latent_dim, poly_codes=settings.poly_codes,
                                 target_dim=int(data["target_dim"]), max_length=settings.max_length,
-                                sep_token_id=tok.sep_token_id)
+                                sep_token_id=tok.sep_token_id, segment_ids=settings.segment_ids)
     model = LRKDStudent.from_encoder(cfg["encoder_path"], student_cfg)
     model.centroids.copy_(torch.tensor(data["centroids"]))
     start_epoch, start_step, best, history, running = 0, 0, -1.0, [], None

@@ -12,7 +12,7 @@ from test_export import PERSPECTIVES, labelled_split
 MAX_DIFF = 1e-5
 
 
-def _student(folder, backbone: str, extractor: str):
+def _student(folder, backbone: str, extractor: str, segment_ids: bool | None = None):
     from transformers import AutoTokenizer
 
     from student.model import LRKDStudent, StudentConfig
@@ -21,7 +21,8 @@ def _student(folder, backbone: str, extractor: str):
     enc = resolve_model(backbone)
     torch.manual_seed(0)
     model = LRKDStudent.from_encoder(enc, StudentConfig(labels=["E", "S", "C", "I"], extractor=extractor, mode="unified",
-                                                        perspectives=PERSPECTIVES, target_dim=8, poly_codes=6, max_length=40))
+                                                        perspectives=PERSPECTIVES, target_dim=8, poly_codes=6, max_length=40,
+                                                        segment_ids=segment_ids))
     with torch.no_grad():  # a head with real spread, so that a wrong mapping cannot hide in near-zero logits
         model.classifier.weight.normal_(0, 0.5)
         model.classifier.bias.normal_(0, 0.5)
@@ -46,11 +47,14 @@ def _own_logits(folder, pairs, batch_size=16) -> np.ndarray:
     return np.concatenate(out)
 
 
-@pytest.mark.parametrize("backbone", ["tiny-random-bert", "all-minilm-l6-v2"])
-def test_vanilla_student_loads_as_a_cross_encoder_with_the_same_logits(tmp_path, backbone):
+@pytest.mark.parametrize("backbone,segment_ids", [("tiny-random-bert", None), ("all-minilm-l6-v2", None),
+                                                   ("all-minilm-l6-v2", False)])
+def test_vanilla_student_loads_as_a_cross_encoder_with_the_same_logits(tmp_path, backbone, segment_ids):
+    """segment_ids False: a student that keeps every token in segment 0 (those saved before the setting) gets a
+    CrossEncoder whose tokenizer makes no token_type_ids."""
     from sentence_transformers import CrossEncoder
 
-    folder = _student(tmp_path / "vanilla", backbone, "none")
+    folder = _student(tmp_path / "vanilla", backbone, "none", segment_ids)
     pairs, _ = labelled_split("test")  # 108 real pairs; max length 40 truncates many of them, query or product side
     ce = CrossEncoder(str(folder), device="cpu", trust_remote_code=False)
     assert ce.num_labels == 4 and ce.max_seq_length == 40

@@ -213,3 +213,42 @@ def test_save_load_round_trip_restores_logits_exactly(encoder_path, tmp_path):
         torch.testing.assert_close(m(ids, mask)["logits"], back(ids, mask)["logits"], rtol=0, atol=0)
     torch.testing.assert_close(m.centroids, back.centroids)
     assert (tmp_path / "s" / "model.safetensors").exists() and (tmp_path / "s" / "tokenizer.json").exists()
+
+
+def test_the_encoder_reads_the_tokenizers_segment_ids(encoder_path, tmp_path):
+    """A BERT-class encoder gets token_type_ids (query 0, product 1): they change the logits; segment_ids=False and a
+    folder saved before the setting existed (no key) keep every token in segment 0, as those students were trained."""
+    import json
+
+    from student.model import STUDENT_CONFIG
+
+    on, off = student(encoder_path, "none"), student(encoder_path, "none", segment_ids=False)
+    assert on.cfg.segment_ids is True and off.cfg.segment_ids is False
+    ids, mask = batch()
+    types = torch.zeros_like(ids)
+    types[:, 5:] = 1
+    with torch.no_grad():
+        assert not torch.allclose(on(ids, mask, types)["logits"], on(ids, mask)["logits"], atol=1e-4)
+        torch.testing.assert_close(off(ids, mask, types)["logits"], off(ids, mask)["logits"])
+    on.save_pretrained(tmp_path / "old")
+    raw = json.loads((tmp_path / "old" / STUDENT_CONFIG).read_text())
+    assert raw["segment_ids"] is True
+    del raw["segment_ids"]
+    (tmp_path / "old" / STUDENT_CONFIG).write_text(json.dumps(raw))
+    old = LRKDStudent.from_pretrained(tmp_path / "old")
+    assert old.cfg.segment_ids is False
+    with torch.no_grad():
+        torch.testing.assert_close(old(ids, mask, types)["logits"], on(ids, mask)["logits"])
+
+
+def test_an_encoder_with_one_segment_type_gets_no_segment_ids():
+    from transformers import AutoConfig, AutoModel
+
+    from student.model import takes_segment_ids
+
+    small = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, vocab_size=99)
+    assert takes_segment_ids(AutoModel.from_config(AutoConfig.for_model("bert", **small)))
+    roberta = AutoModel.from_config(AutoConfig.for_model("roberta", type_vocab_size=1, **small))
+    assert not takes_segment_ids(roberta)
+    cfg = StudentConfig(labels=LABELS, perspectives=PERSP, extractor="none", target_dim=8)
+    assert LRKDStudent(cfg, encoder=roberta).cfg.segment_ids is False
