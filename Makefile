@@ -5,11 +5,12 @@ setup:
 	bash scripts/setup.sh
 
 # the first line names the CPU and the dtype its flags pick: bf16 is fast only with native support (docs/results.md).
-# The demo trains its students for one seed; `thinkbroad distill --config configs/local.yaml` adds the config's other
+# `--profile auto` sizes the run for this CPU (20 min with set-up; workflows/demo.py: the estimate is printed first,
+# the report says what the profile left out). The demo trains its students for one seed; `thinkbroad distill --config configs/local.yaml` adds the config's other
 # seeds to the same run (the paired verdicts need them) and `thinkbroad ablate` the ablation.
 demo: setup
 	@.venv/bin/python -m hardware.cpu
-	.venv/bin/thinkbroad run --config configs/local.yaml --set 'distill.seeds=[0]'
+	.venv/bin/thinkbroad run --config configs/local.yaml --profile auto --set 'distill.seeds=[0]'
 
 test: setup
 	.venv/bin/python -m pytest -q -p no:cacheprovider --durations=25

@@ -42,6 +42,10 @@ class DistillConfig(_Strict):
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
     extractors: list[Literal["mlp", "poly", "gat"]] = Field(default_factory=lambda: list(EXTRACTORS))
     modes: list[Literal["average", "multi_teacher", "unified"]] = Field(default_factory=lambda: list(MODES))
+    controls: list[Literal["vanilla", "logit_kd", "lambda0"]] = Field(
+        default_factory=lambda: ["vanilla", "logit_kd", "lambda0"], description="the students trained beside LRKD: "
+        "vanilla (the baseline of the LRKD-vs-vanilla verdicts), logit-KD, and each LRKD variant's lambda = 0 twin "
+        "(isolates the guidance term); the demo's smallest profile keeps vanilla only (workflows/demo.py)")
     lam: float = Field(0.1, ge=0, description="weight of the guidance (latent) term")
     kd_alpha: float = Field(0.5, ge=0, description="logit-KD baseline: weight of KL(teacher || student)")
     ablation_lambdas: list[float] = Field(default_factory=lambda: [0.0, 0.05, 0.1, 0.3, 0.5])
@@ -82,14 +86,19 @@ class DistillConfig(_Strict):
 
     def main_variants(self) -> list[Variant]:
         """vanilla, logit-KD, and LRKD with each extractor (in the default mode) and in each mode (with the default
-        extractor), each at lambda = `lam` and at lambda = 0 (its paired control), for every seed."""
+        extractor), each at lambda = `lam` and at lambda = 0 (its paired control), for every seed; the controls only
+        where `controls` names them."""
         out = []
         for seed in self.seeds:
-            out.append(Variant("vanilla", "vanilla", seed=seed))
-            out.append(Variant("logit_kd", "logit_kd", kd_alpha=self.kd_alpha, seed=seed))
+            if "vanilla" in self.controls:
+                out.append(Variant("vanilla", "vanilla", seed=seed))
+            if "logit_kd" in self.controls:
+                out.append(Variant("logit_kd", "logit_kd", kd_alpha=self.kd_alpha, seed=seed))
             combos = [(e, self.default_mode) for e in self.extractors] + [(self.default_extractor, m) for m in self.modes]
             for ext, mode in dict.fromkeys(combos):
-                out += [self.lrkd(ext, mode, self.lam, seed), self.lrkd(ext, mode, 0.0, seed)]
+                out.append(self.lrkd(ext, mode, self.lam, seed))
+                if "lambda0" in self.controls:
+                    out.append(self.lrkd(ext, mode, 0.0, seed))
         return out
 
     def ablation_variants(self, perspectives: list[str]) -> list[Variant]:

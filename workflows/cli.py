@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--from", dest="from_stage", default=None, metavar="STAGE", help="rerun from this stage on")
     r.add_argument("--only", default=None, metavar="STAGE", help="run this stage only (and any stale dependency)")
     r.add_argument("--no-plan", action="store_true", help="skip the pre-flight check (thinkbroad plan) before the stages")
+    r.add_argument("--profile", default=None, choices=["auto", "full", "lean", "small", "minimal"],
+                   help="the demo's size for this host (workflows/demo.py): auto measures the CPU and picks the largest "
+                   "that fits 20 min; the choice, its estimate and what it left out go to RUN_DIR/demo_profile.json and the report")
     _cluster_args(r)
     pl = _with_config(sub, "plan", "pre-flight: per stage what runs where, memory per GPU, fits or not; time and cost")
     pl.add_argument("--pairs", type=int, default=None, metavar="N", help="plan for N labelled pairs (default: the data file's)")
@@ -217,6 +220,13 @@ def _stage(args, cfg, run_dir: Path) -> int:
             if given and given not in STAGES:
                 print(f"thinkbroad: error: unknown stage {given!r}; stages: {', '.join(STAGES)}", file=sys.stderr)
                 return 2
+        if args.profile:  # the profile's sizes, then the user's --set (which win)
+            from workflows import demo
+
+            load = lambda extra: load_config(args.config, [*extra, *args.overrides])  # noqa: E731
+            name, info = demo.resolve(args.profile, run_dir, load)
+            base, cfg = cfg, load(demo.PROFILES[name])
+            log(demo.record(run_dir, info, base, cfg))
         print(run(cfg, run_dir, args.from_stage, args.only, check=not args.no_plan, cluster=_cluster(args)))
     elif args.command == "prepare":
         from workflows.stages import prepare

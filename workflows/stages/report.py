@@ -24,7 +24,9 @@ def write_report(cfg: RunConfig, run_dir: Path) -> Path:
     bench = {p.stem: _read(p) for p in sorted((Path(__file__).resolve().parents[2] / "bench" / "results").glob("*.json"))}
     write_json_atomic({"config": cfg.name, "generation": gen, "teacher_eval": teacher,
                        "student": student and student["variants"], "benchmarks": bench}, run_dir / "metrics.json")
-    lines = [f"# thinkbroad run `{cfg.name}`", ""]
+    from workflows.demo import report_lines
+
+    lines = [f"# thinkbroad run `{cfg.name}`", "", *report_lines(run_dir, cfg)]
     plots = run_dir / "plots"
     plots.mkdir(exist_ok=True)
     if gen:
