@@ -114,6 +114,41 @@ def running_replicas() -> int:
     return status.replica_states.get("RUNNING", 0)
 
 
+class _ReplicaWatch:
+    """Samples the running model replicas every 0.5 s from a thread until `finish`."""
+
+    def __init__(self):
+        self.samples, self.stop = [], threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while not self.stop.wait(0.5):
+            try:
+                self.samples.append((time.perf_counter(), running_replicas()))
+            except Exception:  # a controller call that failed under load: the next sample counts
+                pass
+
+    def finish(self, records: list[tuple], span: tuple[float, float]) -> dict:
+        self.stop.set()
+        self.thread.join()
+        t0, t1 = span
+        two = [t for t, n in self.samples if n >= 2]
+        third = (t1 - t0) / 3
+
+        def refused_share(lo, hi):
+            part = [r for r in records if lo <= r[0] < hi]
+            return sum(r[3] == "refused" for r in part) / max(1, len(part))
+
+        return {"second_replica_after_s": (min(two) - t0) if two else float("nan"),
+                "replicas": [(round(t - t0, 1), n) for t, n in self.samples[::4]],
+                "refused_share_first": refused_share(t0, t0 + third), "refused_share_last": refused_share(t1 - third, t1)}
+
+
+def watch_replicas() -> _ReplicaWatch:
+    return _ReplicaWatch()
+
+
 def kill_phase(rec: Recorder, clients: int, seconds: float, replicas: int) -> dict:
     """SIGKILL one model replica a third into a closed-loop phase; how the service answered and when it recovered."""
     victim_name, victim_pid = sorted(model_replicas().items())[0]

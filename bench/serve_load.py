@@ -9,6 +9,8 @@ Phases (one server; each phase optional but the first):
              served goes.
   overload   (--overload F) requests arriving at F x the requests/s of the busiest load phase, whatever the answers
              (open loop): accepted p50/p99 against serve.latency_budget_ms, how fast refusals come, other errors.
+             With --autoscale MAX (1 to MAX replicas on demand): when the second replica ran, and the share of
+             requests refused in the phase's first and last thirds.
   kill       (--kill) C clients; one model replica is SIGKILLed a third into the phase: errors, requests retried
              by the ingress, the longest wait, the seconds until the deployment runs every replica again.
   redeploy   (--redeploy) C clients; a third into the phase another student is deployed in place of this one:
@@ -48,7 +50,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench._serve_load_phases import (Recorder, body_flood_phase, kill_phase, redeploy_phase,  # noqa: E402
-                                     reload_failure_phase, soak_phase, summarize)
+                                     reload_failure_phase, soak_phase, summarize, watch_replicas)
 
 
 def _tiny_student(folder: Path, seed: int = 0) -> Path:
@@ -108,6 +110,8 @@ def main() -> int:
     p.add_argument("--budget-ms", type=float, default=500.0, help="serve.latency_budget_ms (0: no load shedding)")
     p.add_argument("--no-access-log", action="store_true", help="serve.access_log: false (no log line per request)")
     p.add_argument("--overload", type=float, default=None, metavar="F", help="open-loop phase at F x the saturated rate")
+    p.add_argument("--autoscale", type=int, default=None, metavar="MAX", help="serve.autoscaling from 1 to MAX replicas "
+                   "(metric demand): the overload phase then records the running replicas and refusals over time")
     p.add_argument("--kill", action="store_true", help="SIGKILL one model replica under load")
     p.add_argument("--redeploy", action="store_true", help="deploy another student under load")
     p.add_argument("--reload-failure", action="store_true", help="reload a student whose replicas cannot start, under load")
@@ -144,7 +148,8 @@ def main() -> int:
     settings = ServeConfig(port=free_port(), max_batch_size=64, replicas=args.replicas,
                            num_cpus=args.replica_cpus or cores / args.replicas, backend=args.backend,
                            precision=args.precision, access_log=not args.no_access_log,
-                           latency_budget_ms=args.budget_ms or None)
+                           latency_budget_ms=args.budget_ms or None,
+                           autoscaling={"min_replicas": 1, "max_replicas": args.autoscale} if args.autoscale else None)
     ensure_export(student, settings)
     local = StudentScorer(str(student), settings.device, settings.backend, settings.precision)
     path = f"{local.backend} {local.precision}"
@@ -180,8 +185,11 @@ def main() -> int:
     if args.overload:
         rate = args.overload * busiest["requests_per_s"]
         rec = Recorder(url, body, args.items)
+        replicas_seen = watch_replicas() if args.autoscale else None
         span = rec.open_loop(rate, args.seconds)
         extra["overload"] = {"factor": args.overload, "rate_per_s": rate, **summarize(rec.records, args.items, span)}
+        if replicas_seen:
+            extra["overload"]["autoscale"] = replicas_seen.finish(rec.records, span)
     if args.kill:
         extra["kill"] = kill_phase(Recorder(url, body, args.items), args.phase_clients, args.seconds, args.replicas)
     if args.redeploy:
@@ -245,6 +253,11 @@ def one_line(s: dict, args) -> str:
         line += (f"; overload {o['factor']:g}x ({o['rate_per_s']:.0f} req/s): {o['ok']} ok p50 {o['p50_ms']:.0f} ms p99 "
                  f"{o['p99_ms']:.0f} ms, {o['refused']} refused (p99 {o['refused_p99_ms']:.0f} ms, max "
                  f"{o['refused_max_ms']:.0f} ms), {o['errors']} errors {o['error_statuses']}")
+    if "autoscale" in s.get("overload", {}):
+        a = s["overload"]["autoscale"]
+        line += (f"; autoscaling 1..{args.autoscale}: second replica running after {a['second_replica_after_s']:.1f} s, "
+                 f"refused {100 * a['refused_share_first']:.0f}% of requests in the first third -> "
+                 f"{100 * a['refused_share_last']:.0f}% in the last")
     if "kill" in s:
         k = s["kill"]
         line += (f"; kill 1 of {k['replicas']} replicas under {k['clients']} clients: {k['errors']} errors, "
