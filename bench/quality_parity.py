@@ -7,7 +7,10 @@ difference with a bootstrap interval, and training pairs/s of each (epochs x tra
 per-epoch validation included on both sides). Goals: vanilla within 0.02 of the library; ours >= 0.9x its pairs/s.
 
     .venv/bin/python bench/quality_parity.py [--config configs/local.yaml] [--seeds 0 1 2] [--lr LR] [--epochs N]
-        [--folds K] [--docs]
+        [--folds K] [--docs] [--cache DIR|none]
+
+The library runs are cached in bench/results/library_cache by their inputs (they do not depend on this project's
+code), so adding seeds later trains only the new ones; the vanilla side always trains.
 
 Writes bench/results/quality_parity.json (and docs/quality_parity.json with --docs: the README's summary line is
 rendered from it by `python -m bench.docs_tables`) and prints one summary line.
@@ -81,6 +84,30 @@ def library_finetune(encoder: str, train: dict, val: dict, test: dict, codes: li
             "predictions": pred.tolist(), "pairs_per_s": len(train["label"]) * epochs / seconds}
 
 
+def cached_library(cache: Path | None, parts: dict, run) -> dict:
+    """The library run's result from `cache` when one was made from the same inputs (the fold's pairs, the seed, the
+    recipe, this function's source, the library versions), else `run()`, stored there. Only the library side is
+    cached: it does not depend on this project's code, which the vanilla side measures. A cached result is marked
+    (its pairs/s come from the run that made it)."""
+    import hashlib
+    import inspect
+
+    import torch
+    import transformers
+
+    if cache is None:
+        return run()
+    parts = parts | {"source": inspect.getsource(library_finetune), "transformers": transformers.__version__,
+                     "torch": torch.__version__}
+    path = cache / (hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20] + ".json")
+    if path.exists():
+        return json.loads(path.read_text()) | {"cached": True}
+    out = run()
+    cache.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out))
+    return out
+
+
 def _plain_examples(split_paths: dict, out: Path, codes: list[str], persp: list[str]):
     """The plain examples (pairs only) of a split's train and val files, as the vanilla student streams them."""
     from student.examples import PROBE, SUMMARY, examples_summary, write_examples
@@ -109,6 +136,9 @@ def main() -> None:
     ap.add_argument("--folds", type=int, default=1, help="k-fold cross-validation by query over all labelled pairs "
                     "(each pair a test pair once); 1 = the run's test split")
     ap.add_argument("--docs", action="store_true", help="also write docs/quality_parity.json (the README's figures)")
+    ap.add_argument("--cache", default=str(ROOT / "bench" / "results" / "library_cache"),
+                    help="reuse the library runs made from the same inputs (more seeds later cost only the new ones); "
+                    "'none' retrains them")
     args = ap.parse_args()
 
     import pyarrow.parquet as pq
@@ -139,16 +169,22 @@ def main() -> None:
     # the split once, or k folds by query (every pair a test pair once; folds x seeds pooled in the verdict)
     folds = [paths] if args.folds < 2 else write_folds(paths, args.folds, cfg.seed, work / "cv")
     lib, ours = {s: {"predictions": [], "f1": []} for s in args.seeds}, {s: {"predictions": [], "f1": []} for s in args.seeds}
-    speed = {"library": [], "vanilla": []}
+    speed, cached = {"library": [], "vanilla": []}, 0
     t0 = time.time()
     for f, fp in enumerate(folds):
         data = {s: pair_rows(pq.read_table(fp[s]), codes).to_pydict() for s in ("train", "val", "test")}
         examples = _plain_examples(fp, work / f"examples-{f}", codes, persp)  # what every vanilla student streams
         for seed in args.seeds:
-            lr_run = library_finetune(encoder, data["train"], data["val"], data["test"], codes, seed, settings.epochs, lr,
-                                      settings.batch_size * settings.num_workers, settings.max_length, work / f"hf-{f}-{seed}",
-                                      head_lr=settings.head_learning_rate if args.recipe == "student" else None,
-                                      weight_decay=settings.weight_decay)
+            head_lr = settings.head_learning_rate if args.recipe == "student" else None
+            lr_run = cached_library(
+                None if args.cache == "none" else Path(args.cache),
+                {"encoder": str(encoder), "data": data, "codes": codes, "seed": seed, "epochs": settings.epochs, "lr": lr,
+                 "batch": settings.batch_size * settings.num_workers, "max_length": settings.max_length,
+                 "head_lr": head_lr, "weight_decay": settings.weight_decay},
+                lambda: library_finetune(encoder, data["train"], data["val"], data["test"], codes, seed, settings.epochs, lr,
+                                         settings.batch_size * settings.num_workers, settings.max_length,
+                                         work / f"hf-{f}-{seed}", head_lr=head_lr, weight_decay=settings.weight_decay))
+            cached += bool(lr_run.get("cached"))
             out = work / f"vanilla-{f}-{seed}"
             history = train_student(Variant("vanilla", "vanilla", seed=seed), settings, examples, encoder, codes, persp, out)
             m = score_split(cfg, out / "best", fp["test"], out / "predictions", order=fp["test"])
@@ -181,6 +217,7 @@ def main() -> None:
                     "per_fold": {s: r["folds"] for s, r in ours.items()}},
         "vanilla_minus_library": paired,
         "pairs_per_s": {"library": float(np.mean(speed["library"])), "vanilla": float(np.mean(speed["vanilla"]))},
+        "library_runs_cached": cached,  # their pairs/s come from the runs that made them
     }
     speed = result["pairs_per_s"]["vanilla"] / result["pairs_per_s"]["library"]
     result["pairs_per_s"]["vanilla_over_library"] = speed
@@ -201,7 +238,8 @@ def summary(result: dict) -> str:
             f"{result['test_pairs']} test pairs): library Trainer ({recipe}) {result['library']['mean']:.3f} ± {result['library']['std']:.3f}, "
             f"vanilla student {result['vanilla']['mean']:.3f} ± {result['vanilla']['std']:.3f} test macro-F1; vanilla - library "
             f"{d['mean_diff']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]: {d['verdict']}; training "
-            f"{speed['vanilla']:.1f} vs {speed['library']:.1f} pairs/s = {speed['vanilla_over_library']:.2f}x (goal >= 0.9x)")
+            f"{speed['vanilla']:.1f} vs {speed['library']:.1f} pairs/s = {speed['vanilla_over_library']:.2f}x (goal >= 0.9x)"
+            + (f"; {result['library_runs_cached']} library runs from the cache" if result.get("library_runs_cached") else ""))
 
 
 if __name__ == "__main__":
