@@ -22,8 +22,8 @@ FILE = "demo_profile.json"
 # smallest last; each a list of --set overrides on top of the config (configs/local.yaml's sizes are "full")
 PROFILES: dict[str, list[str]] = {
     "full": [],
-    "lean": ["generation.max_pairs=64", "teacher_eval.max_pairs=12", "dpo.max_steps=5", "distill.max_target_pairs=128",
-             "distill.fidelity_pairs=32", "distill.train.epochs=3"],
+    "lean": ["generation.max_pairs=64", "teacher_eval.max_pairs=12", "dpo.max_steps=5", "distill.max_target_pairs=96",
+             "distill.fidelity_pairs=24", "distill.train.epochs=3", "distill.controls=[vanilla,lambda0]"],
     "small": ["generation.max_pairs=48", "sft.cap_per_label=8", "teacher_eval.max_pairs=8", "dpo.max_steps=3",
               "distill.max_target_pairs=64", "distill.fidelity_pairs=16", "distill.train.epochs=2",
               "distill.controls=[vanilla]"],
@@ -41,8 +41,8 @@ class Reference:
     speeds as hardware/speed.py measures them, and the costs: seconds fixed per stage or per unit of work."""
 
     cpu: str = "AMD EPYC Zen 4 (family 25, model 17; AVX-512 BF16), 2 cores"
-    torch_gflops: float = 60.0
-    vllm_gflops: float = 60.0
+    torch_gflops: float = 220.0    # hardware.speed.measure() there, quiet: 222 (bfloat16), 103.5 (float32)
+    vllm_gflops: float = 103.0
     fixed_s: float = 20.0          # Ray start, prepare, the plan, the report
     judgement_s: float = 0.40      # vLLM: one rationale in generation (288 in 116 s)
     target_s: float = 0.31         # vLLM: one target rationale (720 in 223 s: the DPO teacher answers shorter)
