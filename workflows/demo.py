@@ -169,7 +169,7 @@ def report_lines(run_dir: Path, cfg) -> list[str]:
         return []
     est = ", ".join(f"{k} {v / 60:.1f}" for k, v in p["estimate_s"].items())
     lines = [f"## Demo profile: {p['profile']}", "",
-             f"Chosen {p['how']} for {p['cpu']} (matmul GFLOP/s per core: torch {p['speed']['torch_gflops']:.0f}, vLLM "
+             f"Chosen ({p['how']}) on {p['cpu'].removeprefix('CPU: ')} (matmul GFLOP/s per core: torch {p['speed']['torch_gflops']:.0f}, vLLM "
              f"{p['speed']['vllm_gflops']:.0f}; the stage costs were measured on {p['reference']}). Estimated minutes "
              f"per stage: {est}.", ""]
     if p["changed"]:
