@@ -278,8 +278,11 @@ def build_app(args: dict) -> serve.Application:
     # versions that change only with what the replicas run: serve.run gives every deployment a new random version,
     # so each SIGHUP restarted the ingress too (its counters, its warm handle) and a rollback after a failed reload
     # replaced the very replicas that served. Ray 2.60 accepts a version only through the internal flag.
-    model_version = _version(settings.model_dump(), _fingerprint(Path(student)))
-    ingress_version = _version(settings.model_dump())
+    # how a deploy rolls out (surge or one by one) is not what a replica runs: the launcher's one-by-one fallback
+    # (serve/launch.py deploy) must not give the ingress, or a rollback's model, a new version
+    served = settings.model_dump(exclude={"max_surge_percent", "surge_timeout_s"})
+    model_version = _version(served, _fingerprint(Path(student)))
+    ingress_version = _version(served)
     bound = StudentModel.options(**model).options(version=model_version, _internal=True).bind(student, settings.model_dump())
     return RelevanceService.options(**ingress).options(version=ingress_version, _internal=True).bind(bound, settings.model_dump())
 

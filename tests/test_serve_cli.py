@@ -48,3 +48,24 @@ def test_serve_takes_set_and_its_print_config_carries_replicas_autoscaling_and_t
     assert "without --config only serve.* keys apply" in capsys.readouterr().err
     assert main(["serve", student, "--print-config", "--set", "serve.autoscaling={min_replicas: 3, max_replicas: 2}"]) == 2
     assert "min_replicas (3) is above max_replicas (2)" in capsys.readouterr().err
+
+
+def test_a_one_by_one_redeploy_keeps_the_versions_of_what_it_does_not_change(tmp_path):
+    """serve/launch.py deploy falls back to max_surge_percent 0 where the surge replicas cannot be placed: the
+    ingress, and the model of the same student (a failed reload's rollback), keep their versions, so Ray Serve
+    replaces neither (before, the fallback gave both new versions: the ingress lost its counters)."""
+    from serve.app import build_app
+    from serve.config import ServeConfig
+
+    student, other = str(tiny_student(tmp_path / "s")), str(tiny_student(tmp_path / "o", seed=1))
+
+    def versions(folder, settings):
+        ingress = build_app({"student_dir": folder, "settings": settings.model_dump()})._bound_deployment
+        return ingress.version, ingress.init_args[0]._bound_deployment.version
+
+    surge = ServeConfig()
+    one_by_one = surge.model_copy(update={"max_surge_percent": 0, "surge_timeout_s": 5.0})
+    assert versions(student, one_by_one) == versions(student, surge)
+    assert versions(other, one_by_one)[0] == versions(student, surge)[0]  # a new student: the same ingress
+    assert versions(other, one_by_one)[1] != versions(student, surge)[1]  # ... and a new model
+    assert versions(student, surge.model_copy(update={"latency_budget_ms": 300}))[0] != versions(student, surge)[0]
