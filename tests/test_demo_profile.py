@@ -77,6 +77,18 @@ def test_the_smallest_profiles_train_vanilla_beside_lrkd_only():
                                                                   "lrkd-poly-unified-lam0"]
 
 
-def test_matmul_speed_is_measured_in_the_dtype_asked():
-    fp32 = matmul_gflops("float32", seconds=0.1, size=128)
-    assert 0.1 < fp32 < 10_000
+def test_the_host_speed_takes_torch_s_dtype_and_the_avx2_factor_for_vllm(monkeypatch):
+    """hardware/speed.py: torch's speed in the dtype torch runs in here, vLLM's in float32, scaled down without AVX-512."""
+    import hardware.cpu as cpu
+    import hardware.speed as speed
+
+    assert 0.1 < speed.matmul_gflops("float32", seconds=0.1, size=128) < 100_000  # the real one, briefly
+    asked = []
+    monkeypatch.setattr(speed, "matmul_gflops", lambda dtype, seconds: asked.append(dtype) or {"float32": 100.0,
+                                                                                             "bfloat16": 300.0}[dtype])
+    for flags, expected in ((("avx2",), speed.HostSpeed(100.0, 100.0 * speed.AVX2_VLLM_FACTOR)),
+                            (("avx2", "avx512f", "avx512_bf16"), speed.HostSpeed(300.0, 100.0))):
+        monkeypatch.setattr(cpu, "cpu_info", lambda flags=flags: cpu.CpuInfo("x", frozenset(flags), 2))
+        asked.clear()
+        assert speed.measure() == expected
+        assert asked == (["float32"] if "avx512_bf16" not in flags else ["float32", "bfloat16"])
