@@ -7,10 +7,13 @@ difference with a bootstrap interval, and training pairs/s of each (epochs x tra
 per-epoch validation included on both sides). Goals: vanilla within 0.02 of the library; ours >= 0.9x its pairs/s.
 
     .venv/bin/python bench/quality_parity.py [--config configs/local.yaml] [--seeds 0 1 2] [--lr LR] [--epochs N]
-        [--folds K] [--docs] [--cache DIR|none]
+        [--folds K] [--docs] [--cache DIR|none] [--pool]
 
-The library runs are cached in bench/results/library_cache by their inputs (they do not depend on this project's
-code), so adding seeds later trains only the new ones; the vanilla side always trains.
+The library side gets the student's recipe (`--recipe student`): its optimizer groups and its early stopping
+(`patience`, the library's `EarlyStoppingCallback`). The library runs are cached in bench/results/library_cache by
+their inputs (they do not depend on this project's code); the vanilla side always trains. With `--pool`, each seed's
+predictions are stored in bench/results/quality_parity_runs under a key of the settings, folds, pairs and a hash of
+the code, and the verdict pools every stored seed of that key: seeds added in a later session cost only themselves.
 
 Writes bench/results/quality_parity.json (and docs/quality_parity.json with --docs: the README's summary line is
 rendered from it by `python -m bench.docs_tables`) and prints one summary line.
@@ -32,16 +35,17 @@ sys.path.insert(0, str(ROOT))
 
 def library_finetune(encoder: str, train: dict, val: dict, test: dict, codes: list[str], seed: int, epochs: int,
                      lr: float, batch_size: int, max_length: int, out: Path, head_lr: float | None = None,
-                     weight_decay: float = 0.01) -> dict:
+                     weight_decay: float = 0.01, patience: int | None = None) -> dict:
     """The library's recipe: Trainer, AdamW, linear warm-up (10%) and decay, one evaluation per epoch, the best epoch
     on validation macro-F1 restored at the end. With `head_lr`, the student's optimizer groups: the newly drawn
     classifier at `head_lr`, the pretrained encoder at `lr`, decay on every parameter (Trainer's own recipe, one
-    rate and no decay on biases and LayerNorm, otherwise)."""
+    rate and no decay on biases and LayerNorm, otherwise). With `patience`, the library's `EarlyStoppingCallback`:
+    training stops after that many epochs without a better validation macro-F1, as the student's does."""
     import torch
     from datasets import Dataset
     from sklearn.metrics import f1_score
-    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
-                              TrainingArguments)
+    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding,
+                              EarlyStoppingCallback, Trainer, TrainingArguments)
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     tok = AutoTokenizer.from_pretrained(encoder)
@@ -73,7 +77,8 @@ def library_finetune(encoder: str, train: dict, val: dict, test: dict, codes: li
                   {"params": list(model.classifier.parameters()), "lr": head_lr}]
         optimizers = (torch.optim.AdamW(groups, weight_decay=weight_decay), None)
     trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=val_set,
-                      data_collator=DataCollatorWithPadding(tok), compute_metrics=macro_f1, optimizers=optimizers)
+                      data_collator=DataCollatorWithPadding(tok), compute_metrics=macro_f1, optimizers=optimizers,
+                      callbacks=[EarlyStoppingCallback(early_stopping_patience=patience)] if patience else None)
     t0 = time.time()
     trainer.train()
     seconds = time.time() - t0
@@ -108,6 +113,36 @@ def cached_library(cache: Path | None, parts: dict, run) -> dict:
     return out
 
 
+def code_fingerprint() -> str:
+    """A hash of the Python sources the vanilla side trains and scores with (the packages student, pairs, hardware
+    and the prepare and score stages, tracked files read from the work tree, so uncommitted edits count): seeds
+    trained by other code are never pooled with this code's."""
+    import hashlib
+    import subprocess
+
+    paths = ["student", "pairs", "hardware", "workflows/stages/prepare.py", "workflows/stages/score.py"]
+    files = subprocess.run(["git", "ls-files", *paths], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    h = hashlib.sha256()
+    for f in sorted(f for f in files if f.endswith(".py")):
+        h.update(f.encode() + b"\0" + (ROOT / f).read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def pooled_runs(store: Path, key: dict, runs: dict[int, dict]) -> dict[int, dict]:
+    """This run's per-seed predictions (`runs`: seed -> library and vanilla predictions and per-fold macro-F1) added to
+    `store`'s file for `key` (the settings, folds, recipe, pairs and code fingerprint), and every seed stored there
+    returned: a later session adds seeds to the same comparison, paying only for the new ones. A seed trained again
+    replaces its stored run (the same inputs give the same predictions: the stream is deterministic)."""
+    import hashlib
+
+    path = store / (hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20] + ".json")
+    stored = {int(s): r for s, r in json.loads(path.read_text())["runs"].items()} if path.exists() else {}
+    stored.update(runs)
+    store.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"key": key, "runs": {str(s): r for s, r in sorted(stored.items())}}))
+    return dict(sorted(stored.items()))
+
+
 def _plain_examples(split_paths: dict, out: Path, codes: list[str], persp: list[str]):
     """The plain examples (pairs only) of a split's train and val files, as the vanilla student streams them."""
     from student.examples import PROBE, SUMMARY, examples_summary, write_examples
@@ -136,6 +171,8 @@ def main() -> None:
     ap.add_argument("--folds", type=int, default=1, help="k-fold cross-validation by query over all labelled pairs "
                     "(each pair a test pair once); 1 = the run's test split")
     ap.add_argument("--docs", action="store_true", help="also write docs/quality_parity.json (the README's figures)")
+    ap.add_argument("--pool", action="store_true", help="pool these seeds with the seeds earlier runs of the same "
+                    "comparison stored in bench/results/quality_parity_runs (same settings, folds, pairs and code)")
     ap.add_argument("--cache", default=str(ROOT / "bench" / "results" / "library_cache"),
                     help="reuse the library runs made from the same inputs (more seeds later cost only the new ones); "
                     "'none' retrains them")
@@ -155,6 +192,7 @@ def main() -> None:
     from workflows.stages.score import score_split
 
     cfg = load_config(args.config, args.overrides)
+    code = code_fingerprint()  # the code that trains, read before it does (an edit during the run is not it)
     run_dir = run_dir_for(cfg, args.run_dir)
     settings = cfg.distill.train
     if args.epochs:
@@ -175,15 +213,18 @@ def main() -> None:
         data = {s: pair_rows(pq.read_table(fp[s]), codes).to_pydict() for s in ("train", "val", "test")}
         examples = _plain_examples(fp, work / f"examples-{f}", codes, persp)  # what every vanilla student streams
         for seed in args.seeds:
+            # the student's recipe: its optimizer groups and its early stopping (the Trainer's default: neither)
             head_lr = settings.head_learning_rate if args.recipe == "student" else None
+            patience = settings.patience if args.recipe == "student" else None
             lr_run = cached_library(
                 None if args.cache == "none" else Path(args.cache),
                 {"encoder": str(encoder), "data": data, "codes": codes, "seed": seed, "epochs": settings.epochs, "lr": lr,
                  "batch": settings.batch_size * settings.num_workers, "max_length": settings.max_length,
-                 "head_lr": head_lr, "weight_decay": settings.weight_decay},
+                 "head_lr": head_lr, "weight_decay": settings.weight_decay, "patience": patience},
                 lambda: library_finetune(encoder, data["train"], data["val"], data["test"], codes, seed, settings.epochs, lr,
                                          settings.batch_size * settings.num_workers, settings.max_length,
-                                         work / f"hf-{f}-{seed}", head_lr=head_lr, weight_decay=settings.weight_decay))
+                                         work / f"hf-{f}-{seed}", head_lr=head_lr, weight_decay=settings.weight_decay,
+                                         patience=patience))
             cached += bool(lr_run.get("cached"))
             out = work / f"vanilla-{f}-{seed}"
             history = train_student(Variant("vanilla", "vanilla", seed=seed), settings, examples, encoder, codes, persp, out)
@@ -196,7 +237,13 @@ def main() -> None:
             speed["vanilla"].append(sum(h["train_pairs"] for h in history) / sum(h["seconds"] for h in history))
             print(f"fold {f}, seed {seed}: library {lr_run['macro_f1']:.3f} ({lr_run['pairs_per_s']:.1f} pairs/s), vanilla "
                   f"{m['macro_f1']:.3f} ({speed['vanilla'][-1]:.1f} pairs/s)", flush=True)
-    _, gold = pooled_gold(folds, codes)
+    ids, gold = pooled_gold(folds, codes)
+    runs = {s: {"library": lib[s], "vanilla": ours[s]} for s in args.seeds}
+    if args.pool:
+        key = {"backbone": cfg.distill.backbone, "seed": cfg.seed, "settings": settings.model_dump(), "lr": lr, "recipe": args.recipe,
+               "folds": len(folds), "pairs": ids, "gold": gold, "code": code}
+        runs = pooled_runs(ROOT / "bench" / "results" / "quality_parity_runs", key, runs)
+        lib, ours = {s: r["library"] for s, r in runs.items()}, {s: r["vanilla"] for s, r in runs.items()}
     pooled = lambda rs: {s: float(macro_f1_fast(np.asarray([gold]), np.asarray([r["predictions"]]), len(codes))[0])  # noqa: E731
                          for s, r in rs.items()}
     lib = {s: {"macro_f1": v, "predictions": lib[s]["predictions"], "folds": lib[s]["f1"]} for s, v in pooled(lib).items()}
@@ -208,9 +255,11 @@ def main() -> None:
 
     cpu = cpu_info().model
     result = {
-        "cpu": cpu, "config": args.config, "backbone": cfg.distill.backbone, "seeds": args.seeds, "folds": len(folds),
+        "cpu": cpu, "config": args.config, "backbone": cfg.distill.backbone, "seeds": sorted(lib), "folds": len(folds),
+        "trained_now": args.seeds,
         "test_pairs": len(gold),
-        "settings": settings.model_dump(), "library_lr": lr, "library_recipe": args.recipe, "seconds": round(time.time() - t0, 1),
+        "settings": settings.model_dump(), "library_lr": lr, "library_recipe": args.recipe,
+        "library_patience": settings.patience if args.recipe == "student" else None, "seconds": round(time.time() - t0, 1),
         "library": {"mean": stat(lib)[0], "std": stat(lib)[1], "per_seed": {s: r["macro_f1"] for s, r in lib.items()},
                     "per_fold": {s: r["folds"] for s, r in lib.items()}},
         "vanilla": {"mean": stat(ours)[0], "std": stat(ours)[1], "per_seed": {s: r["macro_f1"] for s, r in ours.items()},
@@ -234,6 +283,8 @@ def summary(result: dict) -> str:
     """The one-line summary the bench prints (and the README quotes) from its results."""
     d, speed = result["vanilla_minus_library"], result["pairs_per_s"]
     recipe = {"student": "the student's optimizer groups", "single_lr": "one learning rate"}[result.get("library_recipe", "single_lr")]
+    if result.get("library_patience"):  # runs before 2026-12-06 trained the library every epoch
+        recipe += f" and early stopping, patience {result['library_patience']}"
     return (f"quality parity ({result['cpu']}, {result['backbone']}, {len(result['seeds'])} seeds x {result['folds']} folds, "
             f"{result['test_pairs']} test pairs): library Trainer ({recipe}) {result['library']['mean']:.3f} ± {result['library']['std']:.3f}, "
             f"vanilla student {result['vanilla']['mean']:.3f} ± {result['vanilla']['std']:.3f} test macro-F1; vanilla - library "
