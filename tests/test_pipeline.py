@@ -66,9 +66,10 @@ def test_cluster_yaml_is_valid_for_the_ray_cluster_launcher():
 
 
 @pytest.fixture(scope="module")
-def submitted(tmp_path_factory) -> dict:
+def submitted(tmp_path_factory):
     """The smoke pipeline through `ray start --head` on 127.0.0.1 and `ray job submit --working-dir . -- thinkbroad
-    run`, as the README says, submitted twice (the second finds every stage up to date); the head is gone after.
+    run`, as the README says, submitted twice (the second finds every stage up to date). The head stays up for the
+    test's own CLI calls (`env` connects them to it: no Ray start each) until it calls `stop()`, or the module ends.
     The one full smoke run of the suite: the two-node test starts from its finished teacher stages."""
     tmp_path = tmp_path_factory.mktemp("submit")
     dash = free_port()
@@ -77,8 +78,9 @@ def submitted(tmp_path_factory) -> dict:
            "RAY_AUTH_TOKEN": secrets.token_hex(16)}
     env.pop("RAY_ADDRESS", None)
     # every port free, so another Ray instance on this machine cannot collide with this head
-    ports = [f"--{flag}={free_port()}" for flag in (
-        "port", "ray-client-server-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+    gcs = free_port()
+    ports = [f"--port={gcs}"] + [f"--{flag}={free_port()}" for flag in (
+        "ray-client-server-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
         "runtime-env-agent-port", "metrics-export-port", "node-manager-port", "object-manager-port")]
     # a short temp dir: Ray's Unix socket paths under it must stay within 107 characters
     ray_tmp = tempfile.mkdtemp(prefix="tb-ray-", dir="/tmp")
@@ -92,16 +94,22 @@ def submitted(tmp_path_factory) -> dict:
     address = f"http://127.0.0.1:{dash}"
     submit = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
               "thinkbroad", "run", "--config", "configs/smoke.yaml", "--run-dir", str(run_dir)]
+
+    def stop():
+        if head.poll() is None:
+            os.killpg(head.pid, signal.SIGKILL)  # the head's processes share its session; SIGTERM drains for 30 s
+            head.wait()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
     try:
         _wait_for_dashboard(address, head, head_log)
         job = _submit(submit, env)
         done = _manifests(run_dir)
         again = _submit(submit, env)
+        yield {"run_dir": run_dir, "job": job, "done": done, "again": again, "after_again": _manifests(run_dir),
+               "env": {**env, "RAY_ADDRESS": f"127.0.0.1:{gcs}"}, "stop": stop}
     finally:
-        os.killpg(head.pid, signal.SIGKILL)  # the head's processes share its session; SIGTERM drains for 30 s
-        head.wait()
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-    return {"run_dir": run_dir, "job": job, "done": done, "again": again, "after_again": _manifests(run_dir)}
+        stop()
 
 
 @pytest.mark.ray
@@ -146,16 +154,17 @@ def test_ray_job_submit_runs_the_smoke_pipeline(submitted):
     assert cmp.returncode == 0 and {line.split(" | ")[1] for line in table
                                     if line.startswith(f"| {run_dir.name} |")} == SMOKE_VARIANTS, cmp.stdout + cmp.stderr
     # a finished run's students evaluate again through the CLI, and the ablation adds only what distill did not train
-    cfg = str(ROOT / "configs" / "smoke.yaml")
+    # (on the submitted run's head: connected through RAY_ADDRESS, as a user on the cluster's head node would be)
+    cfg, head = str(ROOT / "configs" / "smoke.yaml"), submitted["env"]
     student = run_dir / "student" / "variants" / "lrkd-poly-unified-seed0" / "best"
     ev = subprocess.run([sys.executable, "-m", "workflows.cli", "eval", "--config", cfg, "--run-dir", str(run_dir),
-                         "--student", str(student)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+                         "--student", str(student)], cwd=ROOT, env=head, capture_output=True, text=True, timeout=600)
     assert ev.returncode == 0, ev.stderr[-2000:]
     runs = json.loads((run_dir / "student" / "metrics.json").read_text())["runs"]
     assert json.loads(ev.stdout[ev.stdout.index("{"):])["macro_f1"] == pytest.approx(
         next(r for r in runs if r["variant"] == "lrkd-poly-unified")["metrics"]["macro_f1"])
     abl = subprocess.run([sys.executable, "-m", "workflows.cli", "ablate", "--config", cfg, "--run-dir", str(run_dir)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=900)
+                         cwd=ROOT, env=head, capture_output=True, text=True, timeout=900)
     assert abl.returncode == 0, abl.stderr[-3000:]
     assert "Traceback" not in abl.stdout + abl.stderr, abl.stderr[-3000:]
     # new: the gold-conditioned and label-text students, and the default variant learning from the SFT teacher
@@ -173,7 +182,7 @@ def test_ray_job_submit_runs_the_smoke_pipeline(submitted):
     png = (run_dir / "student" / "ablation.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     report = subprocess.run([sys.executable, "-m", "workflows.cli", "run", "--config", cfg, "--run-dir", str(run_dir),
-                             "--only", "report"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                             "--only", "report"], cwd=ROOT, env=head, capture_output=True, text=True, timeout=300)
     assert report.returncode == 0, report.stderr[-2000:]
     text = (run_dir / "report.md").read_text()
     assert "## Student ablation" in text and "| label_text |" in text and "lrkd-poly-unified-label_text vs lrkd-poly-unified-lam0" in text
@@ -184,6 +193,7 @@ def test_ray_job_submit_runs_the_smoke_pipeline(submitted):
     assert len(after) == len(stages) + 5  # + ablate, 3 students, the report written again
     client, ablation = _mlflow(run_dir)[0], next(r for r in after if r.info.run_name == "ablate")
     assert {a.path for a in client.list_artifacts(ablation.info.run_id)} >= {"ablation.csv", "ablation.png", "ablation.md"}
+    submitted["stop"]()  # the two-node test needs the cores
 
 
 def _mlflow(run_dir: Path) -> tuple:

@@ -35,14 +35,23 @@ def test_sft_masks_prompt_tokens_and_trains_on_completion(tmp_path, tiny_qwen2):
     assert trained.startswith('{"rationale": "The query asks for') and '"label": "' in trained
 
 
+@pytest.fixture(scope="module")
+def straight_sft(tmp_path_factory, tiny_qwen2, ray_local) -> dict:
+    """One uninterrupted SFT run on two workers (ZeRO-2, a checkpoint every 2 steps): the ZeRO-2 test checks it, the
+    resume test compares a killed and resumed run with it (one SFT run fewer in the suite)."""
+    tmp = tmp_path_factory.mktemp("sft")
+    data, settings = write_sft(tmp / "sft.parquet"), sft_settings(save_steps=2)
+    result = train_teacher(TrainJob("sft", str(data), tiny_qwen2, str(tmp / "sft"), settings))
+    return {"data": data, "settings": settings, "result": result, "out": tmp / "sft"}
+
+
 @pytest.mark.ray
-def test_sft_on_two_workers_zero2_loss_falls_and_export_loads_in_vllm(tmp_path, tiny_qwen2, ray_local):
-    data = write_sft(tmp_path / "sft.parquet")
-    result = train_teacher(TrainJob("sft", str(data), tiny_qwen2, str(tmp_path / "sft"), sft_settings()))
+def test_sft_on_two_workers_zero2_loss_falls_and_export_loads_in_vllm(straight_sft):
+    result = straight_sft["result"]
     losses = [h["loss"] for h in result.log_history if "loss" in h]
     assert result.steps == 8 and len(losses) == 8
     assert losses[-1] < losses[0] - 0.2, losses
-    model = tmp_path / "sft" / "model"
+    model = straight_sft["out"] / "model"
     assert (model / "model.safetensors").exists() and (model / "tokenizer.json").exists()
     assert not list(model.glob("*.bin")) and not (model / "adapter_config.json").exists()
     script = (
@@ -85,12 +94,10 @@ def test_dpo_reward_margin_rises(tmp_path, tiny_qwen2, ray_local):
 
 
 @pytest.mark.ray
-def test_resume_after_kill_matches_uninterrupted_loss_trajectory(tmp_path, tiny_qwen2, ray_local):
+def test_resume_after_kill_matches_uninterrupted_loss_trajectory(tmp_path, tiny_qwen2, ray_local, straight_sft):
     from hardware.runtime import ensure_ray
 
-    data = write_sft(tmp_path / "sft.parquet")
-    settings = sft_settings(max_steps=8, save_steps=2)
-    straight = train_teacher(TrainJob("sft", str(data), tiny_qwen2, str(tmp_path / "straight"), settings))
+    data, settings, straight = straight_sft["data"], straight_sft["settings"], straight_sft["result"]
     expected = {h["step"]: h["loss"] for h in straight.log_history if "loss" in h}
     ray_local.shutdown()  # the run to be killed starts its own Ray, as a user's process would
 

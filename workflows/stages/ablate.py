@@ -13,7 +13,7 @@ from workflows.cards import summarise_cards
 from workflows.config import RunConfig
 from workflows.stages.common import log
 from workflows.stages.probe import probes
-from workflows.stages.students import train_variants
+from workflows.stages.students import train_variant_sets
 from workflows.stages.targets import teacher_tag
 from workflows.stages.verdicts import variant_report
 
@@ -30,13 +30,14 @@ def ablate(cfg: RunConfig, run_dir: Path) -> Path:
     with lambda = 0 -> RUN_DIR/student/ablation.{json,csv,md,png}."""
     d = cfg.distill
     persp = [p.name for p in cfg.perspectives]
-    runs = train_variants(cfg, run_dir, d.ablation_variants(persp))
+    sets = [(d.ablation_variants(persp), None, None)]
     variants = {v.name: v for v in d.ablation_variants(persp)}
     other = _other_teacher(cfg, run_dir) if d.ablate_teacher and d.target_source != "label_text" else None
     if other:  # the default LRKD variant, learning from the other teacher's rationales
         default = [d.lrkd(d.default_extractor, d.default_mode, d.lam, s) for s in d.seeds]
         variants[default[0].name] = default[0]
-        runs += train_variants(cfg, run_dir, default, teacher=other)
+        sets.append((default, other, None))
+    runs = [r for runs in train_variant_sets(cfg, run_dir, sets) for r in runs]  # one worker group for all
     report = variant_report(cfg, run_dir, runs) | {"probes": probes(run_dir)}
     out = run_dir / "student"
     write_json_atomic(report, out / "ablation.json")

@@ -151,14 +151,12 @@ def cv_report(runs_by_fold: list[list[dict]], tests: list, codes: list[str], res
 def distill_cv(cfg: RunConfig, run_dir: Path, variants: list | None = None) -> Path:
     """Every main variant (or `variants`) and seed trained and scored on each fold -> RUN_DIR/student/cv/metrics.json
     (pooled test metrics, the paired verdicts over folds x seeds, each fold's own macro-F1)."""
-    from workflows.stages.students import train_variants
+    from workflows.stages.students import train_variant_sets
 
     folds = fold_views(cfg, run_dir)
     variants = variants or cfg.distill.main_variants()
-    runs_by_fold = []
-    for fold in folds:
-        log(f"cv: fold {fold.index + 1} of {len(folds)}")
-        runs_by_fold.append(train_variants(cfg, run_dir, variants, fold=fold))
+    log(f"cv: {len(folds)} folds x {len(variants)} students, trained in one worker group and scored in one pass")
+    runs_by_fold = train_variant_sets(cfg, run_dir, [(variants, None, fold) for fold in folds])
     codes = [lab.name for lab in cfg.labels]
     report = remote(cv_report)(runs_by_fold, [str(f.paths["test"]) for f in folds], codes, cfg.distill.bootstrap_resamples,
                                cfg.distill.equivalence_margin)

@@ -48,67 +48,99 @@ def distill(cfg: RunConfig, run_dir: Path) -> Path:
 def train_variants(cfg: RunConfig, run_dir: Path, variants: list[Variant], teacher: str | None = None,
                    fold=None) -> list[dict]:
     """Train + evaluate each variant/seed (each cached in its own folder); returns [{variant, seed, metrics}].
-
-    The ones not up to date train one after another in one Ray Train worker group, then each is scored on Ray Data
-    workers: the test split once (with per-pair predictions), `val` (the reloaded best model on validation: what
-    selection uses), `fidelity` (validation pairs with targets) and `diagnostics` (first and last epoch).
     `teacher`: learn from another teacher's targets than `distill.teacher`; the variant names get a suffix.
     `fold` (a workflows.stages.cv.FoldView): train and score on that fold's splits, under its folder."""
+    return train_variant_sets(cfg, run_dir, [(variants, teacher, fold)])[0]
+
+
+@dataclasses.dataclass
+class _Todo:
+    """A student that is not up to date: its variant, folder, key and input fingerprints, and the data it reads."""
+
+    variant: Variant
+    out: Path
+    key: str
+    inputs: dict
+    data: StudentData
+    data_key: str  # unique across the sets: the teacher tag and the fold are part of it
+
+
+def train_variant_sets(cfg: RunConfig, run_dir: Path, sets: list[tuple]) -> list[list[dict]]:
+    """`train_variants` for several sets of (variants, teacher, fold) at once: the ablation's students of both
+    teachers, every fold's students of a cross-validation. Returns each set's runs.
+
+    The students not up to date, of every set, train one after another in ONE Ray Train worker group (a group
+    costs ~20 s to start on 2 cores), then all are scored in one pass on Ray Data workers: the test split once
+    (with per-pair predictions), `val` (the reloaded best model on validation: what selection uses), `fidelity`
+    (validation pairs with targets) and `diagnostics` (first and last epoch)."""
+    settings = cfg.distill.train
+    base_key = cfg.section_hash("labels", "perspectives", "data")
+    planned, todo = [], []
+    for n, (variants, teacher, fold) in enumerate(sets):
+        tag = teacher_tag(cfg, teacher)
+        data = StudentData(cfg, run_dir, teacher, fold)
+        splits = {s: data.fingerprint(data.paths[s]) for s in ("train", "val", "test")}
+        folder = {id(v): data.root / "variants" / f"{v.name}{tag}-seed{v.seed}" for v in variants}
+        for v in variants:
+            out, reads = folder[id(v)], data.reads(v)
+            key = hashlib.sha256(json.dumps([base_key, dataclasses.asdict(v), settings.model_dump(), cfg.distill.backbone,
+                                             cfg.distill.target_filter if reads else None, tag if reads else ""],
+                                            sort_keys=True).encode()).hexdigest()[:16]
+            inputs = splits | {f"targets_{s}": data.fingerprint(data.target_path(s)) for s in reads}
+            if not is_fresh(out, key, inputs):
+                invalidate(out)
+                # another config or other inputs (splits, targets) discard the old student: trained.json, best/, history
+                start_attempt(out, key, f"student {v.name}{tag}", inputs)
+                todo.append(_Todo(v, out, key, inputs, data, f"set{n}|{data.job_key(v)}"))
+        planned.append((variants, tag, data, folder, teacher, fold))
+    if todo:
+        _train_and_score(cfg, run_dir, todo)
+    results = []
+    for variants, tag, data, folder, teacher, fold in planned:
+        write_student_cards(cfg, run_dir, [(v, v.name + tag, folder[id(v)]) for v in variants], data.paths, teacher, fold)
+        results.append([{"variant": v.name + tag, "seed": v.seed, "metrics": json.loads((folder[id(v)] / "eval.json").read_text()),
+                         "predictions": str(folder[id(v)] / "predictions" / "test")} for v in variants])
+    return results
+
+
+def _train_and_score(cfg: RunConfig, run_dir: Path, todo: list[_Todo]) -> None:
+    """Train the students of `todo` in one worker group, score them in one pass, write each one's eval.json and
+    manifest. The group's Ray Train state lives under a folder named by what it trains, so rerunning the same
+    students resumes the interrupted one."""
     from student.score import ScoreJob, score_many
     from student.train import StudentJob, train_students
 
-    tag = teacher_tag(cfg, teacher)
-    data = StudentData(cfg, run_dir, teacher, fold)
     settings = cfg.distill.train
-    base_key = cfg.section_hash("labels", "perspectives", "data")
-    splits = {s: data.fingerprint(data.paths[s]) for s in ("train", "val", "test")}
-    folder = {id(v): data.root / "variants" / f"{v.name}{tag}-seed{v.seed}" for v in variants}
-    data_key = {id(v): data.job_key(v) for v in variants}
-    todo = []
-    for v in variants:
-        out = folder[id(v)]
-        reads = data.reads(v)
-        key = hashlib.sha256(json.dumps([base_key, dataclasses.asdict(v), settings.model_dump(), cfg.distill.backbone,
-                                         cfg.distill.target_filter if reads else None, tag if reads else ""],
-                                        sort_keys=True).encode()).hexdigest()[:16]
-        inputs = splits | {f"targets_{s}": data.fingerprint(data.target_path(s)) for s in reads}
-        if not is_fresh(out, key, inputs):
-            invalidate(out)
-            # another config or other inputs (splits, targets) discard the old student: trained.json, best/, history
-            start_attempt(out, key, f"student {v.name}{tag}", inputs)
-            todo.append((v, out, key, inputs))
-    if todo:
-        ensure_ray()
-        t0 = time.time()
-        datasets = {data_key[id(v)]: data.for_variant(v) for v, *_ in todo}
-        group = hashlib.sha256(json.dumps(sorted((str(o), attempt_key(k, i)) for _, o, k, i in todo)).encode()).hexdigest()[:12]
-        storage = data.root / "trainer" / group
-        log(f"students: {len(todo)} to train ({sum((o / TRAINED).exists() for _, o, *_ in todo)} already trained), one after "
-            f"another in one Ray Train worker group ({settings.num_workers} workers); progress per epoch below")
-        train_students([StudentJob(v, str(o), data_key[id(v)], attempt_key(k, i)) for v, o, k, i in todo], datasets, settings,
-                       resolve_model(cfg.distill.backbone), data.codes, data.persp, storage)
-        log(f"students: scoring {len(todo)} on the validation and test splits (Ray Data actors)")
-        jobs, sources = [], {"test": data.paths["test"]}
-        for v, out, *_ in todo:
-            kind = data.key(v)
-            sources[f"val:{kind}"] = data.examples(kind)["val"]
-            jobs.append(ScoreJob(str(out / "best"), {"test": str(out / "predictions" / "test"),
-                                                     f"val:{kind}": str(out / "predictions" / "val")},
-                                 _trivial(data, v), v.target_perspectives))
-        score_many(jobs, sources, cfg.distill.score)
-        from pairs.parquet import canonicalise  # the parts named and ordered by pair_id, not by actor timing
+    ensure_ray()
+    t0 = time.time()
+    datasets = {t.data_key: t.data.for_variant(t.variant) for t in todo}
+    group = hashlib.sha256(json.dumps(sorted((str(t.out), attempt_key(t.key, t.inputs)) for t in todo)).encode()).hexdigest()[:12]
+    storage = run_dir / "student" / "trainer" / group
+    log(f"students: {len(todo)} to train ({sum((t.out / TRAINED).exists() for t in todo)} already trained), one after "
+        f"another in one Ray Train worker group ({settings.num_workers} workers); progress per epoch below")
+    first = todo[0].data
+    train_students([StudentJob(t.variant, str(t.out), t.data_key, attempt_key(t.key, t.inputs)) for t in todo], datasets,
+                   settings, resolve_model(cfg.distill.backbone), first.codes, first.persp, storage)
+    log(f"students: scoring {len(todo)} on the validation and test splits (Ray Data actors)")
+    jobs, sources = [], {}
+    for t in todo:  # a source per file (named by its path): the students reading the same file share its read
+        test, val = str(t.data.paths["test"]), str(t.data.examples(t.data.key(t.variant))["val"])
+        test_source, val_source = f"test:{test}", f"val:{val}"
+        sources |= {test_source: test, val_source: val}
+        jobs.append(ScoreJob(str(t.out / "best"), {test_source: str(t.out / "predictions" / "test"),
+                                                   val_source: str(t.out / "predictions" / "val")},
+                             _trivial(t.data, t.variant), t.variant.target_perspectives))
+    score_many(jobs, sources, cfg.distill.score)
+    from pairs.parquet import canonicalise  # the parts named and ordered by pair_id, not by actor timing
 
-        remote(canonicalise)([folder for j in jobs for folder in j.outputs.values()], ["pair_id"])
-        for v, out, key, inputs in todo:
-            history = json.loads((out / "history.json").read_text())
-            write_json_atomic(_score(out, data, v, history), out / "eval.json")
-            write_manifest(out, "student", key, inputs, t0, epochs=len(history),
-                           best_val_macro_f1=max(h["val_macro_f1"] for h in history),
-                           variant=dataclasses.asdict(v), train=settings.model_dump())  # both: MLflow parameters
-        shutil.rmtree(storage, ignore_errors=True)
-    write_student_cards(cfg, run_dir, [(v, v.name + tag, folder[id(v)]) for v in variants], data.paths, teacher, fold)
-    return [{"variant": v.name + tag, "seed": v.seed, "metrics": json.loads((folder[id(v)] / "eval.json").read_text()),
-             "predictions": str(folder[id(v)] / "predictions" / "test")} for v in variants]
+    remote(canonicalise)([folder for j in jobs for folder in j.outputs.values()], ["pair_id"])
+    for t in todo:
+        history = json.loads((t.out / "history.json").read_text())
+        write_json_atomic(_score(t.out, t.data, t.variant, history), t.out / "eval.json")
+        write_manifest(t.out, "student", t.key, t.inputs, t0, epochs=len(history),
+                       best_val_macro_f1=max(h["val_macro_f1"] for h in history),
+                       variant=dataclasses.asdict(t.variant), train=settings.model_dump())  # both: MLflow parameters
+    shutil.rmtree(storage, ignore_errors=True)
 
 
 def _trivial(data: StudentData, v: Variant) -> list | None:
