@@ -1,5 +1,6 @@
 """Cross-validation by query: every pair a test pair exactly once, no query on two sides of a fold."""
 import json
+import re
 from pathlib import Path
 
 import pyarrow as pa
@@ -55,7 +56,7 @@ def test_every_pair_is_a_test_pair_once_and_queries_never_straddle(tmp_path):
 
 
 @pytest.mark.ray
-def test_cross_validated_distill_pools_every_pair_once(tmp_path, ray_local, monkeypatch):
+def test_cross_validated_distill_pools_every_pair_once(tmp_path, ray_local, monkeypatch, capsys):
     """distill.cv_folds = 2 on label_text targets (no LLM): each fold's students train without its test pairs' targets,
     every labelled pair is scored once by a student that never trained on it, the verdicts pool the folds, and a
     rerun trains nothing."""
@@ -73,6 +74,8 @@ def test_cross_validated_distill_pools_every_pair_once(tmp_path, ray_local, monk
     d = cfg.distill
     variants = [Variant("vanilla", "vanilla", seed=0), d.lrkd("poly", "unified", 0.1, 0)]
     report = json.loads(distill_cv(cfg, run, variants).read_text())
+    out = capsys.readouterr().out  # every fold's students in one worker group and one scoring pass
+    assert re.findall(r"students: (\d+) to train", out) == ["4"] and out.count("students: scoring") == 1, out[-3000:]
     splits = {s: pq.read_table(run / "data" / f"{s}.parquet", columns=["pair_id", "query_id"]) for s in SPLITS}
     everything = set(pa.concat_tables(splits.values()).column("pair_id").to_pylist())
     assert report["test_pairs"] == len(everything) == sum(report["fold_test_pairs"])
