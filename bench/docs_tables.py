@@ -74,6 +74,7 @@ RENDERERS: dict[str, Callable[[dict], str]] = {
     "cv_ablation.table": _renderer("cv_ablation", "table"),
     "cv_ablation.summary": _renderer("cv_ablation", "summary"),
     "quality_parity.summary": _renderer("quality_parity", "summary"),
+    "parity_noise.summary": _renderer("parity_noise", "summary"),
 }
 
 BLOCK = re.compile(r"<!-- begin (docs/[\w.-]+\.json): ([\w.]+) -->(.*?)<!-- end \1 -->", re.S)
