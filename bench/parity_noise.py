@@ -3,7 +3,7 @@ other, paired as `bench/quality_parity.py` pairs the vanilla student with the li
 seeds and pairs resampled): a comparison with no true difference. When its interval is wider than the equivalence
 margin, no parity run of that many seeds on these pairs can come out "equivalent", whatever the code does.
 
-    .venv/bin/python bench/parity_noise.py [--store DIR] [--docs]
+    .venv/bin/python bench/parity_noise.py [--config configs/local.yaml] [--store DIR] [--docs]
 
 Reads the seeds `bench/quality_parity.py --pool` stored (the newest comparison in the store); needs at least 4
 seeds. No training. Writes bench/results/parity_noise.json (docs/parity_noise.json with --docs) and prints one line.
@@ -28,9 +28,9 @@ def halves(runs: dict[int, dict], side: str) -> tuple[dict, dict, list[int], lis
             {i: runs[s][side]["predictions"] for i, s in enumerate(b)}, a, b)
 
 
-def noise_floor(stored: dict, margin: float = 0.02) -> dict:
+def noise_floor(stored: dict, num_classes: int, margin: float = 0.02) -> dict:
     """The library against itself and the vanilla student against itself (half the seeds each side), and the
-    parity verdict itself over every stored seed."""
+    parity verdict itself over every stored seed; macro-F1 over `num_classes` labels (the config's)."""
     from student.evaluate import paired_bootstrap
 
     runs = {int(s): r for s, r in stored["runs"].items()}
@@ -40,10 +40,10 @@ def noise_floor(stored: dict, margin: float = 0.02) -> dict:
     gold, out = stored["key"]["gold"], {}
     for side in ("library", "vanilla"):
         a, b, sa, sb = halves(runs, side)
-        v = paired_bootstrap(gold, a, b, 4, margin=margin)
+        v = paired_bootstrap(gold, a, b, num_classes, margin=margin)
         out[f"{side}_vs_{side}"] = v | {"seeds_a": sa, "seeds_b": sb, "width": v["ci95"][1] - v["ci95"][0]}
     both = {s: r["vanilla"]["predictions"] for s, r in runs.items()}
-    out["vanilla_vs_library"] = paired_bootstrap(gold, both, {s: r["library"]["predictions"] for s, r in runs.items()}, 4,
+    out["vanilla_vs_library"] = paired_bootstrap(gold, both, {s: r["library"]["predictions"] for s, r in runs.items()}, num_classes,
                                                  margin=margin)
     return {"seeds": sorted(runs), "folds": stored["key"]["folds"], "test_pairs": len(gold), "margin": margin, **out}
 
@@ -61,14 +61,19 @@ def summary(result: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--config", default="configs/local.yaml", help="the comparison's config (its labels)")
     ap.add_argument("--store", default=str(ROOT / "bench" / "results" / "quality_parity_runs"))
-    ap.add_argument("--margin", type=float, default=0.02)
+    ap.add_argument("--margin", type=float, default=None, help="default: the config's distill.equivalence_margin")
     ap.add_argument("--docs", action="store_true", help="also write docs/parity_noise.json")
     args = ap.parse_args()
     files = sorted(Path(args.store).glob("*.json"), key=lambda p: p.stat().st_mtime)
     if not files:
         raise SystemExit(f"parity_noise: nothing stored in {args.store} (bench/quality_parity.py --pool)")
-    result = noise_floor(json.loads(files[-1].read_text()), args.margin) | {"store": files[-1].name}
+    from workflows.config import load_config
+
+    cfg = load_config(args.config)
+    margin = cfg.distill.equivalence_margin if args.margin is None else args.margin
+    result = noise_floor(json.loads(files[-1].read_text()), len(cfg.labels), margin) | {"store": files[-1].name}
     text = json.dumps(result, indent=2)
     out = ROOT / "bench" / "results" / "parity_noise.json"
     out.write_text(text)

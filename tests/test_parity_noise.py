@@ -18,7 +18,7 @@ def _stored(seeds: int, n: int = 400) -> dict:
 
 
 def test_a_recipe_against_itself_spans_only_its_seed_noise():
-    result = parity_noise.noise_floor(_stored(4))
+    result = parity_noise.noise_floor(_stored(4), 4)
     lib, van = result["library_vs_library"], result["vanilla_vs_vanilla"]
     # identical predictions every seed: no noise, the interval is a point at 0 (equivalent at any margin)
     assert lib["mean_diff"] == 0 and lib["width"] == 0 and lib["verdict"].startswith("equivalent")
@@ -32,4 +32,4 @@ def test_a_recipe_against_itself_spans_only_its_seed_noise():
 
 def test_fewer_than_four_seeds_are_refused_with_the_fix():
     with pytest.raises(SystemExit, match="3 seeds stored; two halves of at least 2 seeds need 4"):
-        parity_noise.noise_floor(_stored(3))
+        parity_noise.noise_floor(_stored(3), 4)
