@@ -94,3 +94,28 @@ def test_thinkbroad_log_all_shows_everything(tmp_path):
     proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
                           timeout=60, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "THINKBROAD_LOG": "all"})
     assert "NUMA binding" in proc.stdout and "reduce_op" in proc.stderr
+
+
+LATE = textwrap.dedent("""
+    import subprocess, sys
+    from pathlib import Path
+    from workflows.logs import capture, say_last
+
+    with capture(Path(sys.argv[1]), "prepare"):
+        # a worker's line that reaches the pipe after the stage said its last word (as Ray's late log lines do)
+        subprocess.Popen([sys.executable, "-c", "import time, sys; time.sleep(0.5); print('(W pid=3) late', "
+                          "file=sys.stderr, flush=True)"])
+        say_last("thinkbroad: stopped by SIGINT during prepare")
+        print("(W pid=3) early", file=sys.stderr, flush=True)
+        import time; time.sleep(0.8)
+""")
+
+
+def test_the_last_word_follows_every_line_a_worker_printed_late(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", LATE, str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1] == "thinkbroad: stopped by SIGINT during prepare" and "(W pid=3) late" in lines, proc.stderr
+    log = next((tmp_path / "logs").glob("prepare-*.log")).read_text().strip().splitlines()
+    assert log[-1] == lines[-1] and "(W pid=3) early" in log

@@ -19,6 +19,7 @@ from hardware import runtime
 from hardware.runtime import RayStartError, stop_on_signals, stop_ray
 from workflows.shapes import ShapeError
 from workflows.tracking import TrackingError
+from workflows.logs import say_last
 
 USER_ERRORS = (ConfigError, DataError, ModelNotFound, RayStartError, PlanError, PlanRefused, ShapeError, TrackingError)
 
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
                 return _stopping(args.command, command_line, _stage, args, cfg, run_dir)
             except Exception:  # a bug or a library failure: the traceback, into the log file too
                 traceback.print_exc()
-                print(f"thinkbroad: {args.command} failed; the full log is {log_file}", file=sys.stderr, flush=True)
+                say_last(f"thinkbroad: {args.command} failed; the full log is {log_file}")
                 return 1
             finally:
                 stop_ray()  # what the workers still print is filtered and logged, not printed after the log closes
@@ -177,9 +178,8 @@ def _stopping(command: str, command_line: bool, fn, *args) -> int:
         signum = getattr(exc, "signum", None) or runtime.stopped_by or signal.SIGINT
         where = f"stage {pipeline_stage()}" if command == "run" and pipeline_stage() else command
         stop_ray()
-        print(f"thinkbroad: stopped by {signal.Signals(signum).name} during {where} (Ray shut down); finished stages, "
-              "generation parts and training checkpoints are kept: run the same command again to resume",
-              file=sys.stderr, flush=True)
+        say_last(f"thinkbroad: stopped by {signal.Signals(signum).name} during {where} (Ray shut down); finished "
+                 "stages, generation parts and training checkpoints are kept: run the same command again to resume")
         return 128 + signum
 
 

@@ -148,7 +148,8 @@ def _write_all(fd: int, data: bytes) -> None:
     while data:
         try:
             data = data[os.write(fd, data):]
-        except InterruptedError:
+        except (InterruptedError, BlockingIOError):  # a terminal another process made non-blocking: wait for room
+            select.select([], [fd], [], 1.0)
             continue
         except OSError:  # the terminal is gone (a closed pipe): the log file still has it
             return
@@ -158,6 +159,19 @@ def log_path(run_dir: Path, command: str) -> Path:
     return Path(run_dir) / "logs" / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}.log"
 
 
+# lines to print once a capture has ended (say_last), or None outside a capture
+_last_words: list[str] | None = None
+
+
+def say_last(line: str) -> None:
+    """Print `line` to stderr as the last line of the command: within a capture, after the pumps have passed on
+    everything the stage and Ray's workers printed (and into the log too), so no late worker line follows it."""
+    if _last_words is None:
+        print(line, file=sys.stderr, flush=True)
+    else:
+        _last_words.append(line)
+
+
 @contextmanager
 def capture(run_dir: Path, command: str):
     """Within: fds 1 and 2 are pipes into RUN_DIR/logs/<command>-<time>.log and, filtered, the terminal. Yields the
@@ -165,7 +179,9 @@ def capture(run_dir: Path, command: str):
     path = log_path(run_dir, command)
     path.parent.mkdir(parents=True, exist_ok=True)
     show_all = os.environ.get("THINKBROAD_LOG", "").lower() == "all"
+    global _last_words
     log, lock = open(path, "ab", buffering=0), threading.Lock()
+    _last_words = []
     sys.stdout.flush()
     sys.stderr.flush()
     saved, pumps = [], []
@@ -191,8 +207,12 @@ def capture(run_dir: Path, command: str):
         for pump in pumps:
             pump.stop.set()  # a child that outlives the stage may still hold a write end: stop once it is drained
         for pump in pumps:
-            pump.join(timeout=5)
+            pump.join(timeout=30)  # it stops 0.1 s after its pipe goes quiet; the bound is for a child that never does
         for _, term, r in saved:
             os.close(term)
             os.close(r)
+        words, _last_words = _last_words, None
+        for line in words:
+            log.write(line.encode() + b"\n")
+            print(line, file=sys.stderr, flush=True)
         log.close()
