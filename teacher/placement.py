@@ -34,10 +34,16 @@ def init_worker(device: str) -> None:
 
     On CPU, accelerate treats the run as a single process unless DeepSpeed's process group is set up first
     (symptom: `train_batch_size ... 2 != 2*1*2`); initialising it over gloo fixes that without patching.
+
+    DeepSpeed's CPU backend compiles its shared-memory all-reduce op there (25-45 s of C++ on 2 cores, again each
+    time another `ninja` on PATH finds the cache: the venv's and the system's differ). Only its inference all-reduce
+    uses that op, never training, so it is marked unavailable here and the run starts without the compile.
     """
     if device == "cpu":
         import deepspeed
+        from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder
 
+        deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False  # read by deepspeed/comm/torch.py build_shm_op
         deepspeed.init_distributed(dist_backend="gloo")
 
 

@@ -24,7 +24,6 @@ SEEN = [
     "/work/main/.venv/lib/python3.11/site-packages/ray/data/_internal/execution/operators/task_pool_map_operator.py:319: UserWarning: The maximum number of concurrent tasks for 'ReadParquet->SplitBlocks(4)' is set to 2, but the operator only received 1 input(s).",
     "\x1b[36m(RayTrainWorker pid=9551)\x1b[0m [2026-12-05 15:05:20,000] [WARNING] [real_accelerator.py:213:get_accelerator] Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to detect it.",
     "\x1b[36m(RayTrainWorker pid=31956)\x1b[0m [RANK 0] Gradient accumulation steps mismatch: GradientAccumulationPlugin has 1, DeepSpeed config has 2. Using DeepSpeed's value.",
-    "\x1b[36m(RayTrainWorker pid=9551)\x1b[0m DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully",
     "\x1b[36m(RayTrainWorker pid=9551)\x1b[0m /work/main/.venv/lib/python3.11/site-packages/torch/distributed/c10d_logger.py:83: FutureWarning: `torch.distributed.all_gather_into_tensor` is deprecated. Please use `torch.distributed.all_gather_single` instead.",
     "\x1b[36m(RayTrainWorker pid=9551)\x1b[0m Tokenizing train dataset: 100%|██████████| 4/4 [00:00<00:00, 243.93 examples/s]",
     "\x1b[36m(RayTrainWorker pid=15402)\x1b[0m MA 0.73 GB         Max_MA 0.73 GB         CA 0.73 GB         Max_CA 1 GB ",

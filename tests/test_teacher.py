@@ -35,6 +35,20 @@ def test_sft_masks_prompt_tokens_and_trains_on_completion(tmp_path, tiny_qwen2):
     assert trained.startswith('{"rationale": "The query asks for') and '"label": "' in trained
 
 
+def test_a_cpu_worker_starts_deepspeed_without_compiling_its_shm_op(tmp_path):
+    """DeepSpeed's CPU backend would compile its shared-memory all-reduce (only its inference path uses it) into
+    TORCH_EXTENSIONS_DIR as the process group starts: 25-45 s of C++ on 2 cores. The worker's init skips it."""
+    from hardware.runtime import free_port
+
+    script = ("from teacher.placement import init_worker\ninit_worker('cpu')\n"
+              "from deepspeed.comm import comm\nprint('SHM_OP', comm.cdb.shm_comm_op, comm.cdb.get_world_size())\n")
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext"), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert "SHM_OP None 1" in proc.stdout, proc.stderr[-3000:]
+    assert not (tmp_path / "ext").exists() and "built successfully" not in proc.stdout + proc.stderr
+
+
 @pytest.fixture(scope="module")
 def straight_sft(tmp_path_factory, tiny_qwen2, ray_local) -> dict:
     """One uninterrupted SFT run on two workers (ZeRO-2, a checkpoint every 2 steps): the ZeRO-2 test checks it, the

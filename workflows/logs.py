@@ -52,7 +52,6 @@ HARMLESS: list[tuple[str, str]] = [
     (r"Gradient accumulation steps mismatch: GradientAccumulationPlugin has \d+, DeepSpeed config has \d+\. Using "
      r"DeepSpeed's value", "accelerate's plugin starts at 1 before the Trainer fills DeepSpeed's 'auto' from the config's "
      "gradient_accumulation_steps; the config's value is the one used"),
-    (r"deepspeed_shm_comm_op built successfully", "DeepSpeed compiled its shared-memory comm op (first use only)"),
     (r"`torch\.distributed\.all_gather_into_tensor` is deprecated|`torch\.distributed\._all_gather_base` is deprecated|"
      r"`torch\.distributed\._reduce_scatter_base` is deprecated", "DeepSpeed calls deprecated c10d names (its FutureWarning)"),
     (r"^(Loading weights|Writing model shards|Tokenizing|Truncating|Generating \w+ split|Dropping fully|"
