@@ -38,7 +38,8 @@ class DistillConfig(_Strict):
     embed_batch_size: int = Field(64, ge=1)
     backbone: str = Field("all-minilm-l6-v2", description="student encoder: a built-in name or a local BERT-class folder")
     train: StudentTrainConfig = Field(default_factory=StudentTrainConfig)
-    score: ScoreConfig = Field(default_factory=ScoreConfig, description="validation/test scoring on Ray Data actors")
+    score: ScoreConfig = Field(default_factory=ScoreConfig, description="scoring: `thinkbroad score` and `eval` on Ray Data actors; "
+                               "distill's students in their training workers (batch_size only)")
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
     extractors: list[Literal["mlp", "poly", "gat"]] = Field(default_factory=lambda: list(EXTRACTORS))
     modes: list[Literal["average", "multi_teacher", "unified"]] = Field(default_factory=lambda: list(MODES))

@@ -1,5 +1,6 @@
 """Scoring pairs with a trained student on Ray Data workers: an actor pool holds the student (a GPU each when the
-cluster has GPUs), the driver only writes the small per-pair results as Parquet parts and reads metrics back.
+cluster has GPUs), the driver only writes the small per-pair results as Parquet parts and reads metrics back; and
+in the Ray Train workers that trained a distill run's students (score_on_worker).
 
 Output rows (one per pair): pair_id, query_id, gold (the pair's label, null when unlabelled), label (predicted),
 probabilities (fixed_size_list<float32>[C], in label order), score (expected relevance on the ordered labels,
@@ -29,7 +30,8 @@ PART_ROWS = 50_000  # rows per written part: a kill loses at most this much scor
 
 
 class ScoreConfig(BaseModel):
-    """How pairs are scored (distill's validation/test scoring and `thinkbroad score`)."""
+    """How pairs are scored: `thinkbroad score` and `thinkbroad eval` on Ray Data actors; a distill run's students are
+    scored by the Ray Train workers that trained them, `batch_size` rows at a time."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -61,13 +63,14 @@ class StudentPredictor:
     trivial: the trivial predictor's answer per projection head (each perspective's mean training target), for
     fidelity."""
 
-    def __init__(self, student_dir: str, batch_size: int = 64, trivial: list | None = None, keep: list[str] | None = None):
+    def __init__(self, student_dir: str, batch_size: int = 64, trivial: list | None = None, keep: list[str] | None = None,
+                 device: str | None = None):
         import torch
         from transformers import AutoTokenizer
 
         from student.model import LRKDStudent
 
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model = LRKDStudent.from_pretrained(student_dir, device=self.device)
         self.tok = AutoTokenizer.from_pretrained(student_dir)
         self.cfg = self.model.cfg
@@ -111,81 +114,47 @@ class StudentPredictor:
         return pa.table(cols)
 
 
-@dataclass
-class ScoreJob:
-    """One student to score in `score_many`: its folder, where each source's rows go (source name -> output folder),
-    and for fidelity the trivial predictor and the perspectives kept (see StudentPredictor)."""
-
-    student: str
-    outputs: dict[str, str]
-    trivial: list | None = None
-    keep: list[str] | None = None
+SCORED = "scored.json"  # in a student folder: its validation and test predictions are complete
 
 
-class MultiStudentPredictor:
-    """A Ray Data actor holding several students: each block (one source's rows, tagged `_source`) is scored by
-    every student that reads that source; rows come back tagged `_job`."""
+def score_on_worker(job: dict, rank: int, world: int, device) -> None:
+    """In the Ray Train workers that trained a student (student/worker.py), right after: each source of
+    `job["score"]` (a Parquet file or folder: its files in name order, read `batch_size` rows at a time) scored by
+    the job's best model into that source's folder as part-<batch>.parquet. Batch b is rank b mod world's, so the
+    parts are the same whatever the worker count. No actor to start and no model to load in another process: the
+    workers already hold torch, the tokenizer and the device (a GPU each on a cluster).
 
-    def __init__(self, jobs: list[dict], batch_size: int = 64):
-        self.jobs = [(StudentPredictor(j["student"], batch_size, j["trivial"], j["keep"]), set(j["outputs"])) for j in jobs]
+    `job["score"]`: {"outputs": {source: folder}, "trivial": the trivial predictor or None, "keep": the
+    perspectives kept or None, "batch_size": rows per batch}. Rank 0 empties the folders first (a student is
+    scored whole or again) and writes SCORED in the student folder once every rank has finished."""
+    import torch
+    import torch.distributed as dist
 
-    def __call__(self, block: pa.Table) -> pa.Table:
-        source = block.column("_source")[0].as_py()
-        block = block.drop_columns(["_source"])
-        out = []
-        for i, (predictor, sources) in enumerate(self.jobs):
-            if source in sources:
-                t = predictor(block)
-                out.append(t.append_column("_job", pa.array([i] * t.num_rows, pa.int32()))
-                           .append_column("_source", pa.array([source] * t.num_rows, pa.string())))
-        return pa.concat_tables(out, promote_options="default")
+    from pairs.parquet import parquet_files, read_rows
 
+    spec, out = job["score"], Path(job["out_dir"])
 
-def _tag_source(batch: pa.Table, source: str) -> pa.Table:
-    return batch.append_column("_source", pa.array([source] * batch.num_rows, pa.string()))
+    def barrier() -> None:  # an all-reduce on the worker's own device (a plain barrier on NCCL guesses the GPU)
+        if world > 1 and dist.is_available() and dist.is_initialized():
+            dist.all_reduce(torch.zeros(1, device=device))
 
-
-def score_many(jobs: list[ScoreJob], sources: dict[str, str | Path], settings: ScoreConfig, group: int = 8) -> None:
-    """Score several students on the same sources (Parquet files or folders, by name) in one Ray Data pipeline per
-    `group` students: the sources are read once, each actor holds the group's students, and every (student, source)
-    gets its own folder of parts (emptied first: a student is scored whole or again). Ray must be initialised."""
-    import ray
-
-    from student.examples import read_parquet
-
-    actors, remote, light = placement(settings, ray.cluster_resources())
-    for start in range(0, len(jobs), group):
-        batch_jobs = jobs[start : start + group]
-        for j in batch_jobs:
-            for folder in j.outputs.values():
-                shutil.rmtree(folder, ignore_errors=True)
-                Path(folder).mkdir(parents=True)
-        used = sorted({k for j in batch_jobs for k in j.outputs})
-        parts = [read_parquet(sources[k], light, actors).map_batches(
-            _tag_source, fn_kwargs={"source": k}, batch_format="pyarrow", **({"num_cpus": 0} if light else {}))
-            for k in used]
-        ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-        spec = [{"student": str(Path(j.student).resolve()), "outputs": dict(j.outputs), "trivial": j.trivial, "keep": j.keep}
-                for j in batch_jobs]
-        scored = ds.map_batches(MultiStudentPredictor, fn_constructor_kwargs={"jobs": spec, "batch_size": settings.batch_size},
-                                batch_size=None, batch_format="pyarrow",  # a block is one source's rows: never mixed
-                                compute=ray.data.ActorPoolStrategy(size=actors), **remote)
-        counts: dict[tuple[int, str], int] = {}
-        for block in scored.iter_batches(batch_size=None, batch_format="pyarrow"):
-            for (i, source), rows in _split_by(block):
-                n = counts.get((i, source), 0)
-                _write_part(rows, Path(batch_jobs[i].outputs[source]) / f"part-{n:05d}.parquet")
-                counts[(i, source)] = n + 1
-
-
-def _split_by(block: pa.Table):
-    """(job, source) -> that job's rows of that source, without the tags or all-null columns of other jobs."""
-    keys = zip(block.column("_job").to_pylist(), block.column("_source").to_pylist())
-    for key in dict.fromkeys(keys):
-        mask = pc.and_(pc.equal(block.column("_job"), key[0]), pc.equal(block.column("_source"), key[1]))
-        rows = block.filter(mask).drop_columns(["_job", "_source"])
-        yield key, rows.select([c for c in rows.column_names if rows.column(c).null_count < rows.num_rows or c == "gold"
-                                or c == "dominant_perspective"])
+    if rank == 0:
+        for folder in spec["outputs"].values():
+            shutil.rmtree(folder, ignore_errors=True)
+            Path(folder).mkdir(parents=True)
+    barrier()
+    predictor = StudentPredictor(str(out / "best"), spec["batch_size"], spec["trivial"], spec["keep"], device=str(device))
+    counts = {}
+    for source, folder in spec["outputs"].items():
+        rows = 0
+        for b, batch in enumerate(read_rows(parquet_files(source), batch_rows=spec["batch_size"])):
+            rows += batch.num_rows
+            if b % world == rank and batch.num_rows:
+                _write_part(predictor(batch), Path(folder) / f"part-{b:05d}.parquet")
+        counts[source] = rows
+    barrier()
+    if rank == 0:
+        (out / SCORED).write_text(json.dumps({"rows": counts, "workers": world}))
 
 
 @dataclass

@@ -122,6 +122,14 @@ class StudentJob:
     out_dir: str
     data: str
     key: str = ""  # what the student depends on (config and input fingerprints): a checkpoint of another key is not resumed
+    score: dict | None = None  # scored by the workers once trained: see student/score.py score_on_worker
+
+
+def _finished(job: StudentJob) -> bool:
+    from student.score import SCORED
+
+    out = Path(job.out_dir)
+    return (out / TRAINED).exists() and (job.score is None or (out / SCORED).exists())
 
 
 def train_students(jobs: list[StudentJob], datasets: dict[str, TrainData], settings: StudentTrainConfig,
@@ -131,7 +139,8 @@ def train_students(jobs: list[StudentJob], datasets: dict[str, TrainData], setti
     worker streaming `datasets[job.data]`'s Parquet files in the order student/stream.py derives from
     (seed, epoch, rank).
 
-    A job whose folder has trained.json is skipped; rerunning the same jobs with the same `storage` resumes the
+    A job with `score` is then scored by the same workers (student/score.py score_on_worker). A job whose folder
+    has trained.json (and scored.json, when it is to be scored) is skipped; rerunning the same jobs with the same `storage` resumes the
     interrupted one where its last checkpoint stood (every `checkpoint_steps` steps and at each epoch's end), and
     ends with the weights an uninterrupted run gives. `crash_at` (job index from 1, global step): a test's injected
     fault, raised after that step's checkpoint."""
@@ -140,7 +149,7 @@ def train_students(jobs: list[StudentJob], datasets: dict[str, TrainData], setti
 
     from student.worker import train_loop
 
-    if all((Path(j.out_dir) / TRAINED).exists() for j in jobs):
+    if all(_finished(j) for j in jobs):
         return
     for j in jobs:
         Path(j.out_dir).mkdir(parents=True, exist_ok=True)
@@ -166,7 +175,7 @@ def train_loop_config(jobs: list[StudentJob], data: dict, settings: StudentTrain
     """What each training worker is given: settings, paths and the names of its Ray datasets; never the data."""
     return {
         "jobs": [{"variant": asdict(j.variant), "out_dir": str(Path(j.out_dir).resolve()), "data": j.data, "index": i,
-                  "key": j.key}
+                  "key": j.key, "score": j.score}
                  for i, j in enumerate(jobs, 1)],
         "data": data, "settings": settings.model_dump(), "encoder_path": str(Path(encoder_path).resolve()),
         "labels": labels, "perspectives": perspectives,

@@ -55,22 +55,27 @@ def _lockstep(batches, device):
 
 
 def train_loop(cfg: dict) -> None:
-    """Ray Train worker: the jobs one after another in one worker group (starting a group costs ~20 s). A job
-    with trained.json in its folder is done; the checkpoint names the job (folder and key) it belongs to, which
+    """Ray Train worker: the jobs one after another in one worker group (starting a group costs ~20 s), each
+    scored on its validation and test rows once trained, when it asks to be. A job with trained.json in its folder is
+    trained; the checkpoint names the job (folder and key) it belongs to, which
     resumes there: weights, optimizer, the epoch and step reached, the epoch's running sums."""
     import ray.train
+    import ray.train.torch
 
     from student import checkpoint as ckpt
+    from student.score import SCORED, score_on_worker
 
     found, state = ray.train.get_checkpoint(), None
     if found:
         with found.as_directory() as d:
             state = ckpt.load(d)
+    context = ray.train.get_context()
     for job in cfg["jobs"]:
-        if (Path(job["out_dir"]) / TRAINED).exists():
-            continue
-        mine = state and state["job"] == job["out_dir"] and state.get("key") == job["key"]
-        _train_job(cfg, job, state if mine else None)
+        if not (Path(job["out_dir"]) / TRAINED).exists():
+            mine = state and state["job"] == job["out_dir"] and state.get("key") == job["key"]
+            _train_job(cfg, job, state if mine else None)
+        if job.get("score") and not (Path(job["out_dir"]) / SCORED).exists():
+            score_on_worker(job, context.get_world_rank(), context.get_world_size(), ray.train.torch.get_device())
 
 
 def _validate(model, folder: str, tok, settings: "StudentTrainConfig", rank: int, world: int, device) -> tuple[list, np.ndarray, np.ndarray]:

@@ -359,3 +359,36 @@ def test_score_cli_names_a_missing_student(tmp_path):
                           "--student", str(tmp_path / "nothing"), "--output", str(tmp_path / "o.parquet")],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "is neither a student folder" in res.stderr and str(tmp_path / "nothing") in res.stderr
+
+
+def test_training_workers_score_their_share_and_the_parts_do_not_depend_on_the_worker_count(tmp_path, tiny_student):
+    """A distill run's students are scored by the workers that trained them (student/score.py score_on_worker):
+    each rank writes the batches that are its share, every pair once over the ranks, with the very bytes one worker
+    writes alone; fidelity columns where the rows carry targets; scored.json once done."""
+    import shutil
+
+    from student.data import examples_table
+    from student.score import SCORED, score_on_worker
+
+    pairs = esci(70)
+    source = _write(examples_table(pairs, LABELS, PERSP, fake_targets(pairs), target_dim=8), tmp_path / "val", parts=3)
+    student = tmp_path / "student"
+    shutil.copytree(tiny_student, student / "best")
+
+    def run(world):
+        out = tmp_path / f"scored-{world}"
+        job = {"out_dir": str(student), "score": {"outputs": {str(source): str(out)}, "trivial": np.zeros((3, 8)).tolist(),
+                                                  "keep": None, "batch_size": 16}}
+        for rank in range(world):  # one after another: no process group, as a one-worker run has none
+            score_on_worker(job, rank, world, "cpu")
+        return out
+
+    alone, shared = run(1), run(2)
+    files = sorted(p.name for p in alone.glob("part-*.parquet"))
+    assert files == sorted(p.name for p in shared.glob("part-*.parquet")) and len(files) == 6  # 24 rows a file: 16 + 8
+    for name in files:
+        assert pq.read_table(alone / name).equals(pq.read_table(shared / name)), name
+    got = pq.read_table(shared)
+    assert sorted(got.column("pair_id").to_pylist()) == sorted(p["pair_id"] for p in pairs)
+    assert {"student_cos", "trivial_cos", "has_target"} <= set(got.column_names)
+    assert json.loads((student / SCORED).read_text()) == {"rows": {str(source): 70}, "workers": 2}

@@ -70,8 +70,8 @@ def train_variant_sets(cfg: RunConfig, run_dir: Path, sets: list[tuple]) -> list
     teachers, every fold's students of a cross-validation. Returns each set's runs.
 
     The students not up to date, of every set, train one after another in ONE Ray Train worker group (a group
-    costs ~20 s to start on 2 cores), then all are scored in one pass on Ray Data workers: the test split once
-    (with per-pair predictions), `val` (the reloaded best model on validation: what selection uses), `fidelity`
+    costs ~20 s to start on 2 cores), each scored by the same workers once trained (no scoring actors to start):
+    the test split once (with per-pair predictions), `val` (the reloaded best model on validation: what selection uses), `fidelity`
     (validation pairs with targets) and `diagnostics` (first and last epoch)."""
     settings = cfg.distill.train
     base_key = cfg.section_hash("labels", "perspectives", "data")
@@ -104,10 +104,9 @@ def train_variant_sets(cfg: RunConfig, run_dir: Path, sets: list[tuple]) -> list
 
 
 def _train_and_score(cfg: RunConfig, run_dir: Path, todo: list[_Todo]) -> None:
-    """Train the students of `todo` in one worker group, score them in one pass, write each one's eval.json and
-    manifest. The group's Ray Train state lives under a folder named by what it trains, so rerunning the same
+    """Train the students of `todo` in one worker group, which scores each on the validation and test splits once it
+    is trained; write each one's eval.json and manifest. The group's Ray Train state lives under a folder named by what it trains, so rerunning the same
     students resumes the interrupted one."""
-    from student.score import ScoreJob, score_many
     from student.train import StudentJob, train_students
 
     settings = cfg.distill.train
@@ -117,23 +116,18 @@ def _train_and_score(cfg: RunConfig, run_dir: Path, todo: list[_Todo]) -> None:
     group = hashlib.sha256(json.dumps(sorted((str(t.out), attempt_key(t.key, t.inputs)) for t in todo)).encode()).hexdigest()[:12]
     storage = run_dir / "student" / "trainer" / group
     log(f"students: {len(todo)} to train ({sum((t.out / TRAINED).exists() for t in todo)} already trained), one after "
-        f"another in one Ray Train worker group ({settings.num_workers} workers); progress per epoch below")
+        f"another in one Ray Train worker group ({settings.num_workers} workers), each scored on the validation and "
+        "test splits by the same workers; progress per epoch below")
     first = todo[0].data
-    train_students([StudentJob(t.variant, str(t.out), t.data_key, attempt_key(t.key, t.inputs)) for t in todo], datasets,
-                   settings, resolve_model(cfg.distill.backbone), first.codes, first.persp, storage)
-    log(f"students: scoring {len(todo)} on the validation and test splits (Ray Data actors)")
-    jobs, sources = [], {}
-    for t in todo:  # a source per file (named by its path): the students reading the same file share its read
-        test, val = str(t.data.paths["test"]), str(t.data.examples(t.data.key(t.variant))["val"])
-        test_source, val_source = f"test:{test}", f"val:{val}"
-        sources |= {test_source: test, val_source: val}
-        jobs.append(ScoreJob(str(t.out / "best"), {test_source: str(t.out / "predictions" / "test"),
-                                                   val_source: str(t.out / "predictions" / "val")},
-                             _trivial(t.data, t.variant), t.variant.target_perspectives))
-    score_many(jobs, sources, cfg.distill.score)
+    jobs = [StudentJob(t.variant, str(t.out), t.data_key, attempt_key(t.key, t.inputs), score={
+        "outputs": {_abs(t.data.paths["test"]): _abs(t.out / "predictions" / "test"),
+                    _abs(t.data.examples(t.data.key(t.variant))["val"]): _abs(t.out / "predictions" / "val")},
+        "trivial": _trivial(t.data, t.variant), "keep": t.variant.target_perspectives,
+        "batch_size": cfg.distill.score.batch_size}) for t in todo]
+    train_students(jobs, datasets, settings, resolve_model(cfg.distill.backbone), first.codes, first.persp, storage)
     from pairs.parquet import canonicalise  # the parts named and ordered by pair_id, not by actor timing
 
-    remote(canonicalise)([folder for j in jobs for folder in j.outputs.values()], ["pair_id"])
+    remote(canonicalise)([folder for j in jobs for folder in j.score["outputs"].values()], ["pair_id"])
     for t in todo:
         history = json.loads((t.out / "history.json").read_text())
         write_json_atomic(_score(t.out, t.data, t.variant, history), t.out / "eval.json")
@@ -141,6 +135,10 @@ def _train_and_score(cfg: RunConfig, run_dir: Path, todo: list[_Todo]) -> None:
                        best_val_macro_f1=max(h["val_macro_f1"] for h in history),
                        variant=dataclasses.asdict(t.variant), train=settings.model_dump())  # both: MLflow parameters
     shutil.rmtree(storage, ignore_errors=True)
+
+
+def _abs(path) -> str:
+    return str(Path(path).resolve())  # the workers' working directory is not the driver's
 
 
 def _trivial(data: StudentData, v: Variant) -> list | None:
@@ -153,7 +151,7 @@ def _trivial(data: StudentData, v: Variant) -> list | None:
 
 
 def _score(out: Path, data: StudentData, v: Variant, history: list[dict]) -> dict:
-    """From the scored parts (score_many): test metrics (once, in the split's pair order), validation metrics of the
+    """From the scored parts (the training workers wrote them): test metrics (once, in the split's pair order), validation metrics of the
     reloaded best model, latent fidelity on the validation pairs with targets, diagnostics."""
     from student.model import LRKDStudent
     from student.score import gains_of, metrics_from_parts
