@@ -195,9 +195,17 @@ def score_dataset(source: str | Path, student_dir: str | Path, out_dir: str | Pa
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     actors, remote, light = placement(settings, ray.cluster_resources())
-    ds = read_parquet(source, light, actors)
     done = finished_pair_ids(out_dir)
     reused = len(done)
+    attempt = uuid.uuid4().hex[:8]
+    if _parquet_bytes(source) <= ONE_TASK_BYTES:  # one Ray task: no actor pool to start for what one process scores
+        task = ray.remote(**remote)(_score_in_one_task)
+        written = ray.get(task.remote(str(Path(source).resolve()), str(Path(student_dir).resolve()), str(out_dir.resolve()),
+                                      settings.batch_size, trivial, keep, done, attempt, PART_ROWS))
+        if progress:
+            print(f"{what}: {written} pairs scored in one task ({reused} reused)", flush=True)
+        return ScoreResult(str(out_dir), reused + written, written, reused, time.time() - t0)
+    ds = read_parquet(source, light, actors)
     if reused:
         ref = ray.put(done)
         ds = ds.map_batches(_pending, fn_kwargs={"done_ref": ref}, batch_format="pyarrow", batch_size=None,
@@ -212,7 +220,7 @@ def score_dataset(source: str | Path, student_dir: str | Path, out_dir: str | Pa
 
         bar = tqdm(total=None if total is None else max(total - reused, 0), desc=f"{what} ({reused} reused)", unit="pair",
                    dynamic_ncols=True)
-    attempt, pending, n_pending, written, i = uuid.uuid4().hex[:8], [], 0, 0, 0
+    pending, n_pending, written, i = [], 0, 0, 0
     for batch in scored.iter_batches(batch_size=None, batch_format="pyarrow"):
         pending.append(batch)
         n_pending += batch.num_rows
@@ -227,6 +235,40 @@ def score_dataset(source: str | Path, student_dir: str | Path, out_dir: str | Pa
     if bar:
         bar.close()
     return ScoreResult(str(out_dir), reused + written, written, reused, time.time() - t0)
+
+
+# A source up to this many bytes of Parquet (a few thousand pairs) is scored in one Ray task, whose worker process
+# Ray keeps for the next: a pool of scoring actors costs ~10 s to start on 2 cores, about what one task loses against
+# the pool's parallelism on a few thousand pairs of a MiniLM student.
+ONE_TASK_BYTES = 1 << 20
+
+
+def _parquet_bytes(source: str | Path) -> int:
+    p = Path(source)
+    return p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.rglob("*.parquet"))
+
+
+def _score_in_one_task(source: str, student_dir: str, out_dir: str, batch_size: int, trivial: list | None,
+                       keep: list[str] | None, done: pa.Array, attempt: str, part_rows: int) -> int:
+    """score_dataset's path for a small source, in one Ray task: the rows no finished part holds, `batch_size` at a
+    time, into parts of `part_rows` named as the actor pool names them. Returns the rows scored."""
+    from pairs.parquet import parquet_files, read_rows
+
+    predictor = StudentPredictor(student_dir, batch_size, trivial, keep)
+    pending, n_pending, written, i = [], 0, 0, 0
+    for batch in read_rows(parquet_files(source), batch_rows=batch_size):
+        if len(done):
+            batch = batch.filter(pc.invert(pc.is_in(batch.column("pair_id"), value_set=done)))
+        if batch.num_rows:
+            pending.append(predictor(batch))
+            n_pending += batch.num_rows
+        if n_pending >= part_rows:
+            _write_part(pa.concat_tables(pending), Path(out_dir) / f"part-{attempt}-{i:05d}.parquet")
+            written, pending, n_pending, i = written + n_pending, [], 0, i + 1
+    if pending:
+        _write_part(pa.concat_tables(pending), Path(out_dir) / f"part-{attempt}-{i:05d}.parquet")
+        written += n_pending
+    return written
 
 
 def _write_part(table: pa.Table, path: Path) -> None:

@@ -295,14 +295,17 @@ def tiny_student(tmp_path_factory):
 
 
 @pytest.mark.ray
-def test_score_writes_resumable_parts_and_ranking_metrics(tmp_path, ray_local, tiny_student, monkeypatch):
+@pytest.mark.parametrize("one_task_bytes", [0, None], ids=["actor-pool", "one-task"])
+def test_score_writes_resumable_parts_and_ranking_metrics(tmp_path, ray_local, tiny_student, monkeypatch, one_task_bytes):
     """`thinkbroad score` on a labelled JSONL file: one row per pair, the probabilities sum to 1, metrics with
     nDCG@10; a part removed after a kill is all that is scored again (the other parts are resumed, not rescored);
-    an unlabelled file gets no metrics."""
+    an unlabelled file gets no metrics. Both ways: the Ray Data actor pool (large inputs) and one Ray task (small)."""
     import student.score
     from student.model import LRKDStudent
     from student.predict import predict
 
+    if one_task_bytes is not None:
+        monkeypatch.setattr(student.score, "ONE_TASK_BYTES", one_task_bytes)
     small = student.score.ScoreConfig(batch_size=32)
     monkeypatch.setattr(student.score, "ScoreConfig", lambda: small)  # batches of 32 ...
     monkeypatch.setattr(student.score, "PART_ROWS", 40)  # ... in several parts
