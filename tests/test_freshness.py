@@ -2,6 +2,7 @@
 stage reruns with output that reflects the new input; work made from other inputs is discarded, not resumed."""
 import hashlib
 import json
+import shutil
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -86,6 +87,14 @@ def test_students_retrain_exactly_when_what_they_read_changes(tmp_path, ray_loca
 
     for n in ("lrkd-poly-unified", "lrkd-poly-unified-lam0"):
         assert json.loads((folders[n] / "manifest.json").read_text())["inputs"]["targets_label_text"] == fingerprint(targets)
+    # killed inside the driver's rewrite of the scored parts (a folder deleted, not yet renamed): only scored again
+    lam0 = folders["lrkd-poly-unified-lam0"]
+    scores = json.loads((lam0 / "eval.json").read_text())
+    (lam0 / "manifest.json").unlink()
+    shutil.rmtree(lam0 / "predictions" / "test")
+    train_variants(cfg, run, variants)
+    assert {n: _digest(f / "best" / "model.safetensors") for n, f in folders.items()} == after
+    assert json.loads((lam0 / "eval.json").read_text()) == scores
 
 
 @pytest.mark.ray

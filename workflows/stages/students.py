@@ -107,6 +107,7 @@ def _train_and_score(cfg: RunConfig, run_dir: Path, todo: list[_Todo]) -> None:
     """Train the students of `todo` in one worker group, which scores each on the validation and test splits once it
     is trained; write each one's eval.json and manifest. The group's Ray Train state lives under a folder named by what it trains, so rerunning the same
     students resumes the interrupted one."""
+    from student.score import SCORED
     from student.train import StudentJob, train_students
 
     settings = cfg.distill.train
@@ -124,6 +125,9 @@ def _train_and_score(cfg: RunConfig, run_dir: Path, todo: list[_Todo]) -> None:
                     _abs(t.data.examples(t.data.key(t.variant))["val"]): _abs(t.out / "predictions" / "val")},
         "trivial": _trivial(t.data, t.variant), "keep": t.variant.target_perspectives,
         "batch_size": cfg.distill.score.batch_size}) for t in todo]
+    for j in jobs:  # a kill inside canonicalise (between its delete and its rename) leaves a folder missing: rescore
+        if any(not Path(folder).is_dir() for folder in j.score["outputs"].values()):
+            (Path(j.out_dir) / SCORED).unlink(missing_ok=True)
     train_students(jobs, datasets, settings, resolve_model(cfg.distill.backbone), first.codes, first.persp, storage)
     from pairs.parquet import canonicalise  # the parts named and ordered by pair_id, not by actor timing
 
