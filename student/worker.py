@@ -69,13 +69,15 @@ def train_loop(cfg: dict) -> None:
     if found:
         with found.as_directory() as d:
             state = ckpt.load(d)
-    context = ray.train.get_context()
+    context, device = ray.train.get_context(), ray.train.torch.get_device()
+    if device.type == "cpu":  # float sums depend on the thread count: fixed per worker, scoring-only resumes too
+        torch.set_num_threads(StudentTrainConfig(**cfg["settings"]).cpus_per_worker)
     for job in cfg["jobs"]:
         if not (Path(job["out_dir"]) / TRAINED).exists():
             mine = state and state["job"] == job["out_dir"] and state.get("key") == job["key"]
             _train_job(cfg, job, state if mine else None)
         if job.get("score") and not (Path(job["out_dir"]) / SCORED).exists():
-            score_on_worker(job, context.get_world_rank(), context.get_world_size(), ray.train.torch.get_device())
+            score_on_worker(job, context.get_world_rank(), context.get_world_size(), device)
 
 
 def _validate(model, folder: str, tok, settings: "StudentTrainConfig", rank: int, world: int, device) -> tuple[list, np.ndarray, np.ndarray]:
