@@ -90,13 +90,13 @@ def _fill(batch: pa.Table, widths: dict[str, tuple[int, object]]) -> pa.Table:
     return batch
 
 
-def _input_bytes(paths: list[str | Path]) -> int:
+def input_bytes(paths: list[str | Path]) -> int:
     return sum(f.stat().st_size for p in map(Path, paths) for f in ([p] if p.is_file() else p.rglob("*.parquet")))
 
 
 def _partitions(paths: list[str | Path], target_bytes: int = 64 << 20) -> int:
     """Hash partitions for a shuffle: about 64 MB of Parquet each, at least 2."""
-    return max(2, math.ceil(_input_bytes(paths) / target_bytes))
+    return max(2, math.ceil(input_bytes(paths) / target_bytes))
 
 
 # Inputs (split files + targets) up to this many bytes of Parquet are built in one Ray task: below it a Ray Data
@@ -158,7 +158,7 @@ def write_examples(split_paths: dict[str, str | Path], out_dir: str | Path, code
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    if _input_bytes([*split_paths.values(), *([targets_path] if targets_path is not None else [])]) <= local_bytes:
+    if input_bytes([*split_paths.values(), *([targets_path] if targets_path is not None else [])]) <= local_bytes:
         task = ray.remote(num_cpus=1)(_examples_in_one_task)
         rows = ray.get(task.remote({s: str(p) for s, p in split_paths.items()}, str(tmp), codes, perspectives,
                                    None if targets_path is None else str(targets_path), target_filter, targets, votes))

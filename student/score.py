@@ -189,7 +189,7 @@ def score_dataset(source: str | Path, student_dir: str | Path, out_dir: str | Pa
     `out_dir/part-*.parquet`, skipping the pairs finished parts already hold. Ray must be initialised."""
     import ray
 
-    from student.examples import read_parquet
+    from student.examples import input_bytes, read_parquet
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -198,7 +198,7 @@ def score_dataset(source: str | Path, student_dir: str | Path, out_dir: str | Pa
     done = finished_pair_ids(out_dir)
     reused = len(done)
     attempt = uuid.uuid4().hex[:8]
-    if _parquet_bytes(source) <= ONE_TASK_BYTES:  # one Ray task: no actor pool to start for what one process scores
+    if input_bytes([source]) <= ONE_TASK_BYTES:  # one Ray task: no actor pool to start for what one process scores
         task = ray.remote(**remote)(_score_in_one_task)
         written = ray.get(task.remote(str(Path(source).resolve()), str(Path(student_dir).resolve()), str(out_dir.resolve()),
                                       settings.batch_size, trivial, keep, done, attempt, PART_ROWS))
@@ -220,21 +220,39 @@ def score_dataset(source: str | Path, student_dir: str | Path, out_dir: str | Pa
 
         bar = tqdm(total=None if total is None else max(total - reused, 0), desc=f"{what} ({reused} reused)", unit="pair",
                    dynamic_ncols=True)
-    pending, n_pending, written, i = [], 0, 0, 0
+    parts = _Parts(out_dir, attempt, PART_ROWS)
     for batch in scored.iter_batches(batch_size=None, batch_format="pyarrow"):
-        pending.append(batch)
-        n_pending += batch.num_rows
+        parts.add(batch)
         if bar:
             bar.update(batch.num_rows)
-        if n_pending >= PART_ROWS:
-            _write_part(pa.concat_tables(pending), out_dir / f"part-{attempt}-{i:05d}.parquet")
-            written, pending, n_pending, i = written + n_pending, [], 0, i + 1
-    if pending:
-        _write_part(pa.concat_tables(pending), out_dir / f"part-{attempt}-{i:05d}.parquet")
-        written += n_pending
+    written = parts.close()
     if bar:
         bar.close()
     return ScoreResult(str(out_dir), reused + written, written, reused, time.time() - t0)
+
+
+class _Parts:
+    """Scored rows into out_dir/part-<attempt>-<n>.parquet, `part_rows` at a time (a kill loses at most one part)."""
+
+    def __init__(self, out_dir: str | Path, attempt: str, part_rows: int):
+        self.out_dir, self.attempt, self.part_rows = Path(out_dir), attempt, part_rows
+        self.pending, self.rows, self.written, self.n = [], 0, 0, 0
+
+    def add(self, table: pa.Table) -> None:
+        self.pending.append(table)
+        self.rows += table.num_rows
+        if self.rows >= self.part_rows:
+            self._flush()
+
+    def _flush(self) -> None:
+        _write_part(pa.concat_tables(self.pending), self.out_dir / f"part-{self.attempt}-{self.n:05d}.parquet")
+        self.written, self.pending, self.rows, self.n = self.written + self.rows, [], 0, self.n + 1
+
+    def close(self) -> int:
+        """Writes what is pending; returns the rows written."""
+        if self.pending:
+            self._flush()
+        return self.written
 
 
 # A source up to this many bytes of Parquet (a few thousand pairs) is scored in one Ray task, whose worker process
@@ -243,32 +261,19 @@ def score_dataset(source: str | Path, student_dir: str | Path, out_dir: str | Pa
 ONE_TASK_BYTES = 1 << 20
 
 
-def _parquet_bytes(source: str | Path) -> int:
-    p = Path(source)
-    return p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.rglob("*.parquet"))
-
-
 def _score_in_one_task(source: str, student_dir: str, out_dir: str, batch_size: int, trivial: list | None,
                        keep: list[str] | None, done: pa.Array, attempt: str, part_rows: int) -> int:
     """score_dataset's path for a small source, in one Ray task: the rows no finished part holds, `batch_size` at a
     time, into parts of `part_rows` named as the actor pool names them. Returns the rows scored."""
     from pairs.parquet import parquet_files, read_rows
 
-    predictor = StudentPredictor(student_dir, batch_size, trivial, keep)
-    pending, n_pending, written, i = [], 0, 0, 0
+    predictor, parts = StudentPredictor(student_dir, batch_size, trivial, keep), _Parts(out_dir, attempt, part_rows)
     for batch in read_rows(parquet_files(source), batch_rows=batch_size):
         if len(done):
             batch = batch.filter(pc.invert(pc.is_in(batch.column("pair_id"), value_set=done)))
         if batch.num_rows:
-            pending.append(predictor(batch))
-            n_pending += batch.num_rows
-        if n_pending >= part_rows:
-            _write_part(pa.concat_tables(pending), Path(out_dir) / f"part-{attempt}-{i:05d}.parquet")
-            written, pending, n_pending, i = written + n_pending, [], 0, i + 1
-    if pending:
-        _write_part(pa.concat_tables(pending), Path(out_dir) / f"part-{attempt}-{i:05d}.parquet")
-        written += n_pending
-    return written
+            parts.add(predictor(batch))
+    return parts.close()
 
 
 def _write_part(table: pa.Table, path: Path) -> None:

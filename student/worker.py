@@ -132,9 +132,7 @@ def _train_job(cfg: dict, job: dict, resume: dict | None) -> None:
     data = cfg["data"][job["data"]]
     out_dir = Path(job["out_dir"])
     rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
-    device = ray.train.torch.get_device()
-    if device.type == "cpu":  # float sums depend on the thread count: fixed per worker
-        torch.set_num_threads(settings.cpus_per_worker)
+    device = ray.train.torch.get_device()  # train_loop fixed torch's thread count on CPU
     torch.manual_seed(variant.seed)
     tok = AutoTokenizer.from_pretrained(cfg["encoder_path"])
     n_labels, k = len(cfg["labels"]), len(cfg["perspectives"])
