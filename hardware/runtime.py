@@ -15,6 +15,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Ray Train's controller polls its worker group this often (seconds)
+HEALTH_CHECK = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+LOCAL_HEALTH_CHECK_S = "0.25"
+
+
 class RayStartError(RuntimeError):
     """Ray did not start (or the cluster could not be reached); the message says what to try."""
 
@@ -52,10 +57,15 @@ def ensure_ray() -> None:
     # every actor of this job is told which cluster (and which dashboard) is ours.
     address = os.environ.get("RAY_ADDRESS")
     if address:
+        if HEALTH_CHECK in os.environ:  # the user's choice reaches the controllers; else the cluster's own setting
+            env[HEALTH_CHECK] = os.environ[HEALTH_CHECK]
         _init(ray, address, runtime_env={"env_vars": {**env, "RAY_ADDRESS": address}}, log_to_driver=True)
         _reclaim_signals()
         return
     port = free_port()
+    # a training run's controller sees its workers finish at its next poll (Ray's default: every 2 s, twice per run:
+    # the workers' end, then the group's shutdown); a local instance has a handful of workers to poll
+    env[HEALTH_CHECK] = os.environ.get(HEALTH_CHECK, LOCAL_HEALTH_CHECK_S)
     env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     # "local": always a new instance of our own; address=None would join a `ray start` cluster running on this
     # machine (another user's, or a test's) whose CPUs its own work may hold

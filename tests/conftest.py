@@ -8,6 +8,11 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the clusters the tests start themselves (`ray start`, ray.cluster_utils) poll training workers as a local instance
+# does (hardware/runtime.py); their drivers pass it on to the training controllers
+from hardware.runtime import HEALTH_CHECK, LOCAL_HEALTH_CHECK_S  # noqa: E402
+
+os.environ.setdefault(HEALTH_CHECK, LOCAL_HEALTH_CHECK_S)
 
 from mpcot.labels import DEFAULT_ESCI_LABELS, Label  # noqa: E402
 
