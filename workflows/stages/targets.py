@@ -150,11 +150,11 @@ def targets(cfg: RunConfig, run_dir: Path, source: str | None = None, teacher: s
     ensure_ray()
     ids = target_pairs(cfg, split_paths)
     if llm:
-        rows = _embed(cfg, _teacher_rationales(cfg, split_paths, ids, out, attempt_key(key, inputs), source, teacher_path,
-                                               teacher_name))
+        rationales = _teacher_rationales(cfg, split_paths, ids, out, attempt_key(key, inputs), source, teacher_path,
+                                         teacher_name)
+        n = _embed(cfg, rationales, path)
     else:
-        rows = _label_text_rows(cfg, split_paths, ids)
-    n = _write_parquet_folder(rows, path)
+        n = _write_parquet_folder(_label_text_rows(cfg, split_paths, ids), path)
     probe = remote(informativeness)(str(path), [p.name for p in cfg.perspectives], d.target_filter)
     write_json_atomic(probe, out / "probe.json")
     counts = {s: len(ids[s]) if ids[s] is not None else pq.ParquetFile(split_paths[s]).metadata.num_rows for s in ids}
@@ -172,10 +172,8 @@ def targets(cfg: RunConfig, run_dir: Path, source: str | None = None, teacher: s
 
 
 def _teacher_rationales(cfg: RunConfig, split_paths: dict[str, Path], ids: dict, out: Path, key: str, source: str,
-                        teacher_path: str, teacher_name: str):
-    """The teacher's rationales for the sampled pairs (a Ray Dataset with TARGET_COLUMNS)."""
-    import ray
-
+                        teacher_path: str, teacher_name: str) -> Path:
+    """The teacher's rationales for the sampled pairs (a Parquet folder holding TARGET_COLUMNS)."""
     sources = {s: _sampled_pairs(split_paths[s], ids[s], out / f"pairs-{s}.parquet") for s in ids}
     tasks = TaskPlan(tuple(PairSource(s, str(p)) for s, p in sources.items()), tuple(p.name for p in cfg.perspectives), 1)
     pairs = dict(zip(sources, tasks.pair_counts()))
@@ -186,8 +184,7 @@ def _teacher_rationales(cfg: RunConfig, split_paths: dict[str, Path], ids: dict,
         + " + ".join(f"{n} {s}" for s, n in pairs.items()) + f" pairs x {len(cfg.perspectives)} perspectives"
         + ("; told the gold label" if spec.gold_hint else "") + ")")
     start_attempt(out / "parts", key, "targets")
-    res = run_generation(tasks, out, spec, gen)
-    return ray.data.read_parquet(str(Path(res.rationales_path).resolve())).select_columns(TARGET_COLUMNS)
+    return Path(run_generation(tasks, out, spec, gen).rationales_path)
 
 
 def _label_text_batch(batch: pa.Table, split: str, perspectives: list[str], text: dict[str, str],
@@ -245,18 +242,44 @@ def _in_sample(batch: pa.Table, ids_ref) -> pa.Table:
     return batch.filter(pc.is_in(batch.column("pair_id"), value_set=ray.get(ids_ref)))
 
 
-def _embed(cfg: RunConfig, rows):
-    """The rows with the frozen embedder's vector of each rationale (a Ray Data actor pool; each distinct text of a
-    batch is embedded once)."""
+def _embed(cfg: RunConfig, rationales: Path, path: Path) -> int:
+    """The rationales with the frozen embedder's vector of each, written to the Parquet folder `path` (named and
+    ordered by content); returns the rows. A Ray Data actor pool embeds them (each distinct text of a batch once);
+    a small folder (<= ONE_TASK_BYTES) in one Ray task on the embedder's resources, which a warm worker process
+    runs without starting an actor (the smoke run's three target sets: ~10 s each)."""
     import ray
 
     from student.embed import RationaleEmbedder, embedder_placement
+    from student.examples import input_bytes
 
     d = cfg.distill
     actors, resources = embedder_placement(ray.cluster_resources().get("GPU", 0))
-    return rows.map_batches(
-        RationaleEmbedder, fn_constructor_kwargs={"encoder_path": resolve_model(d.embedder), "pooling": d.embed_pooling},
+    encoder = resolve_model(d.embedder)
+    if input_bytes([rationales]) <= ONE_TASK_BYTES:
+        return _canonical_folder(path, lambda tmp: ray.get(ray.remote(**resources)(_embed_in_one_task).remote(
+            str(rationales.resolve()), str(tmp.resolve()), encoder, d.embed_pooling, d.embed_batch_size)))
+    rows = ray.data.read_parquet(str(rationales.resolve())).select_columns(TARGET_COLUMNS).map_batches(
+        RationaleEmbedder, fn_constructor_kwargs={"encoder_path": encoder, "pooling": d.embed_pooling},
         batch_size=d.embed_batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=actors), **resources)
+    return _write_parquet_folder(rows, path)
+
+
+ONE_TASK_BYTES = 1 << 20
+
+
+def _embed_in_one_task(rationales: str, tmp: str, encoder: str, pooling: str, batch_size: int) -> None:
+    """_embed's path for a small folder: its rows, `batch_size` at a time, with their embeddings, into one file."""
+    from pairs.parquet import parquet_files, read_rows
+    from student.embed import RationaleEmbedder
+
+    embedder, writer = RationaleEmbedder(encoder, pooling=pooling), None
+    Path(tmp).mkdir(parents=True, exist_ok=True)
+    for batch in read_rows(parquet_files(rationales), columns=TARGET_COLUMNS, batch_rows=batch_size):
+        out = embedder(batch)
+        writer = writer or pq.ParquetWriter(Path(tmp) / "part-0.parquet", out.schema)
+        writer.write_table(out)
+    if writer:
+        writer.close()
 
 
 def _write_parquet_folder(ds, path: Path) -> int:
@@ -264,9 +287,15 @@ def _write_parquet_folder(ds, path: Path) -> int:
     Data's output, whose file names are random and whose row order follows task completion, into hash buckets of
     pair_id sorted by (pair_id, perspective)): the same targets give the same files, so the folder's fingerprint,
     the centroids' sums and the probe's sample do not change with scheduling. Returns its rows."""
+    return _canonical_folder(path, lambda tmp: ds.write_parquet(str(tmp.resolve())))
+
+
+def _canonical_folder(path: Path, write) -> int:
+    """`write(tmp)` writes a Parquet folder; its rows are rewritten to `path` named and ordered by content (see
+    _write_parquet_folder). Returns the rows."""
     tmp = path.with_name(f".{path.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    ds.write_parquet(str(tmp.resolve()))
+    write(tmp)
     final = path.with_name(f".{path.name}.canonical")
     from pairs.parquet import canonical_parquet
 
