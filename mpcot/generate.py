@@ -48,13 +48,8 @@ class GenerationResult:
     completion_tokens_now: int
 
 
-def run_generation(
-    tasks: Tasks,
-    out_dir: str | Path,
-    spec: JudgeSpec,
-    gen: GenerationConfig,
-    progress: bool = True,
-) -> GenerationResult:
+def run_generation(tasks: Tasks, out_dir: str | Path, spec: JudgeSpec, gen: GenerationConfig,
+                   progress: bool = True) -> GenerationResult:
     """Judge every task without a finished part in `out_dir/parts/`, then consolidate the parts, in task order, into
     the Parquet dataset `out_dir/rationales.parquet/`.
 
@@ -62,50 +57,79 @@ def run_generation(
     `expand_tasks`. Ray must already be initialised (local or a cluster); on a multi-node cluster `out_dir` must be on
     storage every node mounts (the engine actors read the pending tasks from it).
     """
+    return run_generations([GenerationJob(tasks, Path(out_dir), spec)], gen, progress)[0]
+
+
+@dataclass
+class GenerationJob:
+    tasks: Tasks
+    out_dir: Path
+    spec: JudgeSpec  # the model and prompts
+
+
+def run_generations(jobs: list[GenerationJob], gen: GenerationConfig, progress: bool = True) -> list[GenerationResult]:
+    """run_generation for several jobs (e.g. one model each). Where the placement lets an engine actor switch models
+    (`EnginePlacement.switches_models`: on CPU) the jobs share one pool of engine actors, each judging the jobs'
+    batches in order and starting the next job's engine in its own process; else each job has its own pool."""
     import ray
 
-    out_dir = Path(out_dir)
-    parts_dir = out_dir / "parts"
-    parts_dir.mkdir(parents=True, exist_ok=True)
+    resources = ray.cluster_resources()
+    place = engine_placement(gen.accelerator, resources.get("CPU", 1), resources.get("GPU", 0), gen.concurrency,
+                             gen.cpus_per_engine, gen.gpus_per_engine, largest_node_cpus())
+    groups = [list(range(len(jobs)))] if place.switches_models else [[i] for i in range(len(jobs))]
+    results: dict[int, GenerationResult] = {}
+    for group in groups:
+        results.update(_run_pool([jobs[i] for i in group], group, gen, place, progress))
+    return [results[i] for i in range(len(jobs))]
+
+
+def _run_pool(jobs: list[GenerationJob], ids: list[int], gen: GenerationConfig, place, progress: bool) -> dict:
+    """One Ray Data pool of engine actors over the pending batches of `jobs` (in job order) -> {id: result}."""
+    import ray
+
     t0 = time.time()
-    pending = scan_parts(tasks, parts_dir, gen.batch_size)
-    generated, new_tokens = 0, 0
-    if pending.tasks:
-        resources = ray.cluster_resources()
-        place = engine_placement(
-            gen.accelerator, resources.get("CPU", 1), resources.get("GPU", 0), gen.concurrency,
-            gen.cpus_per_engine, gen.gpus_per_engine, largest_node_cpus(),
-        )
-        spec = JudgeSpec(**{**asdict(spec), "engine_kwargs": engine_kwargs(place, spec.engine_kwargs)})
+    pending = []
+    for job in jobs:
+        parts_dir = job.out_dir / "parts"
+        parts_dir.mkdir(parents=True, exist_ok=True)
+        pending.append(scan_parts(job.tasks, parts_dir, gen.batch_size))
+    generated, tokens = [0] * len(jobs), [0] * len(jobs)
+    items = [{"path": str(c), "job": j} for j, p in enumerate(pending) for c in p.chunks]
+    if items:
+        specs = [JudgeSpec(**{**asdict(job.spec), "engine_kwargs": engine_kwargs(place, job.spec.engine_kwargs)}) for job in jobs]
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False  # one bar, ours, counting judged rows
         # the inputs are file names, not tasks: no Ray task needs a CPU before the engines (which take them all)
-        ds = ray.data.from_items(
-            [{"path": str(c)} for c in pending.chunks], override_num_blocks=len(pending.chunks)
-        ).map_batches(
+        ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
             VLLMJudge,
-            fn_constructor_kwargs={"spec": spec},
+            fn_constructor_kwargs={"specs": specs},
             batch_size=1,
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=gen.concurrency),
             runtime_env={"env_vars": place.env} if place.env else None,
             **place.remote_args,
         )
-        writer = _PartWriter(parts_dir, gen.batch_size, pending.total)
-        bar = _progress(pending.tasks, pending.reused, progress)
+        writers = [_PartWriter(job.out_dir / "parts", gen.batch_size, p.total) for job, p in zip(jobs, pending)]
+        bar = _progress(sum(p.tasks for p in pending), sum(p.reused for p in pending), progress)
         for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            writer.add(block)
-            generated += block.num_rows
-            new_tokens += pc.sum(block.column("completion_tokens")).as_py() or 0
+            of = block.column("job").to_numpy()
+            for j in np.unique(of):
+                rows = block.filter(pa.array(of == j)).drop_columns(["job"])
+                writers[j].add(rows)
+                generated[j] += rows.num_rows
+                tokens[j] += pc.sum(rows.column("completion_tokens")).as_py() or 0
             if bar:
                 bar.update(block.num_rows)
-                bar.set_postfix(tok_s=f"{new_tokens / max(time.time() - t0, 1e-9):.0f}")
+                bar.set_postfix(tok_s=f"{sum(tokens) / max(time.time() - t0, 1e-9):.0f}")
         if bar:
             bar.close()
-    shutil.rmtree(pending.chunk_dir, ignore_errors=True)
-    path = out_dir / "rationales.parquet"
-    consolidate(parts_dir, pending.total, gen.batch_size, path)
-    return GenerationResult(str(path), pending.total, generated, pending.reused, time.time() - t0, new_tokens)
+    out = {}
+    for i, job, p, n, k in zip(ids, jobs, pending, generated, tokens):
+        shutil.rmtree(p.chunk_dir, ignore_errors=True)
+        path = job.out_dir / "rationales.parquet"
+        consolidate(job.out_dir / "parts", p.total, gen.batch_size, path)
+        out[i] = GenerationResult(str(path), p.total, n, p.reused, time.time() - t0, k)  # the pool's seconds
+    return out
 
 
 def largest_node_cpus() -> float:

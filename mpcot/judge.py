@@ -2,6 +2,7 @@
 batch of tasks into rationale rows; `VLLMJudge`, the Ray Data actor holding an engine."""
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 from collections.abc import Iterator
@@ -43,36 +44,55 @@ def task_messages(row: dict, perspective: Perspective, labels: list[Label], gen:
 
 
 class VLLMJudge:
-    """A Ray Data actor: holds one vLLM engine, reads pending tasks from the chunk files it is given and turns each
-    batch into judged rows."""
+    """A Ray Data actor: holds one vLLM engine at a time, reads pending tasks from the chunk files it is given and
+    turns each batch into judged rows. A chunk names its job (`specs[job]`: the model and prompts); a chunk of
+    another job than the engine's stops the engine and starts that job's (in the same process: no second `import
+    vllm`, the costly part of an engine start on CPU). Each output row carries its `job`."""
 
-    def __init__(self, spec: JudgeSpec):
+    def __init__(self, specs: list[JudgeSpec]):
+        self.specs, self.job, self.llm = specs, None, None
+
+    def _use(self, job: int) -> None:
+        if job == self.job:
+            return
+        self._stop()
         from vllm import LLM
 
-        self.spec = spec
+        spec = self.spec = self.specs[job]
         self.labels = [Label(**lab) for lab in spec.labels]
         self.perspectives = [Perspective(**p) for p in spec.perspectives]
         self.gen = GenerationConfig(**spec.gen)
         self.llm = LLM(model=spec.model_path, seed=self.gen.seed, **spec.engine_kwargs)
         if spec.chat_template:
             self.llm.get_tokenizer().chat_template = spec.chat_template
+        self.job = job
 
-    def __del__(self):
-        """Ray Data deletes its UDF when it retires the actor gracefully: the engine (and its engine process, where
-        it has one) stops here, while the actor still lives, not when Ray reaps the actor's children (an engine
-        process that outlived its resource tracker printed KeyError tracebacks)."""
-        core = getattr(getattr(getattr(self, "llm", None), "llm_engine", None), "engine_core", None)
+    def _stop(self, collect: bool = True) -> None:
+        """The engine (and its engine process, where it has one) stops now, its memory freed before another starts."""
+        core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
         if core is not None:
             with suppress(Exception):  # a dead engine has nothing left to stop
                 core.shutdown()
+        self.llm, self.job = None, None
+        if collect:
+            gc.collect()
+
+    def __del__(self):
+        """Ray Data deletes its UDF when it retires the actor gracefully: the engine stops here, while the actor still
+        lives, not when Ray reaps the actor's children (an engine process that outlived its resource tracker printed
+        KeyError tracebacks)."""
+        self._stop(collect=False)
 
     def __call__(self, chunks: pa.Table) -> Iterator[pa.Table]:
-        """`chunks`: paths of pending-task files (whole batches, in order); one vLLM call and one output per batch."""
-        for path in chunks.column("path").to_pylist():
+        """`chunks`: paths of pending-task files (whole batches, in order) and their jobs; one vLLM call and one output
+        per batch."""
+        for path, job in zip(chunks.column("path").to_pylist(), chunks.column("job").to_pylist()):
+            self._use(job)
             tasks = pq.read_table(path)
             for i in range(0, tasks.num_rows, self.gen.batch_size):
-                yield judge(self.llm, tasks.slice(i, self.gen.batch_size), self.gen, self.labels, self.perspectives,
+                out = judge(self.llm, tasks.slice(i, self.gen.batch_size), self.gen, self.labels, self.perspectives,
                             self.spec.model_name, self.spec.chat_template_kwargs or {}, self.spec.gold_hint)
+                yield out.append_column("job", pa.array([job] * out.num_rows, pa.int32()))
 
 
 def judge(llm, tasks: pa.Table, gen: GenerationConfig, labels: list[Label], perspectives: list[Perspective],

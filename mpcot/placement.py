@@ -22,6 +22,10 @@ class EnginePlacement:
     remote_args: dict = field(default_factory=dict)  # num_cpus / num_gpus for the actor holding vllm.LLM
     env: dict = field(default_factory=lambda: dict(ENGINE_ENV))  # set in the actor before vllm is imported
     engine_defaults: dict = field(default_factory=dict)  # vllm.LLM kwargs the user's `engine:` may override
+    # an engine actor may stop its engine and start another model's in the same process (mpcot/generate.py
+    # run_generations): on CPU, where the engine runs inside the actor and frees its memory when it stops; not on GPU,
+    # where a stopped engine's CUDA memory and distributed state are not reliably released (a fresh actor per model)
+    switches_models: bool = False
 
 
 def resolve_device(accelerator: str, cluster_gpus: float) -> str:
@@ -43,6 +47,7 @@ def engine_placement(
         return EnginePlacement(
             device="cpu",
             remote_args={"num_cpus": cpus},
+            switches_models=True,
             env={
                 **ENGINE_ENV,
                 "VLLM_CPU_KVCACHE_SPACE": "1",  # GiB of KV cache; the default (4) is too much for small machines

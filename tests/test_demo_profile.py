@@ -53,7 +53,7 @@ def test_the_choice_is_recorded_reused_on_a_rerun_and_quoted_in_the_report(tmp_p
     profiled = load(demo.PROFILES[name])
     line = demo.record(tmp_path, info, load([]), profiled)
     assert name == "lean" and calls == [1]
-    assert "demo profile lean (measured on this CPU): estimate 15 min" in line
+    assert "demo profile lean (measured on this CPU): estimate 14 min" in line
     assert "distill.train.epochs 3 (the config: 4)" in line and "generation.max_pairs 64 (the config: 96)" in line
     saved = json.loads((tmp_path / demo.FILE).read_text())
     assert saved["changed"]["distill.max_target_pairs"] == [96, 192]

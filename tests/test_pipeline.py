@@ -134,7 +134,7 @@ def test_ray_job_submit_runs_the_smoke_pipeline(submitted):
     out = again.stdout + again.stderr
     assert again.returncode == 0, out[-4000:]
     assert submitted["after_again"] == submitted["done"]
-    assert "student [" not in out and "teacher eval: base" not in out
+    assert "student [" not in out and "teacher eval: base, sft, dpo" not in out
     # ... and nothing is logged twice: the store holds each stage and student once, with the numbers of its files
     stages = _check_tracking(run_dir, {"prepare", "generate", "sft", "dpo", "teacher_eval", "distill", "report",
                                        *(f"student {v}-seed0" for v in SMOKE_VARIANTS)})

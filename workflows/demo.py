@@ -47,6 +47,7 @@ class Reference:
     judgement_s: float = 0.40      # vLLM: one rationale in generation (288 in 116 s)
     target_s: float = 0.31         # vLLM: one target rationale (720 in 223 s: the DPO teacher answers shorter)
     engine_s: float = 12.0         # vLLM: one engine's start
+    switch_s: float = 4.0          # vLLM: an engine actor's switch to another model (teacher eval: base -> SFT -> DPO)
     eval_row_s: float = 0.36       # vLLM: one teacher-eval prompt (shorter answers than a rationale)
     resample_s: float = 0.85       # vLLM: one DPO resample of a conflict pair (3 perspectives)
     conflict_share: float = 0.57   # conflict pairs resampled per generated pair (55 of 96)
@@ -81,7 +82,7 @@ def estimate(cfg, speed, ref: Reference = REFERENCE) -> dict[str, float]:
         "sft": t * (ref.sft_start_s + ref.sft_row_s * _sft_rows(cfg)),
         "dpo": v * (ref.engine_s + ref.resample_s * ref.conflict_share * pairs)
         + t * (ref.train_start_s + ref.dpo_step_s * (cfg.dpo.max_steps if cfg.dpo.max_steps > 0 else ref.dpo_steps)),
-        "teacher_eval": v * 3 * (ref.engine_s + ref.eval_row_s * (cfg.teacher_eval.max_pairs or ref.test_pairs) * (k + 1))
+        "teacher_eval": v * (ref.engine_s + 2 * ref.switch_s + 3 * ref.eval_row_s * (cfg.teacher_eval.max_pairs or ref.test_pairs) * (k + 1))
         if cfg.teacher_eval.enabled else 0.0,
         "distill": v * (ref.engine_s + ref.target_s * targets) + t * (ref.embed_s + students * (
             ref.student_s + ref.epoch_s * d.train.epochs)) + ref.examples_s,

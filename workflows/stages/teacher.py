@@ -17,7 +17,7 @@ from mpcot.conflicts import (
     raise_preference_problems,
     rescue_pair,
 )
-from mpcot.generate import run_generation
+from mpcot.generate import GenerationJob, run_generation, run_generations
 from mpcot.judge import task_messages
 from mpcot.rationales import MESSAGES
 from mpcot.tasks import PAIR_COLUMNS, PairSource, TaskPlan
@@ -211,10 +211,13 @@ def teacher_eval(cfg: RunConfig, run_dir: Path) -> Path:
     ensure_ray()
     report = {"split": cfg.teacher_eval.split, "pairs": n_pairs, "models": {}}
     codes = [lab.name for lab in cfg.labels]
-    for tag, path in models.items():
-        log(f"teacher eval: {tag} on {n_pairs} {cfg.teacher_eval.split} pairs x {len(perspectives)} prompts")
+    log(f"teacher eval: {', '.join(models)} on {n_pairs} {cfg.teacher_eval.split} pairs x {len(perspectives)} prompts")
+    for tag in models:
         start_attempt(out / tag / "parts", key + tag, f"teacher eval ({tag})", inputs)
-        res = run_generation(tasks, out / tag, judge_spec(cfg, path, tag, perspectives, gen), gen)
+    # one pool of engine actors for the three models where an actor can switch models (CPU), else one pool each
+    results = run_generations([GenerationJob(tasks, out / tag, judge_spec(cfg, path, tag, perspectives, gen))
+                               for tag, path in models.items()], gen)
+    for tag, res in zip(models, results):
         judged = read_batches(res.rationales_path, ["perspective", "gold_label", "predicted_label"])
         report["models"][tag] = score_judgements((r for batch in judged for r in batch.to_pylist()), codes)
     write_json_atomic(report, result_path)
