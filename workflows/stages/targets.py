@@ -154,7 +154,7 @@ def targets(cfg: RunConfig, run_dir: Path, source: str | None = None, teacher: s
                                          teacher_name)
         n = _embed(cfg, rationales, path)
     else:
-        n = _write_parquet_folder(_label_text_rows(cfg, split_paths, ids), path)
+        n = _label_text(cfg, split_paths, ids, path)
     probe = remote(informativeness)(str(path), [p.name for p in cfg.perspectives], d.target_filter)
     write_json_atomic(probe, out / "probe.json")
     counts = {s: len(ids[s]) if ids[s] is not None else pq.ParquetFile(split_paths[s]).metadata.num_rows for s in ids}
@@ -212,17 +212,24 @@ def _embed_texts(encoder_path: str, pooling: str, texts: list[str]) -> list:
     return RationaleEmbedder(encoder_path, pooling=pooling).embed(texts).tolist()
 
 
-def _label_text_rows(cfg: RunConfig, split_paths: dict[str, Path], ids: dict):
+def _label_text(cfg: RunConfig, split_paths: dict[str, Path], ids: dict, path: Path) -> int:
     """The control target: '<title>: <description>' of the pair's gold label, the same for every perspective, for
-    the sampled pairs (a Ray Dataset of target rows with their embeddings; no LLM). The label texts are embedded
-    once, in a Ray task."""
+    the sampled pairs, with its embedding (the label texts are embedded once; no LLM), written to the Parquet folder
+    `path`; returns the rows. Splits of at most ONE_TASK_BYTES in one Ray task, larger ones through Ray Data."""
     import ray
+
+    from student.examples import input_bytes
 
     text = {lab.name: f"{lab.title}: {lab.description}" if lab.description else lab.title for lab in cfg.labels}
     d = cfg.distill
-    vecs = remote(_embed_texts)(resolve_model(d.embedder), d.embed_pooling, list(text.values()))
-    vectors = dict(zip(text, vecs))
     persp = [p.name for p in cfg.perspectives]
+    encoder = resolve_model(d.embedder)
+    log(f"targets [label_text]: gold label descriptions as every (pair, perspective)'s rationale, {len(text)} texts "
+        "embedded once, no LLM")
+    if input_bytes([split_paths[s] for s in ids]) <= ONE_TASK_BYTES:
+        return _canonical_folder(path, lambda tmp: remote(_label_text_in_one_task)(
+            {s: str(split_paths[s].resolve()) for s in ids}, ids, str(tmp.resolve()), encoder, d.embed_pooling, text, persp))
+    vectors = dict(zip(text, remote(_embed_texts)(encoder, d.embed_pooling, list(text.values()))))
     parts = []
     for split in ids:
         ds = ray.data.read_parquet(str(split_paths[split].resolve())).select_columns(["pair_id", "label"])
@@ -231,9 +238,22 @@ def _label_text_rows(cfg: RunConfig, split_paths: dict[str, Path], ids: dict):
             ds = ds.map_batches(_in_sample, fn_kwargs={"ids_ref": ref}, batch_format="pyarrow")
         parts.append(ds.map_batches(_label_text_batch, fn_kwargs={"split": split, "perspectives": persp, "text": text,
                                                                   "vectors": vectors}, batch_format="pyarrow"))
-    log(f"targets [label_text]: gold label descriptions as every (pair, perspective)'s rationale, {len(text)} texts "
-        "embedded once, no LLM")
-    return parts[0].union(*parts[1:])
+    return _write_parquet_folder(parts[0].union(*parts[1:]), path)
+
+
+def _label_text_in_one_task(splits: dict[str, str], ids: dict, tmp: str, encoder: str, pooling: str,
+                            text: dict[str, str], persp: list[str]) -> None:
+    """_label_text's path for small splits: the sampled pairs' rows, a batch at a time, into one file under `tmp`."""
+    vectors = dict(zip(text, _embed_texts(encoder, pooling, list(text.values()))))
+
+    def rows():
+        for split, path in splits.items():
+            for batch in batches(path, ["pair_id", "label"]):
+                if ids[split] is not None:
+                    batch = batch.filter(pc.is_in(batch.column("pair_id"), value_set=ids[split]))
+                yield _label_text_batch(batch, split, persp, text, vectors)
+
+    _write_tables(tmp, rows())
 
 
 def _in_sample(batch: pa.Table, ids_ref) -> pa.Table:
@@ -272,12 +292,17 @@ def _embed_in_one_task(rationales: str, tmp: str, encoder: str, pooling: str, ba
     from pairs.parquet import parquet_files, read_rows
     from student.embed import RationaleEmbedder
 
-    embedder, writer = RationaleEmbedder(encoder, pooling=pooling), None
+    embedder = RationaleEmbedder(encoder, pooling=pooling)
+    _write_tables(tmp, (embedder(b) for b in read_rows(parquet_files(rationales), columns=TARGET_COLUMNS, batch_rows=batch_size)))
+
+
+def _write_tables(tmp: str, tables) -> None:
+    """Tables of one schema, as they come, into the file tmp/part-0.parquet (none: an empty folder)."""
     Path(tmp).mkdir(parents=True, exist_ok=True)
-    for batch in read_rows(parquet_files(rationales), columns=TARGET_COLUMNS, batch_rows=batch_size):
-        out = embedder(batch)
-        writer = writer or pq.ParquetWriter(Path(tmp) / "part-0.parquet", out.schema)
-        writer.write_table(out)
+    writer = None
+    for t in tables:
+        writer = writer or pq.ParquetWriter(Path(tmp) / "part-0.parquet", t.schema)
+        writer.write_table(t)
     if writer:
         writer.close()
 
