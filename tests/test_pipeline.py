@@ -288,6 +288,8 @@ def test_smoke_pipeline_on_two_nodes_killed_mid_stage_resumes(submitted, tmp_pat
     import ray
     from ray.cluster_utils import Cluster
 
+    from hardware.runtime import HEALTH_CHECK
+
     assert submitted["job"].returncode == 0, "the submitted smoke run failed (test_ray_job_submit_runs_the_smoke_pipeline)"
     run_dir = tmp_path / "run"
     for part in ("data", "mpcot", "teacher", "student/targets/teacher"):
@@ -300,7 +302,9 @@ def test_smoke_pipeline_on_two_nodes_killed_mid_stage_resumes(submitted, tmp_pat
     cluster.wait_for_nodes()
     env = {**os.environ, "RAY_ADDRESS": cluster.address}
     try:
-        first = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True, text=True,
+        # the killed run at Ray's 2 s health check: a worker's epoch report then waits up to a poll for the controller
+        # (Ray Train's result queue holds one), so the third student is still in its second epoch when the kill lands
+        first = subprocess.Popen(cmd, cwd=ROOT, env={**env, HEALTH_CHECK: "2.0"}, start_new_session=True, text=True,
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         seen = []
         for line in first.stdout:

@@ -109,7 +109,7 @@ def test_dpo_reward_margin_rises(tmp_path, tiny_qwen2, ray_local):
 
 @pytest.mark.ray
 def test_resume_after_kill_matches_uninterrupted_loss_trajectory(tmp_path, tiny_qwen2, ray_local, straight_sft):
-    from hardware.runtime import ensure_ray
+    from hardware.runtime import HEALTH_CHECK, ensure_ray
 
     data, settings, straight = straight_sft["data"], straight_sft["settings"], straight_sft["result"]
     expected = {h["step"]: h["loss"] for h in straight.log_history if "loss" in h}
@@ -119,7 +119,11 @@ def test_resume_after_kill_matches_uninterrupted_loss_trajectory(tmp_path, tiny_
     job_file = tmp_path / "job.json"
     job_file.write_text(json.dumps(TrainJob("sft", str(data), tiny_qwen2, str(out), settings).__dict__))
     cmd = [sys.executable, str(ROOT / "tests" / "teacher_fixtures.py"), str(job_file)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # a worker's report waits for the controller's next poll of the group (Ray Train's result queue holds one): at
+    # Ray's 2 s the checkpoints are a poll apart and the kill lands between two of them; at a local instance's 0.25 s
+    # (hardware/runtime.py) all 8 tiny steps could be done before the kill arrives
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, HEALTH_CHECK: "2.0"}, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None and len(list((out / "ray" / "sft").glob("checkpoint_*"))) < 2:
         time.sleep(0.1)
