@@ -266,7 +266,7 @@ def _embed(cfg: RunConfig, rationales: Path, path: Path) -> int:
     """The rationales with the frozen embedder's vector of each, written to the Parquet folder `path` (named and
     ordered by content); returns the rows. A Ray Data actor pool embeds them (each distinct text of a batch once);
     a small folder (<= ONE_TASK_BYTES) in one Ray task on the embedder's resources, which a warm worker process
-    runs without starting an actor (the smoke run's three target sets: ~10 s each)."""
+    runs without starting an actor (the smoke run's target set: 13 -> 7 s)."""
     import ray
 
     from student.embed import RationaleEmbedder, embedder_placement
