@@ -23,6 +23,7 @@ from mpcot.generate import run_generation
 from mpcot.tasks import PairSource, TaskPlan
 from pairs.parquet import batches, write_parquet_atomic
 from student.config import DistillConfig
+from student.score import ONE_TASK_BYTES  # what one Ray task handles faster than a pool starts
 from workflows.artifacts import (attempt_key, fingerprint, invalidate, is_fresh, start_attempt, write_json_atomic,
                                  write_manifest)
 from workflows.config import RunConfig
@@ -282,9 +283,6 @@ def _embed(cfg: RunConfig, rationales: Path, path: Path) -> int:
         RationaleEmbedder, fn_constructor_kwargs={"encoder_path": encoder, "pooling": d.embed_pooling},
         batch_size=d.embed_batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=actors), **resources)
     return _write_parquet_folder(rows, path)
-
-
-ONE_TASK_BYTES = 1 << 20
 
 
 def _embed_in_one_task(rationales: str, tmp: str, encoder: str, pooling: str, batch_size: int) -> None:
