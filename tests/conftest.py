@@ -21,6 +21,15 @@ from mpcot.labels import DEFAULT_ESCI_LABELS, Label  # noqa: E402
 # pyproject.toml makes the next `make` reinstall the environment.
 
 
+def pytest_terminal_summary(terminalreporter):
+    """The host a run's times belong to, printed under the durations even with -q (the README quotes suite times with
+    it): the CPU line of hardware/cpu.py and the load average the run ended with."""
+    from hardware.cpu import cpu_info
+
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    terminalreporter.write_line(f"host: {cpu_info().describe()}; load average (1/5/15 min) {load}")
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: over ~30 s on 2 cores without Ray or vLLM (left out of `make test-fast`)")
 
