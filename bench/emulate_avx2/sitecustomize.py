@@ -11,6 +11,7 @@ Ray's workers inherit it): this AVX-512 machine takes the software paths of an A
 What it cannot change: the cores themselves (a Zen 3 runs scalar Python ~10-20% slower than this Zen 4; the float32
 matmul per core is about the same: hardware/speed.py). Nothing here is imported by thinkbroad itself.
 """
+import functools
 import importlib.abc
 import importlib.machinery
 import sys
@@ -19,14 +20,16 @@ _AVX512 = ("avx512", "amx")
 
 
 def _patch_hardware_cpu(module) -> None:
-    parse = module.parse_cpuinfo
+    """This machine's CpuInfo without the AVX-512/AMX flags (parse_cpuinfo itself is left alone: tests feed it text)."""
+    real = module.cpu_info
 
-    def parse_without_avx512(text, cores):
-        info = parse(text, cores)
+    @functools.cache
+    def cpu_info():
+        info = real()
         flags = frozenset(f for f in info.flags if not f.startswith(_AVX512))
         return module.CpuInfo(model=info.model + " [AVX2-only emulation]", flags=flags, cores=info.cores)
 
-    module.parse_cpuinfo = parse_without_avx512
+    module.cpu_info = cpu_info
 
 
 def _patch_torch_cpu(module) -> None:
