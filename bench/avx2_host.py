@@ -88,7 +88,7 @@ def main() -> None:
     out.write_text(text)
     if args.docs:
         (ROOT / "docs" / f"avx2_host_{args.name}.json").write_text(text)
-    print(f"avx2_host {args.name}: exit {rc} in {wall / 60:.0f} min {wall % 60:.0f} s on the AVX2-only paths of "
+    print(f"avx2_host {args.name}: exit {rc} in {int(wall // 60)} min {wall % 60:.0f} s on the AVX2-only paths of "
           f"{result['host']['cpu'].split(';')[0]} (a lower bound for a real AVX2-only host: the cores are this one's)")
     sys.exit(rc)
 
