@@ -58,3 +58,17 @@ def test_invalidate_drops_the_manifest_and_only_our_leftover_temp_files(tmp_path
     assert not (stage / MANIFEST).exists()
     assert [p.exists() for p in leftovers] == [False, False]
     assert all(p.exists() for p in kept)
+
+
+def test_a_stage_says_up_to_date_once_per_process(tmp_path, capsys):
+    """Every stage checks the stages it reads, so one `thinkbroad run` checks prepare before each later stage: the
+    first check of a folder says so, the others are silent, and another run folder's check still speaks."""
+    cfg = load_config(ROOT / "configs" / "smoke.yaml", [f"data.path={ROOT / 'data' / 'esci_us_subset.jsonl'}"])
+    stages.prepare(cfg, tmp_path / "a")
+    assert "up to date" not in capsys.readouterr().out  # written, not checked
+    for _ in range(3):
+        stages.prepare(cfg, tmp_path / "a")
+    assert capsys.readouterr().out.count("prepare: up to date") == 1
+    stages.prepare(cfg, tmp_path / "b")
+    stages.prepare(cfg, tmp_path / "b")
+    assert capsys.readouterr().out.count(f"prepare: up to date ({tmp_path / 'b' / 'data'})") == 1

@@ -11,6 +11,19 @@ def log(msg: str) -> None:
     print(f"[thinkbroad] {msg}", flush=True)
 
 
+_SAID_FRESH: set[str] = set()
+
+
+def log_up_to_date(what: str, out) -> None:
+    """`<what>: up to date (<out>)`, once per process: each stage checks the stages it reads before it runs, so one
+    `thinkbroad run` would repeat the same check (the distill stage alone checked prepare three times); the first
+    check of a folder says it, the rest stay silent."""
+    line = f"{what}: up to date ({out})"
+    if line not in _SAID_FRESH:
+        _SAID_FRESH.add(line)
+        log(line)
+
+
 def run_dir_for(cfg: RunConfig, override: str | None) -> Path:
     return Path(override or cfg.run_dir or f"runs/{cfg.name}")
 

@@ -17,7 +17,7 @@ from mpcot.tasks import PairSource, TaskPlan
 from workflows.artifacts import fingerprint, invalidate, is_fresh, start_attempt, write_json_atomic, write_manifest
 from workflows.config import RunConfig
 from workflows.models import resolve_model
-from workflows.stages.common import log
+from workflows.stages.common import log, log_up_to_date
 from workflows.stages.prepare import prepare
 
 
@@ -48,7 +48,7 @@ def generate(cfg: RunConfig, run_dir: Path, progress: bool = True) -> Path:
     key = cfg.section_hash("teacher", "generation", "labels", "perspectives", "data")
     inputs = {s: fingerprint(split_paths[s]) for s in cfg.generation.splits}
     if is_fresh(out, key, inputs):
-        log(f"generate: up to date ({out})")
+        log_up_to_date("generate", out)
         return out
     invalidate(out)
     start_attempt(out / "parts", key, "generate", inputs)

@@ -13,7 +13,7 @@ from pairs.splits import SPLITS, split_codes, split_summary
 from pairs.write import input_files, write_splits
 from workflows.artifacts import fingerprint, invalidate, is_fresh, write_manifest
 from workflows.config import RunConfig
-from workflows.stages.common import log
+from workflows.stages.common import log, log_up_to_date
 
 
 def prepare(cfg: RunConfig, run_dir: Path) -> dict[str, Path]:
@@ -26,7 +26,7 @@ def prepare(cfg: RunConfig, run_dir: Path) -> dict[str, Path]:
     inputs = {str(f): fingerprint(f) for f in files if f.exists()}
     key = cfg.section_hash("data", "labels")
     if len(inputs) == len(files) and is_fresh(out, key, inputs):
-        log(f"prepare: up to date ({out})")
+        log_up_to_date("prepare", out)
         return paths
     t0 = time.time()
     codes_of_labels = [lab.name for lab in cfg.labels]

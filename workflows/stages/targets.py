@@ -28,7 +28,7 @@ from workflows.artifacts import (attempt_key, fingerprint, invalidate, is_fresh,
                                  write_manifest)
 from workflows.config import RunConfig
 from workflows.models import resolve_model
-from workflows.stages.common import log, remote
+from workflows.stages.common import log, log_up_to_date, remote
 from workflows.stages.generate import judge_spec
 from workflows.stages.prepare import prepare
 from workflows.stages.probe import informativeness
@@ -144,7 +144,7 @@ def targets(cfg: RunConfig, run_dir: Path, source: str | None = None, teacher: s
     if llm:
         inputs["teacher"] = fingerprint(teacher_path)
     if is_fresh(out, key, inputs):
-        log(f"targets [{source}]: up to date ({out})")
+        log_up_to_date(f"targets [{source}]", out)
         return path
     invalidate(out)
     t0 = time.time()

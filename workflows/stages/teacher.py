@@ -30,7 +30,7 @@ from workflows.artifacts import fingerprint, invalidate, is_fresh, start_attempt
 from workflows.config import RunConfig
 from workflows.models import resolve_model
 from hardware.runtime import ensure_ray
-from workflows.stages.common import log
+from workflows.stages.common import log, log_up_to_date
 from workflows.stages.generate import generate, judge_spec
 from workflows.stages.prepare import prepare
 
@@ -46,7 +46,7 @@ def sft(cfg: RunConfig, run_dir: Path) -> Path:
     key = cfg.section_hash("teacher", "sft")
     inputs = {"sft_rows": fingerprint(gen_dir / "sft.parquet")}
     if is_fresh(out, key, inputs):
-        log(f"sft: up to date ({out})")
+        log_up_to_date("sft", out)
         return out / "model"
     invalidate(out)
     start_attempt(out / "ray", key, "sft", inputs)
@@ -169,7 +169,7 @@ def dpo(cfg: RunConfig, run_dir: Path) -> Path:
     key = cfg.section_hash("teacher", "generation", "sft", "dpo", "labels", "perspectives")
     inputs = {"sft_model": fingerprint(sft_model), "rationales": fingerprint(run_dir / "mpcot" / "rationales.parquet")}
     if is_fresh(out, key, inputs):
-        log(f"dpo: up to date ({out})")
+        log_up_to_date("dpo", out)
         return out / "model"
     invalidate(out)
     t0 = time.time()
@@ -199,7 +199,7 @@ def teacher_eval(cfg: RunConfig, run_dir: Path) -> Path:
     inputs = {tag: fingerprint(path) for tag, path in models.items() if tag != "base"} | {"split": fingerprint(split_path)}
     result_path = run_dir / "teacher" / "eval.json"
     if is_fresh(out, key, inputs) and result_path.exists():
-        log(f"teacher eval: up to date ({result_path})")
+        log_up_to_date("teacher eval", result_path)
         return result_path
     invalidate(out)
     t0 = time.time()
