@@ -8,8 +8,8 @@ Ray's workers inherit it): this AVX-512 machine takes the software paths of an A
 - torch's own kernels and oneDNN/MKL are held to AVX2 by their environment variables (ATEN_CPU_CAPABILITY,
   ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS), which the runner sets beside PYTHONPATH.
 
-What it cannot change: the cores themselves (a Zen 3 runs scalar Python ~10-20% slower than this Zen 4; the float32
-matmul per core is about the same: hardware/speed.py). Nothing here is imported by thinkbroad itself.
+What it cannot change: the cores themselves (an older core runs scalar Python, imports and process starts slower;
+not measured here). Nothing here is imported by thinkbroad itself.
 """
 import functools
 import importlib.abc

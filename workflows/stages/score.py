@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 from hardware.runtime import ensure_ray
 from workflows.artifacts import fingerprint, start_attempt, write_json_atomic
 from workflows.config import RunConfig
-from workflows.stages.common import log, log_up_to_date, remote
+from workflows.stages.common import log, remote
 from workflows.stages.prepare import prepare
 
 
@@ -47,7 +47,7 @@ def score_file(pairs: str, student_target: str, output: str, cfg: RunConfig | No
                                     sort_keys=True).encode()).hexdigest()[:16]  # parts of another input are discarded
     done = out / "_manifest.json"
     if done.exists() and (m := json.loads(done.read_text())).get("key") == key and m.get("inputs") == inputs:
-        log_up_to_date("score", out)
+        log(f"score: up to date ({out})")
         return m["metrics"]
     t0 = time.time()
     start_attempt(out, key, "score")  # parts of another student or input are discarded
